@@ -1,0 +1,87 @@
+"""Checkpoints and the final model, in diffusers layout.
+
+``checkpoints/round-NNNN/``: ``unet/`` (current weights), ``ema/`` (EMA weights as a
+loadable UNet), ``scheduler/``, ``state.pt`` (optimizer / strategy state, RNG states,
+round) and ``meta.json`` (written last). ``model/``: ``unet/`` holds the EMA weights
+(what sampling uses) and ``scheduler/`` the training noise schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+
+from fedsynth.errors import RunDirError
+from fedsynth.rundir import RunDir, write_dir_atomic
+
+
+def ema_unet(unet: UNet2DModel, ema: EMAModel) -> UNet2DModel:
+    """A copy of ``unet`` carrying the EMA weights."""
+    shadow = copy.deepcopy(unet)
+    ema.copy_to(shadow.parameters())
+    return shadow
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    unet: UNet2DModel
+    ema: EMAModel
+    state: dict[str, Any]
+
+
+def save_checkpoint(
+    run: RunDir,
+    round_: int,
+    unet: UNet2DModel,
+    ema: EMAModel,
+    scheduler: DDPMScheduler,
+    state: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    target = run.checkpoint_dir(round_)
+
+    def fill(tmp: Path) -> None:
+        unet.save_pretrained(tmp / "unet")
+        ema_unet(unet, ema).save_pretrained(tmp / "ema")
+        scheduler.save_pretrained(tmp / "scheduler")
+        torch.save({"round": round_, "ema": ema.state_dict(), **state}, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"round": round_, **(meta or {})}, indent=2))
+
+    write_dir_atomic(target, fill)
+    return target
+
+
+def load_checkpoint(path: Path, decay: float, device: torch.device) -> Checkpoint:
+    if not (path / "meta.json").is_file():
+        raise RunDirError(f"incomplete checkpoint (no meta.json): {path}")
+    unet = UNet2DModel.from_pretrained(path / "unet", low_cpu_mem_usage=False).to(device)
+    state = torch.load(path / "state.pt", map_location=device, weights_only=True)
+    ema = EMAModel(unet.parameters(), decay=decay)
+    ema.load_state_dict(state.pop("ema"))
+    ema.to(device)
+    return Checkpoint(round=int(state.pop("round")), unet=unet, ema=ema, state=state)
+
+
+def save_model(run: RunDir, unet: UNet2DModel, ema: EMAModel, scheduler: DDPMScheduler) -> Path:
+    def fill(tmp: Path) -> None:
+        ema_unet(unet, ema).save_pretrained(tmp / "unet")
+        scheduler.save_pretrained(tmp / "scheduler")
+
+    write_dir_atomic(run.model, fill)
+    return run.model
+
+
+def load_model(run: RunDir, device: torch.device) -> tuple[UNet2DModel, DDPMScheduler]:
+    if not (run.model / "unet").is_dir():
+        raise RunDirError(f"no trained model in {run.model} (run `fedsynth run` first)")
+    unet = UNet2DModel.from_pretrained(run.model, subfolder="unet", low_cpu_mem_usage=False).to(device).eval()
+    scheduler = DDPMScheduler.from_pretrained(run.model, subfolder="scheduler")
+    return unet, scheduler

@@ -1,0 +1,155 @@
+"""The ``fedsynth`` command line. Errors the user can fix are printed as one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedsynth.errors import FedsynthError
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Federated diffusion training and synthetic datasets."
+)
+console = Console(stderr=True)
+
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="section.key=value (repeatable)")]
+
+
+def _set_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title="fedsynth summary")
+    table.add_column("key")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="config TOML")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory to create")] = None,
+    overrides: Overrides = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the run in this directory")] = None,
+) -> None:
+    """Run every stage: partition, train, sample, evaluate, report."""
+    from fedsynth.config import load_config
+    from fedsynth.pipeline import run_all
+    from fedsynth.rundir import RunDir, read_json
+
+    if resume is not None:
+        if config is not None or out is not None:
+            raise FedsynthError(
+                "--resume RUN_DIR takes the config from RUN_DIR/config.toml; "
+                "do not pass CONFIG or --out with it"
+            )
+        cfg = load_config(RunDir(resume).config, overrides)
+        target = resume
+    else:
+        if config is None or out is None:
+            raise FedsynthError("usage: fedsynth run CONFIG --out RUN_DIR [--set k=v] | --resume RUN_DIR")
+        cfg = load_config(config, overrides)
+        target = out
+    _set_threads(cfg.train.threads)
+    result = run_all(cfg, target, resume=resume is not None)
+    print_summary(read_json(result.summary))
+    print(f"report: {result.report}")
+
+
+@app.command()
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    per_class: Annotated[int, typer.Option("--per-class", min=1)] = 100,
+    sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpm")] = "ddim",
+    steps: Annotated[int, typer.Option(min=1)] = 50,
+    guidance: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    seed: int = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 250,
+    fmt: Annotated[str, typer.Option("--format", help="png | npz")] = "png",
+) -> None:
+    """Generate a class-balanced synthetic dataset of any size from a trained run."""
+    from fedsynth.checkpoint import load_model
+    from fedsynth.config import load_config
+    from fedsynth.diffusion.training import resolve_device
+    from fedsynth.rundir import RunDir, read_json
+    from fedsynth.synthesize import SampleSpec, synthesize
+
+    rd = RunDir(run_dir)
+    cfg = load_config(rd.config)
+    _set_threads(cfg.train.threads)
+    unet, scheduler = load_model(rd, resolve_device(cfg.train.device))
+    names = read_json(rd.partitions)["class_names"]
+    rounds = [r["round"] for r in rd.read_metrics()]
+    spec = SampleSpec(
+        per_class=per_class, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed
+    )
+    manifest = synthesize(
+        unet, scheduler, names, spec, out, fmt=fmt, model_round=max(rounds) if rounds else None
+    )
+    print(f"wrote {manifest['total']} images to {out}")
+
+
+@app.command()
+def evaluate(run_dir: Annotated[Path, typer.Argument(help="a run directory with synthetic/")]) -> None:
+    """Judge RUN_DIR/synthetic against the real test split: eval.json + summary.json."""
+    from fedsynth.config import load_config
+    from fedsynth.evaluation.evaluate import evaluate_run
+    from fedsynth.rundir import RunDir, read_json
+
+    rd = RunDir(run_dir)
+    cfg = load_config(rd.config)
+    _set_threads(cfg.train.threads)
+    evaluate_run(cfg, rd)
+    print_summary(read_json(rd.summary))
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Write RUN_DIR/report.md with its pictures."""
+    from fedsynth.report.markdown import write_report
+    from fedsynth.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    write_report(rd)
+    print(f"report: {rd.report}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except FedsynthError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print(
+            "[yellow]interrupted[/yellow]: completed checkpoints are kept; "
+            "continue with `fedsynth run --resume RUN_DIR`"
+        )
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

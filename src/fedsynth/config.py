@@ -1,0 +1,314 @@
+"""Typed run configuration, parsed once from TOML (+ ``--set`` overrides).
+
+Every section is a frozen dataclass. Field metadata carries the valid ``choices``
+and lower bounds (``min``); a wrong key or value raises :class:`ConfigError` with a
+one-line message naming what is valid. Nothing else in the package holds defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedsynth.errors import ConfigError
+
+
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+def _at_least(default: float | int, low: float | int, *, exclusive: bool = False) -> Any:
+    return field(default=default, metadata={"min": low, "exclusive": exclusive})
+
+
+PARADIGMS = ("centralized", "federated", "decentralized")
+DATASETS = ("digits", "imagefolder", "npz")
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "class_disjoint", "quantity")
+MODEL_PRESETS = ("tiny", "small", "base")
+SCHEDULES = ("linear", "cosine")
+LOSSES = ("mse", "huber")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SAMPLERS = ("ddpm", "ddim", "dpm")
+DEVICES = ("auto", "cpu", "cuda")
+WEIGHTINGS = ("examples", "steps")
+STRATEGY_NAMES = (
+    "fedavg",
+    "fedmedian",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedprox",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+    "scaffold",
+)
+EXCHANGE_PLANS = ("full", "usplit", "udec", "ulatdec")
+CODECS = ("fp32", "fp16", "bf16", "int8", "topk")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _choice("digits", DATASETS)
+    path: str = ""
+    image_size: int = _at_least(16, 4)
+    channels: int = _at_least(0, 0)  # 0: as stored (digits: 1); 1 gray; 3 RGB
+    test_fraction: float = _at_least(0.2, 0.0, exclusive=True)
+    split_seed: int = 0  # fixed so every run is judged on the same held-out test split
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    scheme: str = _choice("iid", PARTITION_SCHEMES)
+    num_clients: int = _at_least(8, 1)
+    alpha: float = _at_least(0.5, 0.0, exclusive=True)
+    classes_per_client: int = _at_least(2, 1)
+    min_samples: int = _at_least(10, 0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = _choice("small", MODEL_PRESETS)
+    conditional: bool = True
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    num_train_timesteps: int = _at_least(1000, 2)
+    schedule: str = _choice("linear", SCHEDULES)
+    loss: str = _choice("mse", LOSSES)
+    cfg_dropout: float = _at_least(0.1, 0.0)  # label dropout for classifier-free guidance
+    ema_decay: float = _at_least(0.999, 0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = _at_least(1e-3, 0.0, exclusive=True)
+    batch_size: int = _at_least(64, 1)
+    local_steps: int = _at_least(50, 1)
+    local_epochs: float = _at_least(0.0, 0.0)  # > 0 replaces local_steps
+    optimizer: str = _choice("adamw", OPTIMIZERS)
+    weight_decay: float = _at_least(0.0, 0.0)
+    grad_clip: float = _at_least(1.0, 0.0)  # 0 disables
+    device: str = _choice("auto", DEVICES)
+    threads: int = _at_least(0, 0)  # 0: torch default
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = _at_least(10, 1)
+    clients_per_round: int = _at_least(4, 1)
+    checkpoint_every: int = _at_least(5, 1)
+    min_clients: int = _at_least(1, 1)
+    round_timeout: float = _at_least(600.0, 0.0, exclusive=True)
+    weighting: str = _choice("examples", WEIGHTINGS)
+    client_cpus: float = _at_least(1.0, 0.0, exclusive=True)
+    client_gpus: float = _at_least(0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = _choice("fedavg", STRATEGY_NAMES)
+    server_lr: float = _at_least(1.0, 0.0, exclusive=True)  # FedAvgM η
+    momentum: float = _at_least(0.9, 0.0)  # FedAvgM β
+    eta: float = _at_least(1e-2, 0.0, exclusive=True)  # FedOpt server lr η
+    eta_l: float = _at_least(1e-2, 0.0, exclusive=True)  # FedOpt client lr (v0 init)
+    beta_1: float = _at_least(0.9, 0.0)
+    beta_2: float = _at_least(0.99, 0.0)
+    tau: float = _at_least(1e-3, 0.0, exclusive=True)
+    proximal_mu: float = _at_least(0.01, 0.0)  # FedProx μ
+    trim_beta: float = _at_least(0.2, 0.0)  # FedTrimmedAvg β (fraction cut per side)
+    num_malicious: int = _at_least(0, 0)  # Krum/MultiKrum/Bulyan f
+    num_keep: int = _at_least(0, 0)  # MultiKrum m (0: n - f)
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    plan: str = _choice("full", EXCHANGE_PLANS)
+    codec: str = _choice("fp32", CODECS)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    per_class: int = _at_least(100, 0)
+    sampler: str = _choice("ddim", SAMPLERS)
+    steps: int = _at_least(50, 1)
+    guidance: float = _at_least(1.0, 0.0)
+    batch_size: int = _at_least(250, 1)
+    grid_per_class: int = _at_least(10, 1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    enabled: bool = True
+    classifier_epochs: int = _at_least(40, 1)
+    cas_epochs: int = _at_least(40, 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    paradigm: str = _choice("centralized", PARADIGMS)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        fed = self.federation
+        if fed.clients_per_round > self.partition.num_clients:
+            raise ConfigError(
+                f"federation.clients_per_round ({fed.clients_per_round}) exceeds "
+                f"partition.num_clients ({self.partition.num_clients})"
+            )
+        if fed.min_clients > fed.clients_per_round:
+            raise ConfigError(
+                f"federation.min_clients ({fed.min_clients}) exceeds "
+                f"federation.clients_per_round ({fed.clients_per_round})"
+            )
+        if self.data.dataset != "digits" and not self.data.path:
+            raise ConfigError(f"data.path is required for data.dataset = {self.data.dataset!r}")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _check_value(name: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
+    value = _coerce(name, hint, value)
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name} = {value!r} is not valid; choose one of: {', '.join(choices)}")
+    low = f.metadata.get("min")
+    if low is not None:
+        bad = value <= low if f.metadata.get("exclusive") else value < low
+        if bad or (isinstance(value, float) and not math.isfinite(value)):
+            op = ">" if f.metadata.get("exclusive") else ">="
+            raise ConfigError(f"{name} = {value!r} is not valid; it must be {op} {low}")
+    return value
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }
+    check = ok.get(hint)
+    if check is None:
+        raise ConfigError(f"{name}: unsupported field type {hint!r}")
+    if not check(value):
+        raise ConfigError(f"{name} = {value!r} is not valid; expected {hint.__name__}")
+    return float(value) if hint is float else value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"[{prefix}]" if prefix else "top level"
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {key!r} in {where}; valid keys: {', '.join(fields)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}.{key}" if prefix else key
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a table [{name}], got {value!r}")
+            kwargs[key] = _build(hint, value, name)
+        else:
+            kwargs[key] = _check_value(name, fields[key], hint, value)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as TOML, else as a plain string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    path, value_text = text.split("=", 1)
+    keys = [k.strip() for k in path.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return keys, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    merged = _deep_copy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = merged
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {key!r} is not a section")
+        node[keys[-1]] = value
+    return merged
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or nothing: all defaults), apply overrides, validate once."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(tomli_w.dumps(config_to_dict(cfg)))
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    """A copy of ``cfg`` with whole sections or top-level fields replaced."""
+    return dataclasses.replace(cfg, **sections)
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_override",
+    "replace",
+]

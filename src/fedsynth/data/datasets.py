@@ -1,0 +1,213 @@
+"""Image datasets held in memory as float tensors in [-1, 1] (N, C, H, W).
+
+Three sources: the embedded ``digits`` (scikit-learn's 1,797 real 8x8 handwritten
+digits, shipped inside scikit-learn), an ``imagefolder`` (one sub-folder per class)
+and an ``npz`` file (``images`` + ``labels`` [+ ``class_names``]). A seeded, stratified
+held-out test split is carved once per dataset and never used in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from fedsynth.config import DataConfig
+from fedsynth.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Images in [-1, 1] with integer labels and the class names they index."""
+
+    images: torch.Tensor  # float32 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    def subset(self, indices: np.ndarray | list[int]) -> ImageData:
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return ImageData(self.images[idx], self.labels[idx], self.class_names)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels.numpy(), minlength=self.num_classes)
+
+
+@dataclass(frozen=True)
+class SplitDataset:
+    """The whole dataset plus the indices of its training and held-out test parts."""
+
+    full: ImageData
+    train_indices: np.ndarray
+    test_indices: np.ndarray
+
+    @property
+    def train(self) -> ImageData:
+        return self.full.subset(self.train_indices)
+
+    @property
+    def test(self) -> ImageData:
+        return self.full.subset(self.test_indices)
+
+
+def load_images(cfg: DataConfig) -> ImageData:
+    """The whole dataset named by ``cfg`` (no split)."""
+    loaders = {"digits": _load_digits, "imagefolder": _load_imagefolder, "npz": _load_npz}
+    return loaders[cfg.dataset](cfg)
+
+
+def load_dataset(cfg: DataConfig) -> SplitDataset:
+    """The dataset with its seeded held-out test split."""
+    full = load_images(cfg)
+    train_idx, test_idx = stratified_split(full.labels.numpy(), cfg.test_fraction, cfg.split_seed)
+    return SplitDataset(full, train_idx, test_idx)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, a seeded ``test_fraction`` share goes to test (at least one per class
+    when the class has two or more samples). Returns sorted (train, test) indices."""
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = round(test_fraction * len(idx))
+        n_test = min(max(n_test, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def to_model_range(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """(N, C, H, W) floats in [0, 1] → resized (N, channels, size, size) floats in [-1, 1]."""
+    if channels and images.shape[1] != channels:
+        if channels == 1:
+            images = images.mean(dim=1, keepdim=True)
+        elif images.shape[1] == 1:
+            images = images.expand(-1, channels, -1, -1)
+        else:
+            raise DataError(f"cannot convert {images.shape[1]}-channel images to {channels}")
+    if images.shape[-2:] != (size, size):
+        antialias = images.shape[-1] > size
+        images = F.interpolate(
+            images, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias
+        )
+    return (images.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
+
+
+def _load_digits(cfg: DataConfig) -> ImageData:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    names = tuple(str(n) for n in digits.target_names)
+    return ImageData(to_model_range(images, cfg.image_size, cfg.channels), labels, names)
+
+
+def _read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"unreadable image {path}: {exc}") from None
+
+
+def _load_imagefolder(cfg: DataConfig) -> ImageData:
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"no class sub-folders in {root} (expected ROOT/<class>/<image>)")
+    files: list[tuple[Path, int]] = []
+    for label, folder in enumerate(class_dirs):
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"class folder has no images: {folder}")
+        files.extend((p, label) for p in found)
+    pictures = [_read_image(p) for p, _ in files]
+    gray = all(img.mode in ("1", "L", "LA", "I", "I;16", "F") for img in pictures)
+    channels = cfg.channels or (1 if gray else 3)
+    mode = "L" if channels == 1 else "RGB"
+    size = (cfg.image_size, cfg.image_size)
+    arrays = [
+        np.asarray(img.convert(mode).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+        for img in pictures
+    ]
+    stacked = np.stack(arrays).reshape(len(arrays), cfg.image_size, cfg.image_size, -1)
+    images = torch.from_numpy(stacked / 255.0).permute(0, 3, 1, 2)
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    names = tuple(p.name for p in class_dirs)
+    return ImageData(to_model_range(images, cfg.image_size, channels), labels, names)
+
+
+def _npz_images(images: np.ndarray, path: Path) -> torch.Tensor:
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise DataError(f"{path}: 'images' must be (N,H,W), (N,H,W,C) or (N,C,H,W) with C in 1/3")
+    if images.dtype == np.uint8:
+        return torch.from_numpy(images.astype(np.float32) / 255.0)
+    floats = images.astype(np.float32)
+    if not np.isfinite(floats).all() or floats.min() < 0.0 or floats.max() > 1.0:
+        raise DataError(f"{path}: float 'images' must be finite and in [0, 1] (or use uint8)")
+    return torch.from_numpy(floats)
+
+
+def _load_npz(cfg: DataConfig) -> ImageData:
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise DataError(f"npz file not found: {path}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"unreadable npz file {path}: {exc}") from None
+    with archive:
+        missing = {"images", "labels"} - set(archive.files)
+        if missing:
+            raise DataError(f"{path}: missing array(s) {sorted(missing)}; found {archive.files}")
+        raw_images, raw_labels = archive["images"], archive["labels"]
+        names = archive["class_names"] if "class_names" in archive.files else None
+    if len(raw_images) != len(raw_labels):
+        raise DataError(f"{path}: {len(raw_images)} images but {len(raw_labels)} labels")
+    if (
+        raw_labels.ndim != 1
+        or not np.issubdtype(raw_labels.dtype, np.integer)
+        or (len(raw_labels) and raw_labels.min() < 0)
+    ):
+        raise DataError(f"{path}: 'labels' must be a 1-D array of non-negative integers")
+    num_classes = int(raw_labels.max()) + 1 if len(raw_labels) else 0
+    class_names = (
+        tuple(str(n) for n in names) if names is not None else tuple(str(i) for i in range(num_classes))
+    )
+    if len(class_names) < num_classes:
+        raise DataError(f"{path}: {len(class_names)} class_names for {num_classes} labels")
+    images = _npz_images(raw_images, path)
+    labels = torch.from_numpy(raw_labels.astype(np.int64))
+    return ImageData(to_model_range(images, cfg.image_size, cfg.channels), labels, class_names)

@@ -1,0 +1,69 @@
+"""Noise schedules (training) and samplers (generation), all diffusers schedulers.
+
+Training uses DDPM's forward process with a linear (β 1e-4 → 0.02, Ho et al. 2020)
+or cosine (Nichol & Dhariwal 2021, ``squaredcos_cap_v2``) schedule. Samplers are built
+from the training scheduler's config so they share its β's:
+
+- ``ddpm``: ancestral sampling (Ho et al. 2020), strided when ``steps`` < T.
+- ``ddim``: deterministic DDIM (η = 0), ``trailing`` timestep spacing so the first
+  step starts at t = T-1 (better at few steps), x̂0 clipped to [-1, 1].
+- ``dpm``: DPM-Solver++ (2M). Its x̂0 is clipped to the data range
+  (``thresholding`` with ``sample_max_value = 1``): without this clip a small model's
+  x̂0 leaves [-1, 1] at high noise and the multistep extrapolation amplifies it.
+"""
+
+from __future__ import annotations
+
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from fedsynth.config import DiffusionConfig
+from fedsynth.errors import ConfigError
+
+BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+def build_train_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=BETA_SCHEDULES[cfg.schedule],
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type="epsilon",
+        clip_sample=True,
+        clip_sample_range=1.0,
+    )
+
+
+def _ddpm(config) -> SchedulerMixin:
+    return DDPMScheduler.from_config(config)
+
+
+def _ddim(config) -> SchedulerMixin:
+    return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=True)
+
+
+def _dpm(config) -> SchedulerMixin:
+    return DPMSolverMultistepScheduler.from_config(
+        config,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        thresholding=True,
+        sample_max_value=1.0,
+        timestep_spacing="trailing",
+    )
+
+
+SAMPLERS = {"ddpm": _ddpm, "ddim": _ddim, "dpm": _dpm}
+
+
+def build_sampler(name: str, train_scheduler: SchedulerMixin, steps: int) -> SchedulerMixin:
+    """A fresh sampler (schedulers are stateful) with ``steps`` timesteps set."""
+    if name not in SAMPLERS:
+        raise ConfigError(f"sample.sampler = {name!r} is not valid; choose one of: {', '.join(SAMPLERS)}")
+    total = train_scheduler.config.num_train_timesteps
+    if not 1 <= steps <= total:
+        raise ConfigError(f"sample.steps = {steps} must be between 1 and {total}")
+    sampler = SAMPLERS[name](train_scheduler.config)
+    sampler.set_timesteps(steps)
+    return sampler

@@ -1,0 +1,105 @@
+"""Local training: optimizer steps of the diffusion objective on in-memory data.
+
+Shared by the centralized baseline and by every federated client; it knows nothing
+about Flower. Batches come from successive seeded permutations of the data (epochs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+
+from fedsynth.config import DiffusionConfig, TrainConfig
+from fedsynth.data.datasets import ImageData
+from fedsynth.diffusion.objective import diffusion_loss, drop_labels
+from fedsynth.diffusion.unet import null_label
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_ema(unet: UNet2DModel, decay: float) -> EMAModel:
+    return EMAModel(unet.parameters(), decay=decay)
+
+
+def steps_for(cfg: TrainConfig, num_samples: int) -> int:
+    """Optimizer steps of one local round: ``local_steps``, or ``local_epochs`` passes."""
+    if cfg.local_epochs > 0:
+        return max(1, math.ceil(cfg.local_epochs * num_samples / cfg.batch_size))
+    return cfg.local_steps
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless mini-batches of indices; each pass over the data is a fresh permutation."""
+    batch_size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=generator, device=generator.device)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from fedsynth.errors import ConfigError
+
+        raise ConfigError("train.device = 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def train_steps(
+    unet: UNet2DModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: DDPMScheduler,
+    data: ImageData,
+    *,
+    steps: int,
+    train: TrainConfig,
+    diffusion: DiffusionConfig,
+    generator: torch.Generator,
+    ema: EMAModel | None = None,
+    penalty: Callable[[UNet2DModel], torch.Tensor] | None = None,
+    after_backward: Callable[[UNet2DModel], None] | None = None,
+    on_step: Callable[[float], None] | None = None,
+) -> list[float]:
+    """Run ``steps`` optimizer steps; returns the per-step objective (without penalty).
+
+    ``penalty`` adds a term to the loss (e.g. FedProx's proximal term);
+    ``after_backward`` may edit gradients before the step (e.g. SCAFFOLD's correction).
+    """
+    device = next(unet.parameters()).device
+    images, labels = data.images.to(device), data.labels.to(device)
+    null = null_label(unet)
+    unet.train()
+    losses: list[float] = []
+    batches = batch_indices(len(data), train.batch_size, generator)
+    for _ in range(steps):
+        idx = next(batches).to(device)
+        y = None if null is None else drop_labels(labels[idx], diffusion.cfg_dropout, null, generator)
+        loss = diffusion_loss(unet, scheduler, images[idx], y, generator, loss=diffusion.loss)
+        total = loss if penalty is None else loss + penalty(unet)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if after_backward is not None:
+            after_backward(unet)
+        if train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), train.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.step(unet.parameters())
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(losses[-1])
+    return losses

@@ -1,0 +1,1 @@
+"""Judging synthetic data: feature-space metrics and downstream classification."""

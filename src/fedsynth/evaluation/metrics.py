@@ -1,0 +1,69 @@
+"""Pure metric maths on feature matrices and label vectors.
+
+- Fréchet distance (Heusel et al. 2017): ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½).
+- Improved precision / recall (Kynkäänniemi et al. 2019): each point's manifold ball
+  has the radius of its k-th nearest neighbour within its own set; precision is the
+  share of generated points inside some real ball, recall the share of real points
+  inside some generated ball.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import linalg
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise (as pytorch-fid)
+        eps = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+    covmean = np.real(covmean)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(features, dtype=np.float64)
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def fd_between(real: np.ndarray, fake: np.ndarray) -> float:
+    return frechet_distance(*feature_stats(real), *feature_stats(fake))
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(d2, 0.0))
+
+
+def knn_radii(x: np.ndarray, k: int) -> np.ndarray:
+    """Distance of each row to its k-th nearest other row."""
+    d = _pairwise(x, x)
+    return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+
+def coverage_fraction(points: np.ndarray, centers: np.ndarray, radii: np.ndarray) -> float:
+    """Share of ``points`` inside at least one ball (centers[i], radii[i])."""
+    return float((_pairwise(points, centers) <= radii[None, :]).any(axis=1).mean())
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    precision = coverage_fraction(fake, real, knn_radii(real, k))
+    recall = coverage_fraction(real, fake, knn_radii(fake, k))
+    return precision, recall
+
+
+def classification_scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro precision / recall / F1 over all ``num_classes`` classes."""
+    p, r, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(num_classes)), average="macro", zero_division=0
+    )
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision": float(p),
+        "recall": float(r),
+        "f1": float(f1),
+    }

@@ -1,0 +1,118 @@
+"""``fedsynth run``: every stage in order, each reading and writing the run directory.
+
+prepare (partitions) → train (per paradigm) → sample → evaluate → report.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from diffusers import DDPMScheduler, UNet2DModel
+
+from fedsynth.centralized import train_centralized
+from fedsynth.checkpoint import load_model
+from fedsynth.config import Config, dump_config
+from fedsynth.diffusion.training import resolve_device
+from fedsynth.errors import ConfigError, RunDirError
+from fedsynth.prepare import check_partitions, prepare
+from fedsynth.rundir import RunDir
+from fedsynth.synthesize import SampleSpec, synthesize, write_grid
+
+
+def sample_spec(cfg: Config) -> SampleSpec:
+    s = cfg.sample
+    return SampleSpec(
+        per_class=s.per_class,
+        sampler=s.sampler,
+        steps=s.steps,
+        guidance=s.guidance,
+        batch_size=s.batch_size,
+        seed=cfg.seed,
+    )
+
+
+def sample_run(
+    cfg: Config, run: RunDir, unet: UNet2DModel, scheduler: DDPMScheduler, class_names: list[str]
+) -> dict:
+    """Write ``synthetic/`` (replacing an old one) and ``samples.png``."""
+    shutil.rmtree(run.synthetic, ignore_errors=True)
+    spec = sample_spec(cfg)
+    if spec.per_class == 0:
+        return {}
+    rounds = [r["round"] for r in run.read_metrics()]
+    manifest = synthesize(
+        unet, scheduler, class_names, spec, run.synthetic, model_round=max(rounds) if rounds else None
+    )
+    from fedsynth.config import DataConfig
+    from fedsynth.data.datasets import load_images
+
+    fake = load_images(
+        DataConfig(
+            dataset="imagefolder",
+            path=str(run.synthetic),
+            image_size=unet.config.sample_size,
+            channels=unet.config.in_channels,
+        )
+    )
+    names = list(fake.class_names)
+    write_grid(
+        fake.images,
+        fake.labels,
+        names,
+        run.root / "samples.png",
+        per_row=cfg.sample.grid_per_class,
+        title=f"{cfg.paradigm} · {spec.sampler}-{spec.steps}",
+    )
+    return manifest
+
+
+def _check_fresh(run: RunDir) -> None:
+    if run.metrics.exists() or run.model.exists() or run.latest_checkpoint() is not None:
+        raise RunDirError(
+            f"{run.root} already holds a run: pass --resume to continue it, or choose a new --out"
+        )
+
+
+def train(cfg: Config, run: RunDir, prepared, *, resume: bool) -> None:
+    if cfg.paradigm == "centralized":
+        train_centralized(cfg, run, prepared, resume=resume)
+    else:
+        raise ConfigError(
+            f"paradigm = {cfg.paradigm!r} is not available in this version; choose: centralized"
+        )
+
+
+def run_all(cfg: Config, out: Path, *, resume: bool = False) -> RunDir:
+    run = RunDir(Path(out)).create()
+    start = time.perf_counter()
+    if resume:
+        prepared = prepare(cfg)
+        check_partitions(run, prepared)
+    else:
+        _check_fresh(run)
+        dump_config(cfg, run.config)
+        prepared = prepare(cfg, run)
+    train(cfg, run, prepared, resume=resume)
+    train_wall = sum(r["wall_s"] for r in run.read_metrics())
+    metrics = run.read_metrics()
+    run.update_summary(
+        paradigm=cfg.paradigm,
+        strategy=cfg.strategy.name if cfg.paradigm != "centralized" else "none",
+        rounds=len(metrics),
+        train_wall_s=train_wall,
+        bytes_up=sum(r.get("bytes_up", 0) for r in metrics),
+        bytes_down=sum(r.get("bytes_down", 0) for r in metrics),
+    )
+    unet, scheduler = load_model(run, resolve_device(cfg.train.device))
+    sample_run(cfg, run, unet, scheduler, list(prepared.data.full.class_names))
+    if cfg.eval.enabled and cfg.sample.per_class > 0:
+        from fedsynth.evaluation.evaluate import evaluate_run
+
+        evaluate_run(cfg, run)
+    from fedsynth.report.markdown import write_report
+
+    run.update_summary(wall_s=time.perf_counter() - start)
+    write_report(run)
+    return run

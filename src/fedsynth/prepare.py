@@ -1,0 +1,70 @@
+"""Stage 1: load the dataset, carve the held-out test split, partition the training
+split among clients, and write ``partitions.json`` (+ a clients × classes heat-map)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsynth.config import Config
+from fedsynth.data.datasets import ImageData, SplitDataset, load_dataset
+from fedsynth.data.partition import histograms, partition
+from fedsynth.errors import RunDirError
+from fedsynth.rundir import RunDir, read_json, write_json_atomic
+
+
+@dataclass(frozen=True)
+class Prepared:
+    data: SplitDataset
+    clients: list[np.ndarray]  # per client: indices into ``data.full``
+
+    def client_data(self, k: int) -> ImageData:
+        return self.data.full.subset(self.clients[k])
+
+    @property
+    def histograms(self) -> np.ndarray:
+        labels = self.data.full.labels.numpy()
+        return histograms(labels, self.clients, self.data.full.num_classes)
+
+
+def prepare(cfg: Config, run: RunDir | None = None) -> Prepared:
+    data = load_dataset(cfg.data)
+    train_labels = data.full.labels.numpy()[data.train_indices]
+    parts = partition(train_labels, cfg.partition, cfg.seed)
+    prepared = Prepared(data, [data.train_indices[p] for p in parts])
+    if run is not None:
+        write_partitions(run, cfg, prepared)
+    return prepared
+
+
+def write_partitions(run: RunDir, cfg: Config, prepared: Prepared) -> None:
+    from fedsynth.report.plots import plot_partition_heatmap
+
+    hist = prepared.histograms
+    names = list(prepared.data.full.class_names)
+    write_json_atomic(
+        run.partitions,
+        {
+            "dataset": cfg.data.dataset,
+            "scheme": cfg.partition.scheme,
+            "seed": cfg.seed,
+            "class_names": names,
+            "clients": [
+                {"id": k, "size": len(idx), "histogram": hist[k].tolist(), "indices": idx.tolist()}
+                for k, idx in enumerate(prepared.clients)
+            ],
+            "train_indices": prepared.data.train_indices.tolist(),
+            "test_indices": prepared.data.test_indices.tolist(),
+        },
+    )
+    plot_partition_heatmap(hist, names, run.root / "partitions.png")
+
+
+def check_partitions(run: RunDir, prepared: Prepared) -> None:
+    """Loud error if the run directory's recorded split differs from the data now."""
+    recorded = read_json(run.partitions)
+    if recorded["test_indices"] != prepared.data.test_indices.tolist():
+        raise RunDirError(f"{run.partitions}: the test split no longer matches the dataset")
+    if [c["indices"] for c in recorded["clients"]] != [p.tolist() for p in prepared.clients]:
+        raise RunDirError(f"{run.partitions}: client partitions no longer match the config")

@@ -1,0 +1,86 @@
+"""PNG figures: partition heat-map, sample grid, training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (N, C, H, W) → uint8 (N, H, W, C)."""
+    x = ((images.detach().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def plot_partition_heatmap(hist: np.ndarray, class_names: list[str], path: Path) -> None:
+    clients, classes = hist.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * classes, 1.0 + 0.4 * clients))
+    im = ax.imshow(hist, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(classes), class_names, rotation=90 if classes > 12 else 0)
+    ax.set_yticks(range(clients), [f"client {k}" for k in range(clients)])
+    ax.set_xlabel("class")
+    if clients * classes <= 400:
+        for (k, c), v in np.ndenumerate(hist):
+            ax.text(
+                c,
+                k,
+                str(v),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if v < hist.max() / 2 else "black",
+            )
+    fig.colorbar(im, ax=ax, label="samples")
+    ax.set_title("samples per client and class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sample_grid(rows: list[torch.Tensor], row_names: list[str], path: Path, title: str = "") -> None:
+    """One row of images per class (each a (n, C, H, W) tensor in [-1, 1])."""
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(
+        len(rows), cols, figsize=(0.8 * cols + 0.8, 0.8 * len(rows) + 0.4), squeeze=False
+    )
+    for i, (imgs, name) in enumerate(zip(rows, row_names, strict=True)):
+        pics = to_uint8(imgs) if len(imgs) else []
+        for j in range(cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if j < len(pics):
+                pic = pics[j]
+                ax.imshow(pic[..., 0] if pic.shape[-1] == 1 else pic, cmap="gray", vmin=0, vmax=255)
+        axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curve(
+    xs: list[float], series: dict[str, list[float]], xlabel: str, ylabel: str, path: Path, title: str = ""
+) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, ys in series.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend()
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,160 @@
+"""End-to-end: the CLI on a tiny config, resume, and one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from conftest import TINY_OVERRIDES
+from fedsynth.config import load_config
+from fedsynth.pipeline import run_all
+
+ROOT = Path(__file__).parents[1]
+CENTRAL = ROOT / "configs" / "digits-centralized.toml"
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("fedsynth")
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def _sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.mark.slow
+def test_cli_smoke_run_writes_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    res = _cli("run", str(CENTRAL), "--out", str(out), *_sets(TINY_OVERRIDES))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"report: {out / 'report.md'}" in res.stdout
+    for name in (
+        "config.toml",
+        "partitions.json",
+        "partitions.png",
+        "metrics.jsonl",
+        "samples.png",
+        "eval.json",
+        "summary.json",
+        "report.md",
+        "model/unet",
+        "model/scheduler",
+        "checkpoints/round-0002/unet",
+    ):
+        assert (out / name).exists(), name
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert {"round", "train_loss", "wall_s", "bytes_up", "bytes_down", "clients"} <= metrics[0].keys()
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "paradigm",
+        "strategy",
+        "rounds",
+        "wall_s",
+        "bytes_up",
+        "bytes_down",
+        "fd",
+        "precision",
+        "recall",
+        "cas_accuracy",
+        "cas_precision",
+        "cas_recall",
+        "cas_f1",
+        "real_accuracy",
+    ):
+        assert key in summary, key
+    assert summary["paradigm"] == "centralized" and summary["rounds"] == 2
+    counts = {p.name: len(list(p.glob("*.png"))) for p in (out / "synthetic").iterdir() if p.is_dir()}
+    assert counts == {str(d): 3 for d in range(10)}
+    unet = UNet2DModel.from_pretrained(out / "model", subfolder="unet")
+    assert unet.config.num_class_embeds == 11
+    parts = json.loads((out / "partitions.json").read_text())
+    # per class round(0.2 * count) over digits' class counts: 36+36+35+37+36+36+36+36+35+36
+    assert len(parts["clients"]) == 2 and len(parts["test_indices"]) == 359
+    resolved = load_config(out / "config.toml")
+    assert resolved.model.preset == "tiny"
+    # a stage re-run alone: sample at another size into another folder, as npz too
+    res = _cli("sample", str(out), "--per-class", "2", "--steps", "2", "--out", str(tmp_path / "more"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = json.loads((tmp_path / "more" / "manifest.json").read_text())
+    assert manifest["total"] == 20 and manifest["counts"]["7"] == 2 and manifest["model_round"] == 2
+    res = _cli(
+        "sample",
+        str(out),
+        "--per-class",
+        "1",
+        "--steps",
+        "2",
+        "--format",
+        "npz",
+        "--out",
+        str(tmp_path / "npz"),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "npz" / "synthetic.npz").is_file()
+    # the same run directory refuses a second fresh run
+    res = _cli("run", str(CENTRAL), "--out", str(out), *_sets(TINY_OVERRIDES))
+    assert res.returncode == 2 and "already holds a run" in res.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    overrides = [*TINY_OVERRIDES, "federation.rounds=3", "sample.per_class=0"]
+    cfg = load_config(CENTRAL, overrides)
+    full = run_all(cfg, tmp_path / "full")
+    # simulate a kill after round 2: the run stopped there (checkpoint 2 complete)
+    partial_cfg = load_config(CENTRAL, [*TINY_OVERRIDES, "federation.rounds=2", "sample.per_class=0"])
+    part = run_all(partial_cfg, tmp_path / "part")
+    (part.root / "config.toml").write_text((full.root / "config.toml").read_text())
+    # a half-written newer checkpoint must be ignored
+    (part.checkpoints / ".round-0003.xyz.tmp").mkdir()
+    res = _cli("run", "--resume", str(part.root))
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = UNet2DModel.from_pretrained(full.model, subfolder="unet").state_dict()
+    b = UNet2DModel.from_pretrained(part.model, subfolder="unet").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rounds = [json.loads(x)["round"] for x in (part.root / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3]
+
+
+def test_bad_key_is_one_line_error(tmp_path):
+    res = _cli("run", str(CENTRAL), "--out", str(tmp_path / "r"), "--set", "train.lrr=1")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown config key 'train.lrr'" in lines[0]
+
+
+def test_missing_dataset_path_is_one_line_error(tmp_path):
+    res = _cli(
+        "run",
+        str(CENTRAL),
+        "--out",
+        str(tmp_path / "r"),
+        "--set",
+        "data.dataset=imagefolder",
+        "--set",
+        f"data.path={json.dumps(str(tmp_path / 'nowhere'))}",
+    )
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "image folder not found" in lines[0], res.stderr
+
+
+def test_resume_without_checkpoint_is_clear(tmp_path):
+    from fedsynth.config import dump_config
+    from fedsynth.prepare import prepare
+    from fedsynth.rundir import RunDir
+
+    cfg = load_config(CENTRAL, TINY_OVERRIDES)
+    run = RunDir(tmp_path / "r").create()
+    dump_config(cfg, run.config)
+    prepare(cfg, run)
+    res = _cli("run", "--resume", str(run.root))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: nothing to resume: no checkpoint in {run.checkpoints}"
+    ]

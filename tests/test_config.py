@@ -1,0 +1,92 @@
+import pytest
+
+from fedsynth.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_override,
+)
+
+
+def test_defaults_parse_and_are_frozen():
+    cfg = config_from_dict({})
+    assert isinstance(cfg, Config)
+    assert cfg.data.dataset == "digits" and cfg.data.image_size == 16
+    with pytest.raises(AttributeError):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_unknown_key_names_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'.*valid keys: lr, batch_size"):
+        config_from_dict({"train": {"lrr": 0.1}})
+    with pytest.raises(ConfigError, match="unknown config key 'sed' in top level"):
+        config_from_dict({"sed": 1})
+
+
+def test_bad_choice_lists_choices():
+    with pytest.raises(
+        ConfigError, match="choose one of: iid, dirichlet, pathological, class_disjoint, quantity"
+    ):
+        config_from_dict({"partition": {"scheme": "random"}})
+
+
+def test_bad_type_and_bounds():
+    with pytest.raises(ConfigError, match="expected int"):
+        config_from_dict({"train": {"batch_size": "64"}})
+    with pytest.raises(ConfigError, match="expected int"):
+        config_from_dict({"train": {"batch_size": True}})
+    with pytest.raises(ConfigError, match="must be > 0"):
+        config_from_dict({"train": {"lr": 0.0}})
+    with pytest.raises(ConfigError, match="must be a table"):
+        config_from_dict({"train": 3})
+
+
+def test_int_is_accepted_for_float_fields():
+    cfg = config_from_dict({"train": {"lr": 1}})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="clients_per_round"):
+        config_from_dict({"partition": {"num_clients": 2}, "federation": {"clients_per_round": 3}})
+    with pytest.raises(ConfigError, match=r"data\.path is required"):
+        config_from_dict({"data": {"dataset": "npz"}})
+
+
+def test_overrides_parse_toml_values():
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("model.preset=tiny") == (["model", "preset"], "tiny")
+    assert parse_override("seed=7") == (["seed"], 7)
+    assert parse_override("model.conditional=false") == (["model", "conditional"], False)
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        parse_override("train.lr")
+    merged = apply_overrides({"train": {"lr": 1.0}}, ["train.lr=0.5", "sample.steps=4"])
+    assert merged == {"train": {"lr": 0.5}, "sample": {"steps": 4}}
+
+
+def test_load_roundtrip(tmp_path):
+    src = tmp_path / "c.toml"
+    src.write_text("seed = 3\n[train]\nlr = 0.002\n")
+    cfg = load_config(src, ["sample.steps=7"])
+    assert cfg.seed == 3 and cfg.train.lr == 0.002 and cfg.sample.steps == 7
+    dump_config(cfg, tmp_path / "resolved.toml")
+    assert load_config(tmp_path / "resolved.toml") == cfg
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seed = = 1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml")):
+        load_config(path)

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedsynth.config import DataConfig
+from fedsynth.data.datasets import load_dataset, load_images, stratified_split
+from fedsynth.errors import DataError
+
+
+def test_digits_shape_range_and_split():
+    split = load_dataset(DataConfig())
+    full = split.full
+    assert full.images.shape == (1797, 1, 16, 16)
+    assert full.images.min() >= -1 and full.images.max() <= 1
+    assert full.images.min() == -1 and full.images.max() > 0.9
+    assert full.class_names == tuple("0123456789")
+    assert set(split.train_indices).isdisjoint(split.test_indices)
+    assert len(split.train_indices) + len(split.test_indices) == 1797
+    # stratified: every class in the test split at about 20%
+    test_counts = np.bincount(full.labels.numpy()[split.test_indices], minlength=10)
+    assert (np.abs(test_counts / full.class_counts() - 0.2) < 0.01).all()
+    again = load_dataset(DataConfig())
+    assert np.array_equal(again.test_indices, split.test_indices)
+
+
+def test_split_is_seeded():
+    labels = np.repeat(np.arange(3), 10)
+    a = stratified_split(labels, 0.3, seed=1)
+    b = stratified_split(labels, 0.3, seed=1)
+    c = stratified_split(labels, 0.3, seed=2)
+    assert np.array_equal(a[1], b[1]) and not np.array_equal(a[1], c[1])
+    assert len(a[1]) == 9
+
+
+def _write_folder(root, classes, mode="L", size=(10, 12)):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            color = (i * 40, 0, 200) if mode == "RGB" else i * 40
+            Image.new(mode, size, color=color).save(root / c / f"{i}.png")
+
+
+@pytest.mark.parametrize("mode,channels", [("L", 1), ("RGB", 3)])
+def test_imagefolder_gray_and_rgb(tmp_path, mode, channels):
+    _write_folder(tmp_path, ["cat", "dog"], mode=mode)
+    (tmp_path / "notes.txt").write_text("ignored")
+    data = load_images(DataConfig(dataset="imagefolder", path=str(tmp_path), image_size=8))
+    assert data.images.shape == (6, channels, 8, 8)
+    assert data.class_names == ("cat", "dog")
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.isclose(data.images[0].min(), torch.tensor(-1.0))
+
+
+def test_imagefolder_missing_path(tmp_path):
+    with pytest.raises(DataError, match=r"image folder not found: .*nowhere"):
+        load_images(DataConfig(dataset="imagefolder", path=str(tmp_path / "nowhere")))
+
+
+def test_imagefolder_empty_class_names_folder(tmp_path):
+    _write_folder(tmp_path, ["a"])
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DataError, match=r"class folder has no images: .*/b$"):
+        load_images(DataConfig(dataset="imagefolder", path=str(tmp_path)))
+
+
+def test_imagefolder_no_classes(tmp_path):
+    with pytest.raises(DataError, match="no class sub-folders"):
+        load_images(DataConfig(dataset="imagefolder", path=str(tmp_path)))
+
+
+def test_imagefolder_unreadable_image_names_file(tmp_path):
+    _write_folder(tmp_path, ["a"])
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"unreadable image .*broken\.png"):
+        load_images(DataConfig(dataset="imagefolder", path=str(tmp_path)))
+
+
+def test_npz_layouts_and_names(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (6, 5, 5, 3), dtype=np.uint8)
+    path = tmp_path / "d.npz"
+    np.savez(path, images=imgs, labels=np.array([0, 1, 2, 0, 1, 2]), class_names=np.array(["x", "y", "z"]))
+    data = load_images(DataConfig(dataset="npz", path=str(path), image_size=8))
+    assert data.images.shape == (6, 3, 8, 8) and data.class_names == ("x", "y", "z")
+    gray = tmp_path / "g.npz"
+    np.savez(gray, images=np.zeros((4, 8, 8), dtype=np.float32), labels=np.array([0, 1, 0, 1]))
+    data = load_images(DataConfig(dataset="npz", path=str(gray), image_size=8))
+    assert data.images.shape == (4, 1, 8, 8) and data.class_names == ("0", "1")
+
+
+def test_npz_count_mismatch_names_file(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=np.zeros((4, 8, 8), dtype=np.uint8), labels=np.array([0, 1, 0]))
+    with pytest.raises(DataError, match=r"bad\.npz: 4 images but 3 labels"):
+        load_images(DataConfig(dataset="npz", path=str(path)))
+
+
+def test_npz_missing_array_and_file(tmp_path):
+    path = tmp_path / "nolabels.npz"
+    np.savez(path, images=np.zeros((4, 8, 8), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"nolabels\.npz: missing array\(s\) \['labels'\]"):
+        load_images(DataConfig(dataset="npz", path=str(path)))
+    with pytest.raises(DataError, match="npz file not found"):
+        load_images(DataConfig(dataset="npz", path=str(tmp_path / "x.npz")))
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"unreadable npz file .*junk\.npz"):
+        load_images(DataConfig(dataset="npz", path=str(junk)))
+
+
+def test_npz_float_out_of_range(tmp_path):
+    path = tmp_path / "f.npz"
+    np.savez(path, images=np.full((2, 4, 4), 3.0, dtype=np.float32), labels=np.array([0, 1]))
+    with pytest.raises(DataError, match=r"f\.npz: float 'images' must be finite and in \[0, 1\]"):
+        load_images(DataConfig(dataset="npz", path=str(path)))

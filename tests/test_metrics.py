@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from fedsynth.evaluation.metrics import (
+    classification_scores,
+    fd_between,
+    frechet_distance,
+    knn_radii,
+    precision_recall,
+)
+
+
+def test_frechet_closed_form_diagonal_gaussians():
+    # ‖μ1−μ2‖² = 1 + 4 = 5; Σ_i (σ1 + σ2 − 2√(σ1σ2)) = (1+4−4) + (4+1−4) = 2  →  7
+    fd = frechet_distance(np.zeros(2), np.diag([1.0, 4.0]), np.array([1.0, 2.0]), np.diag([4.0, 1.0]))
+    assert fd == pytest.approx(7.0)
+
+
+def test_frechet_full_covariance_matches_formula():
+    s1 = np.array([[2.0, 0.5], [0.5, 1.0]])
+    # identical covariances: FD is the squared mean distance alone
+    assert frechet_distance(np.zeros(2), s1, np.array([3.0, 4.0]), s1) == pytest.approx(25.0)
+
+
+def test_fd_of_a_set_with_itself_is_zero(rng):
+    x = rng.normal(size=(500, 8))
+    assert fd_between(x, x) == pytest.approx(0.0, abs=1e-8)
+    assert fd_between(x, x + 1.0) == pytest.approx(8.0, rel=1e-6)
+
+
+def test_knn_radii_by_hand():
+    x = np.array([[0.0], [1.0], [3.0], [7.0]])
+    assert knn_radii(x, 1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert knn_radii(x, 2).tolist() == [3.0, 2.0, 3.0, 6.0]
+
+
+def test_precision_recall_constructed_clouds():
+    real = np.array([[float(i), 0.0] for i in range(10)])  # k=3 radius: 3 (ends), 2 (middle)
+    fake_in = real[:5] + np.array([0.0, 0.5])  # inside real balls
+    fake_out = np.array([[100.0 + i, 100.0] for i in range(5)])  # far away
+    p, r = precision_recall(real, np.vstack([fake_in, fake_out]), k=3)
+    assert p == pytest.approx(0.5)
+    # fake_in sits at (i, 0.5), i = 0..4; its k=3 radii are 3 at i = 0, 4 and 2 otherwise.
+    # Real (6, 0) is √(4 + 0.25) ≈ 2.06 ≤ 3 from (4, 0.5): covered; real (7, 0) is
+    # √(9 + 0.25) ≈ 3.04 > 3: not. So real points 0..6 are covered: recall 7/10.
+    assert r == pytest.approx(0.7)
+    p, r = precision_recall(real, real.copy(), k=3)
+    assert (p, r) == (1.0, 1.0)
+
+
+def test_classification_scores_macro():
+    y = np.array([0, 0, 1, 1])
+    pred = np.array([0, 1, 1, 1])
+    s = classification_scores(y, pred, 3)
+    assert s["accuracy"] == pytest.approx(0.75)
+    # class 0: P 1, R .5; class 1: P 2/3, R 1; class 2 absent: 0 → macro over 3 classes
+    assert s["precision"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert s["recall"] == pytest.approx((0.5 + 1 + 0) / 3)
