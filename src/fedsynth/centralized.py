@@ -26,19 +26,11 @@ from fedsynth.diffusion.training import (
     steps_for,
     train_steps,
 )
-from fedsynth.diffusion.unet import build_unet
+from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.errors import RunDirError
 from fedsynth.prepare import Prepared
 from fedsynth.progress import progress_bar
 from fedsynth.rundir import RunDir
-
-
-def init_unet(cfg: Config, data: ImageData, device: torch.device) -> UNet2DModel:
-    """A freshly initialised UNet, seeded by ``cfg.seed`` without touching global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        unet = build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes)
-    return unet.to(device)
 
 
 def steps_per_round(cfg: Config, prepared: Prepared) -> int:
@@ -56,7 +48,7 @@ class CentralState:
 
 
 def _fresh_state(cfg: Config, data: ImageData, device: torch.device) -> CentralState:
-    unet = init_unet(cfg, data, device)
+    unet = seeded_unet(cfg.model, cfg.seed, data.shape[1], data.shape[0], data.num_classes).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     return CentralState(
         unet, make_ema(unet, cfg.diffusion.ema_decay), make_optimizer(unet.parameters(), cfg.train), generator

@@ -109,6 +109,7 @@ class FederationConfig:
     clients_per_round: int = _at_least(4, 1)
     checkpoint_every: int = _at_least(5, 1)
     min_clients: int = _at_least(1, 1)
+    max_retries: int = _at_least(1, 0)  # re-selections when a round has < min_clients valid replies
     round_timeout: float = _at_least(600.0, 0.0, exclusive=True)
     weighting: str = _choice("examples", WEIGHTINGS)
     client_cpus: float = _at_least(1.0, 0.0, exclusive=True)

@@ -75,16 +75,20 @@ def _check_fresh(run: RunDir) -> None:
         )
 
 
-def train(cfg: Config, run: RunDir, prepared, *, resume: bool) -> None:
+def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None) -> None:
     if cfg.paradigm == "centralized":
         train_centralized(cfg, run, prepared, resume=resume)
+    elif cfg.paradigm == "federated":
+        from fedsynth.federated import train_federated
+
+        train_federated(cfg, run, prepared, resume=resume, grid=grid)
     else:
         raise ConfigError(
-            f"paradigm = {cfg.paradigm!r} is not available in this version; choose: centralized"
+            f"paradigm = {cfg.paradigm!r} is not available in this version; choose: centralized, federated"
         )
 
 
-def run_all(cfg: Config, out: Path, *, resume: bool = False) -> RunDir:
+def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None) -> RunDir:
     run = RunDir(Path(out)).create()
     start = time.perf_counter()
     if resume:
@@ -94,7 +98,7 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False) -> RunDir:
         _check_fresh(run)
         dump_config(cfg, run.config)
         prepared = prepare(cfg, run)
-    train(cfg, run, prepared, resume=resume)
+    train(cfg, run, prepared, resume=resume, grid=grid)
     train_wall = sum(r["wall_s"] for r in run.read_metrics())
     metrics = run.read_metrics()
     run.update_summary(

@@ -64,5 +64,14 @@ def build_unet(cfg: ModelConfig, image_size: int, channels: int, num_classes: in
     )
 
 
+def seeded_unet(cfg: ModelConfig, seed: int, image_size: int, channels: int, num_classes: int) -> UNet2DModel:
+    """``build_unet`` with weights initialised from ``seed`` (global RNG left untouched)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_unet(cfg, image_size, channels, num_classes)
+
+
 def count_parameters(unet: UNet2DModel) -> int:
     return sum(p.numel() for p in unet.parameters())

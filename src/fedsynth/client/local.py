@@ -1,0 +1,121 @@
+"""One client's local round, independent of Flower.
+
+Receives the global weights (by state-dict key), trains ``steps_for(...)`` optimizer
+steps on the client's data and returns the new weights plus what the server needs.
+Randomness is derived from (seed, round, client id), so a client's update does not
+depend on which process or machine runs it, and a resumed run repeats it exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import UNet2DModel
+
+from fedsynth.config import Config
+from fedsynth.data.datasets import ImageData
+from fedsynth.diffusion.schedule import build_train_scheduler
+from fedsynth.diffusion.training import make_optimizer, resolve_device, steps_for, train_steps
+from fedsynth.diffusion.unet import build_unet
+from fedsynth.strategies.scaffold import client_control_update, corrected_gradient
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientUpdate:
+    weights: Weights
+    num_examples: int
+    num_steps: int
+    train_loss: float
+    compute_s: float
+    control_delta: Weights | None = None  # SCAFFOLD's Δc_i
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def round_generator(seed: int, round_: int, client_id: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + round_ * 10_007 + client_id)
+
+
+def proximal_penalty(mu: float, anchor: Weights):
+    """FedProx: (μ / 2) ‖w − w_global‖² over the trained parameters."""
+
+    def penalty(unet: UNet2DModel) -> torch.Tensor:
+        terms = [((p - anchor[name]) ** 2).sum() for name, p in unet.named_parameters()]
+        return 0.5 * mu * torch.stack(terms).sum()
+
+    return penalty
+
+
+def scaffold_hook(c: Weights, c_i: Weights):
+    def hook(unet: UNet2DModel) -> None:
+        for name, p in unet.named_parameters():
+            if p.grad is not None:
+                p.grad.copy_(corrected_gradient(p.grad, c[name], c_i[name]))
+
+    return hook
+
+
+def build_client_unet(cfg: Config, data: ImageData, device: torch.device) -> UNet2DModel:
+    return build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes).to(device)
+
+
+def local_train(
+    cfg: Config,
+    data: ImageData,
+    global_weights: Weights,
+    *,
+    round_: int,
+    client_id: int,
+    state: dict[str, Weights],
+    control: Weights | None = None,
+) -> ClientUpdate:
+    """Train on ``data`` from ``global_weights``. ``state`` persists across this client's
+    rounds (SCAFFOLD's c_i lives there); ``control`` is the server's c for SCAFFOLD."""
+    start = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    unet = build_client_unet(cfg, data, device)
+    unet.load_state_dict({k: v.to(device) for k, v in global_weights.items()}, strict=True)
+    anchor = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    steps = steps_for(cfg.train, len(data))
+    penalty = proximal_penalty(cfg.strategy.proximal_mu, anchor) if cfg.strategy.name == "fedprox" else None
+    hook = None
+    if control is not None:
+        c = {k: v.to(device) for k, v in control.items()}
+        c_i = state.get("scaffold_c_i") or {k: torch.zeros_like(v) for k, v in c.items()}
+        c_i = {k: v.to(device) for k, v in c_i.items()}
+        hook = scaffold_hook(c, c_i)
+    losses = train_steps(
+        unet,
+        make_optimizer(unet.parameters(), cfg.train),
+        build_train_scheduler(cfg.diffusion),
+        data,
+        steps=steps,
+        train=cfg.train,
+        diffusion=cfg.diffusion,
+        generator=round_generator(cfg.seed, round_, client_id, device),
+        penalty=penalty,
+        after_backward=hook,
+    )
+    weights = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+    delta = None
+    if control is not None:
+        new_c_i = client_control_update(
+            _np(c_i), _np(c), _np(anchor), _np(weights), steps=steps, lr=cfg.train.lr
+        )
+        delta = {k: torch.from_numpy(new_c_i[k] - _np(c_i)[k]) for k in new_c_i}
+        state["scaffold_c_i"] = {k: torch.from_numpy(v) for k, v in new_c_i.items()}
+    return ClientUpdate(
+        weights=weights,
+        num_examples=len(data),
+        num_steps=steps,
+        train_loss=float(sum(losses) / len(losses)),
+        compute_s=time.perf_counter() - start,
+        control_delta=delta,
+    )
+
+
+def _np(weights: Weights) -> dict:
+    return {k: v.detach().cpu().numpy() for k, v in weights.items()}

@@ -1,0 +1,1 @@
+"""Server side: reply validation, the round loop, and the Flower ServerApp adapter."""

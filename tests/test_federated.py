@@ -1,0 +1,124 @@
+"""Federated runs on Flower's simulation engine: faults survived, clean stops, resume."""
+
+import json
+import time
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedsynth.client.app import handle_query, handle_train
+from fedsynth.config import config_from_dict
+from fedsynth.federated import train_federated
+from fedsynth.prepare import prepare
+from fedsynth.rundir import RunDir
+from fedsynth.server.loop import FederationError
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_federated(**federation) -> dict:
+    return {
+        "paradigm": "federated",
+        "model": {"preset": "tiny"},
+        "partition": {"scheme": "iid", "num_clients": federation.pop("num_clients", 3)},
+        "diffusion": {"num_train_timesteps": 50},
+        "train": {"local_steps": 2, "batch_size": 16},
+        "federation": {
+            "rounds": 2,
+            "clients_per_round": 3,
+            "checkpoint_every": 1,
+            "round_timeout": 30.0,
+            **federation,
+        },
+        "sample": {"per_class": 0},
+    }
+
+
+def _corrupt(reply: Message, how: str) -> Message:
+    arrays = reply.content["arrays"].to_torch_state_dict()
+    key = next(iter(arrays))
+    if how == "nan":
+        arrays[key] = arrays[key].clone().fill_(float("nan"))
+    elif how == "shape":
+        arrays[key] = arrays[key].flatten()[:-1].clone()
+    elif how == "missing":
+        del arrays[key]
+    reply.content["arrays"] = ArrayRecord(arrays)
+    return reply
+
+
+faulty = ClientApp()
+faulty.query()(handle_query)
+
+
+@faulty.train()
+def faulty_train(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    if pid == 0:
+        raise RuntimeError("disk on fire")
+    if pid == 4:
+        time.sleep(45)  # past federation.round_timeout
+    reply = handle_train(msg, context)
+    return _corrupt(reply, {1: "nan", 2: "shape", 3: "missing"}.get(pid, "none"))
+
+
+def _run(tmp_path, raw, client_app=None, resume=False, name="run"):
+    cfg = config_from_dict(raw)
+    run = RunDir(tmp_path / name).create()
+    prepared = prepare(cfg, run)
+    train_federated(cfg, run, prepared, resume=resume, client_app=client_app)
+    return run
+
+
+def test_faulty_clients_are_dropped_with_reasons(tmp_path):
+    raw = tiny_federated(num_clients=6, clients_per_round=6, rounds=1, min_clients=1, round_timeout=20.0)
+    run = _run(tmp_path, raw, client_app=faulty)
+    (record,) = run.read_metrics()
+    reasons = {d["client"]: d["reason"] for d in record["dropped"]}
+    assert record["clients"] == [5]
+    assert "client error" in reasons[0]
+    assert "non-finite" in reasons[1]
+    assert "wrong shape" in reasons[2]
+    assert "missing keys" in reasons[3]
+    assert "no reply within federation.round_timeout" in reasons[4]
+    assert (run.model / "unet").is_dir()
+
+
+all_nan = ClientApp()
+all_nan.query()(handle_query)
+
+
+@all_nan.train()
+def nan_from_round_two(msg: Message, context: Context) -> Message:
+    reply = handle_train(msg, context)
+    return _corrupt(reply, "nan") if int(msg.content["config"]["server-round"]) >= 2 else reply
+
+
+def test_too_few_valid_replies_stops_with_checkpoint_intact(tmp_path):
+    raw = tiny_federated(rounds=3, min_clients=2, max_retries=1)
+    with pytest.raises(
+        FederationError, match=r"round 2: fewer than federation\.min_clients = 2 valid replies after 2"
+    ):
+        _run(tmp_path, raw, client_app=all_nan)
+    run = RunDir(tmp_path / "run")
+    assert run.latest_checkpoint() == run.checkpoint_dir(1)
+    UNet2DModel.from_pretrained(run.checkpoint_dir(1) / "unet")  # loads: not corrupt
+    assert [r["round"] for r in run.read_metrics()] == [1]
+
+
+def test_resume_matches_uninterrupted_with_strategy_state(tmp_path):
+    raw = tiny_federated(num_clients=4, clients_per_round=2, rounds=3)
+    raw["strategy"] = {"name": "fedyogi", "eta": 0.01}
+    full = _run(tmp_path, raw, name="full")
+    short = {**raw, "federation": {**raw["federation"], "rounds": 2}}
+    part = _run(tmp_path, short, name="part")
+    _run(tmp_path, raw, resume=True, name="part")
+    a = UNet2DModel.from_pretrained(full.model, subfolder="unet").state_dict()
+    b = UNet2DModel.from_pretrained(part.model, subfolder="unet").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x) for x in (part.root / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["bytes_down"] > 0 and rows[-1]["bytes_up"] > 0

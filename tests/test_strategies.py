@@ -1,0 +1,257 @@
+"""Every strategy: hand-computed expectations, and one conformance suite for all."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsynth.config import STRATEGY_NAMES, config_from_dict
+from fedsynth.strategies import STRATEGIES, build_strategy
+from fedsynth.strategies.scaffold import CONTROL_KEY, client_control_update, server_update
+
+
+@pytest.fixture(autouse=True)
+def _run_identity():
+    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+def _record(values: dict) -> ArrayRecord:
+    return ArrayRecord({k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()})
+
+
+def reply(values: dict, n: int = 1, control: dict | None = None) -> Message:
+    content = RecordDict(
+        {
+            "arrays": _record(values),
+            "metrics": MetricRecord({"num-examples": n, "num-steps": 5, "train-loss": 0.5}),
+        }
+    )
+    if control is not None:
+        content[CONTROL_KEY] = _record(control)
+    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def strategy(name: str, **params):
+    return build_strategy(
+        config_from_dict(
+            {
+                "strategy": {"name": name, **params},
+                "partition": {"num_clients": 8},
+                "federation": {"clients_per_round": 4},
+            }
+        )
+    )
+
+
+def aggregate(s, global_w: dict, replies: list, round_: int = 1) -> dict:
+    s.begin_round(_record(global_w))
+    arrays, _ = s.aggregate_train(round_, replies)
+    return {k: a.numpy() for k, a in arrays.items()}
+
+
+def test_registry_matches_config_choices():
+    assert tuple(STRATEGIES) == STRATEGY_NAMES
+
+
+# ----------------------------------------------------------------- hand-computed
+
+
+def test_fedavg_weighted_mean():
+    out = aggregate(
+        strategy("fedavg"), {"a": [0.0, 0.0]}, [reply({"a": [1.0, 2.0]}, 1), reply({"a": [3.0, 6.0]}, 3)]
+    )
+    assert np.allclose(out["a"], [2.5, 5.0])  # (1·1 + 3·3)/4, (2 + 18)/4
+
+
+def test_fedmedian_is_coordinatewise():
+    out = aggregate(
+        strategy("fedmedian"),
+        {"a": [0.0, 0.0]},
+        [reply({"a": [1.0, 9.0]}), reply({"a": [5.0, 2.0]}), reply({"a": [2.0, 4.0]})],
+    )
+    assert np.allclose(out["a"], [2.0, 4.0])  # per coordinate, not one client's vector
+
+
+def test_fedavgm_momentum_two_rounds():
+    s = strategy("fedavgm", server_lr=1.0, momentum=0.9)
+    # round 1: Δ = x − mean = 0 − 1 = −1; v = −1; x = 0 − 1·(−1) = 1
+    x1 = aggregate(s, {"a": [0.0]}, [reply({"a": [1.0]})], 1)
+    assert np.allclose(x1["a"], [1.0])
+    # round 2: Δ = 1 − 1.5 = −0.5; v = 0.9·(−1) − 0.5 = −1.4; x = 1 + 1.4 = 2.4
+    x2 = aggregate(s, {"a": [1.0]}, [reply({"a": [1.5]})], 2)
+    assert np.allclose(x2["a"], [2.4])
+
+
+def test_fedyogi_one_step():
+    s = strategy("fedyogi", eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    # Δ = 1; m = 0.1·1 = 0.1; v = 0 − 0.01·1·sign(0 − 1) = 0.01; x = 0 + 0.1·0.1/(0.1 + 0.001)
+    out = aggregate(s, {"a": [0.0]}, [reply({"a": [1.0]})])
+    assert np.allclose(out["a"], [0.1 * 0.1 / 0.101])
+
+
+def test_fedadam_one_step_with_flowers_bias_correction():
+    s = strategy("fedadam", eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    # m = 0.1, v = 0.01·1 = 0.01; η_t = η·√(1 − β2^(t+1))/(1 − β1^(t+1)) at t = 1
+    eta_t = 0.1 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)
+    out = aggregate(s, {"a": [0.0]}, [reply({"a": [1.0]})])
+    assert np.allclose(out["a"], [eta_t * 0.1 / (0.1 + 1e-3)])
+
+
+def test_fedadagrad_one_step():
+    s = strategy("fedadagrad", eta=0.1, tau=1e-3)
+    # β1 = 0 → m = Δ = 1; v = 0 + 1 = 1; x = 0.1·1/(1 + 0.001)
+    out = aggregate(s, {"a": [0.0]}, [reply({"a": [1.0]})])
+    assert np.allclose(out["a"], [0.1 / 1.001])
+
+
+def test_fedtrimmedavg_cuts_each_side():
+    out = aggregate(
+        strategy("fedtrimmedavg", trim_beta=0.2),
+        {"a": [0.0]},
+        [reply({"a": [v]}) for v in (1.0, 2.0, 3.0, 4.0, 100.0)],
+    )
+    assert np.allclose(out["a"], [3.0])  # 20% of 5 = 1 cut per side → mean(2, 3, 4)
+
+
+def test_krum_keeps_the_smallest_score():
+    # squared distances, n − f − 2 = 2 closest: scores 0→1+4=5, 1→1+1=2, 2→5, 10→64+81=145
+    out = aggregate(
+        strategy("krum", num_malicious=0), {"a": [0.0]}, [reply({"a": [v]}) for v in (0.0, 1.0, 2.0, 10.0)]
+    )
+    assert np.allclose(out["a"], [1.0])  # not 10.0 (seed 000's box took the largest)
+
+
+def test_multikrum_mean_of_m_best():
+    # scores: 0→1+6.25=7.25, 1→1+2.25=3.25, 2.5→8.5, 10→137.25; m = 2 → mean(1, 0)
+    out = aggregate(
+        strategy("multikrum", num_malicious=0, num_keep=2),
+        {"a": [0.0]},
+        [reply({"a": [v]}) for v in (0.0, 1.0, 2.5, 10.0)],
+    )
+    assert np.allclose(out["a"], [0.5])
+
+
+def test_bulyan_resists_an_outlier():
+    s = build_strategy(
+        config_from_dict(
+            {
+                "strategy": {"name": "bulyan", "num_malicious": 1},
+                "partition": {"num_clients": 8},
+                "federation": {"clients_per_round": 7},
+            }
+        )
+    )
+    out = aggregate(s, {"a": [0.0]}, [reply({"a": [v]}) for v in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1000.0)])
+    assert 1.0 <= out["a"][0] <= 4.0
+    with pytest.raises(
+        ValueError, match=r"bulyan needs clients_per_round >= 4 \* num_malicious \+ 3 = 7, got 4"
+    ):
+        strategy("bulyan", num_malicious=1)
+
+
+def test_fedprox_aggregates_like_fedavg():
+    out = aggregate(
+        strategy("fedprox", proximal_mu=0.1), {"a": [0.0]}, [reply({"a": [1.0]}, 1), reply({"a": [4.0]}, 2)]
+    )
+    assert np.allclose(out["a"], [3.0])
+
+
+def test_scaffold_maths_by_hand():
+    x, y = {"a": np.array([1.0])}, {"a": np.array([0.5])}
+    c, c_i = {"a": np.array([0.2])}, {"a": np.array([0.1])}
+    # c_i⁺ = c_i − c + (x − y)/(K η) = 0.1 − 0.2 + 0.5/(5·0.1) = 0.9
+    assert np.allclose(client_control_update(c_i, c, x, y, steps=5, lr=0.1)["a"], [0.9])
+    # x ← x + η_g·mean(Δy) = 1 + 1·(−0.5 + 0.5)/2... with Δy = −0.5, −0.1: 1 − 0.3 = 0.7
+    # c ← c + (|S|/N)·mean(Δc) = 0.2 + (2/8)·(0.8 + 0.4)/2 = 0.35
+    new_x, new_c = server_update(
+        x,
+        c,
+        [{"a": np.array([-0.5])}, {"a": np.array([-0.1])}],
+        [{"a": np.array([0.8])}, {"a": np.array([0.4])}],
+        server_lr=1.0,
+        num_clients=8,
+    )
+    assert np.allclose(new_x["a"], [0.7]) and np.allclose(new_c["a"], [0.35])
+
+
+def test_scaffold_strategy_updates_control():
+    s = strategy("scaffold")
+    out = aggregate(
+        s,
+        {"a": [1.0]},
+        [reply({"a": [0.5]}, control={"a": [0.8]}), reply({"a": [0.9]}, control={"a": [0.4]})],
+    )
+    assert np.allclose(out["a"], [0.7])
+    assert np.allclose(s.control["a"], [0.0 + (2 / 8) * 0.6])
+    assert np.allclose(s.broadcast()[CONTROL_KEY]["a"].numpy(), [0.15])
+
+
+# ----------------------------------------------------------------- conformance
+
+AVERAGING = {"fedavg", "fedmedian", "fedprox", "fedtrimmedavg", "krum", "multikrum", "bulyan"}
+
+
+def _replies(name, values, ns=None, control=None):
+    ns = ns or [1] * len(values)
+    ctl = (lambda v: {"a": np.zeros_like(v["a"]), "b": np.zeros_like(v["b"])}) if name == "scaffold" else None
+    return [reply(v, n, control=ctl(v) if ctl else control) for v, n in zip(values, ns, strict=True)]
+
+
+GLOBAL = {"a": [0.5, -1.0, 2.0], "b": [[1.0, 2.0], [3.0, 4.0]]}
+
+
+def _client(i: int) -> dict:
+    rng = np.random.default_rng(i)
+    return {k: (np.asarray(v) + rng.normal(0, 0.1, np.shape(v))).tolist() for k, v in GLOBAL.items()}
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_conformance_unchanged_clients_keep_the_global(name):
+    out = aggregate(strategy(name), GLOBAL, _replies(name, [GLOBAL] * 4))
+    for k, v in GLOBAL.items():
+        assert np.allclose(out[k], v, atol=1e-6), (name, k)
+
+
+@pytest.mark.parametrize("name", sorted(AVERAGING))
+def test_conformance_identical_updates_return_unchanged(name):
+    w = _client(0)
+    out = aggregate(strategy(name), GLOBAL, _replies(name, [w] * 4))
+    for k in w:
+        assert np.allclose(out[k], w[k], atol=1e-6), (name, k)
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_conformance_weights_are_normalised(name):
+    values = [_client(i) for i in range(4)]
+    one = aggregate(strategy(name), GLOBAL, _replies(name, values, [1, 2, 3, 4]))
+    scaled = aggregate(strategy(name), GLOBAL, _replies(name, values, [7, 14, 21, 28]))
+    for k in one:
+        assert np.allclose(one[k], scaled[k], atol=1e-6), (name, k)
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_conformance_state_round_trips(name):
+    first, second = [_client(i) for i in range(4)], [_client(10 + i) for i in range(4)]
+    a = strategy(name)
+    x1 = aggregate(a, GLOBAL, _replies(name, first), 1)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = strategy(name)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    out_a = aggregate(a, x1, _replies(name, second), 2)
+    out_b = aggregate(b, x1, _replies(name, second), 2)
+    for k in out_a:
+        assert np.array_equal(out_a[k], out_b[k]), (name, k)
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_conformance_state_keys_are_checked(name):
+    with pytest.raises(ValueError, match="state keys"):
+        strategy(name).load_state_dict({"bogus": None})
