@@ -1,0 +1,149 @@
+"""The same apps on a real SuperLink + two SuperNodes on 127.0.0.1 (`flwr run .`)."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def _pids_using(ports: list[int]) -> list[int]:
+    """Processes whose command line names one of our ports (SuperLink, SuperNodes, SuperExecs)."""
+    marks = [f"127.0.0.1:{p}".encode() for p in ports] + [f"--port\x00{p}\x00".encode() for p in ports]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(m in cmd for m in marks) and b"flower" in cmd:
+                found.append(int(entry.name))
+    return found
+
+
+def _stop(ports: list[int]) -> list[int]:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _pids_using(ports):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while _pids_using(ports) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return _pids_using(ports)
+
+
+def test_two_rounds_on_a_loopback_superlink(tmp_path):
+    link, nodes = _free_port(), [_free_port(), _free_port()]
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    out = tmp_path / "run"
+    overrides = ";".join(
+        [
+            "model.preset=tiny",
+            "partition.num_clients=2",
+            "federation.clients_per_round=2",
+            "federation.min_clients=1",
+            "federation.rounds=2",
+            "train.local_steps=3",
+            "sample.per_class=2",
+            "sample.steps=2",
+            "eval.enabled=false",
+            "diffusion.num_train_timesteps=50",
+        ]
+    )
+    try:
+        subprocess.Popen(
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--database",
+                str(tmp_path / "state.db"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link),
+            ],
+            env=env,
+            stdout=(logs / "superlink.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        _wait_listening(link)
+        for i, port in enumerate(nodes):
+            subprocess.Popen(
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--node-config",
+                    f"partition-id={i} num-partitions=2",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                env=env,
+                stdout=(logs / f"supernode{i}.log").open("w"),
+                stderr=subprocess.STDOUT,
+            )
+        run_config = f'config="configs/digits-federated.toml" out="{out}" overrides="{overrides}"'
+        res = subprocess.run(
+            [str(BIN / "flwr"), "run", ".", "loop", "--stream", "--run-config", run_config],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        deadline = time.monotonic() + 60
+        while not (out / "report.md").is_file() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert (out / "model" / "unet" / "config.json").is_file(), res.stdout[-3000:]
+        rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert rounds == [1, 2]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["paradigm"] == "federated" and summary["bytes_up"] > 0
+    finally:
+        leftover = _stop([link, *nodes])
+    assert leftover == [], f"processes still running: {leftover}"
