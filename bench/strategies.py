@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, write_result
+from fedsynth.report.compare import comparison_table
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = (
@@ -77,25 +78,6 @@ def run_one(name: str, paradigm: str, args, out: Path) -> dict:
     return {k: summary.get(k) for k in KEYS}
 
 
-def table(rows: dict[str, dict], central_cas: float | None) -> str:
-    head = (
-        "| algorithm | FD ↓ | precision ↑ | recall ↑ | CAS accuracy ↑ | CAS F1 ↑ | CAS / centralized "
-        "| wall s | MB up+down |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-    )
-    lines = [head]
-    for name, r in rows.items():
-        if "error" in r:
-            lines.append(f"| {name} | error: {r['error']} | | | | | | | |")
-            continue
-        ratio = f"{r['cas_accuracy'] / central_cas:.3f}" if central_cas else "–"
-        mb = (r["bytes_up"] + r["bytes_down"]) / 1e6
-        lines.append(
-            f"| {name} | {r['fd']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cas_accuracy']:.2%} "
-            f"| {r['cas_f1']:.2%} | {ratio} | {r['wall_s']:.0f} | {mb:.1f} |"
-        )
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=10)
@@ -103,7 +85,12 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--only", default="")
     ap.add_argument("--runs-dir", default="runs/bench-strategies")
+    ap.add_argument("--render", action="store_true", help="only rebuild strategies.md from strategies.json")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS / "strategies.json").read_text())
+        render(saved["settings"], saved["rows"])
+        return
     names = [n for n in args.only.split(",") if n] or list(NAMES)
     runs = ROOT / args.runs_dir / time.strftime("%Y%m%d-%H%M%S")
     rows: dict[str, dict] = {"centralized": run_one("centralized", "centralized", args, runs / "centralized")}
@@ -111,7 +98,6 @@ def main() -> None:
     for name in names:
         rows[name] = run_one(name, "federated", args, runs / name)
         print(name, rows[name], flush=True)
-    central = rows["centralized"].get("cas_accuracy")
     settings = {
         "dataset": "digits 16x16",
         "partition": "class_disjoint",
@@ -125,16 +111,33 @@ def main() -> None:
         "sampler": "ddim-25",
     }
     write_result("strategies", {"settings": settings, "rows": rows})
+    render(settings, rows)
+
+
+def render(settings: dict, rows: dict[str, dict]) -> None:
+    central = rows["centralized"].get("cas_accuracy")
+    ratios = [
+        f"| {name} | {r['cas_accuracy'] / central:.3f} |"
+        for name, r in rows.items()
+        if "cas_accuracy" in r and central
+    ]
     md = [
         "# Strategies on class-disjoint digits (seed 000's Table 2 layout)",
         "",
         "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()),
         "",
-        table(rows, central),
+        comparison_table(rows),
         "",
-        "FD is in the domain classifier's feature space (lower is better). Reproduce: "
-        f"`.venv/bin/python bench/strategies.py --rounds {args.rounds} --local-steps {args.local_steps} "
-        f"--per-class {args.per_class}`.",
+        "CAS accuracy relative to the centralized baseline:",
+        "",
+        "| run | CAS / centralized |",
+        "| --- | --- |",
+        *ratios,
+        "",
+        "FD is in the domain classifier's feature space (lower is better); wall s includes sampling "
+        "and evaluation. Reproduce: `.venv/bin/python bench/strategies.py "
+        f"--rounds {settings['rounds']} --local-steps {settings['local_steps']} "
+        f"--per-class {settings['per_class']}`.",
     ]
     (RESULTS / "strategies.md").write_text("\n".join(md) + "\n")
 

@@ -96,6 +96,10 @@ def test_cli_smoke_run_writes_the_run_directory(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "npz" / "synthetic.npz").is_file()
+    res = _cli("compare", str(out), "--out", str(tmp_path / "cmp.md"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = (tmp_path / "cmp.md").read_text()
+    assert "run (centralized)" in table and "CAS accuracy" in table and (tmp_path / "cmp.png").is_file()
     # the same run directory refuses a second fresh run
     res = _cli("run", str(CENTRAL), "--out", str(out), *_sets(TINY_OVERRIDES))
     assert res.returncode == 2 and "already holds a run" in res.stderr

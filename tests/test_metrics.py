@@ -3,9 +3,13 @@ import pytest
 
 from fedsynth.evaluation.metrics import (
     classification_scores,
+    distance_from_uniform,
     fd_between,
     frechet_distance,
+    inception_style_score,
     knn_radii,
+    memorisation,
+    nearest_distances,
     precision_recall,
 )
 
@@ -56,3 +60,30 @@ def test_classification_scores_macro():
     # class 0: P 1, R .5; class 1: P 2/3, R 1; class 2 absent: 0 → macro over 3 classes
     assert s["precision"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert s["recall"] == pytest.approx((0.5 + 1 + 0) / 3)
+
+
+def test_inception_style_score_extremes():
+    uniform = np.full((100, 4), 0.25)
+    assert inception_style_score(uniform)[0] == pytest.approx(1.0)
+    confident = np.eye(4)[np.arange(100) % 4]  # sharp and evenly spread over 4 classes
+    assert inception_style_score(confident, splits=1)[0] == pytest.approx(4.0, rel=1e-6)
+    # stored class by class (as synthetic folders are): splits must still see every class
+    sorted_rows = np.eye(4)[np.repeat(np.arange(4), 250)]
+    assert inception_style_score(sorted_rows, splits=10)[0] > 3.5
+
+
+def test_distance_from_uniform_by_hand():
+    assert distance_from_uniform(np.array([5, 5, 5, 5])) == {"tv": 0.0, "kl": 0.0}
+    one = distance_from_uniform(np.array([8, 0, 0, 0]))
+    assert one["tv"] == pytest.approx(0.75) and one["kl"] == pytest.approx(np.log(4))
+
+
+def test_nearest_distances_and_memorisation():
+    train = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    assert nearest_distances(np.array([[0.0, 1.0]]), train).tolist() == [1.0]
+    # train-to-train nearest distances: 2, 2, 2 → typical 2
+    copies = memorisation(train + 0.1, train, ratio=0.5)
+    assert copies["train_nn_median"] == pytest.approx(2.0)
+    assert copies["near_copy_fraction"] == 1.0  # 0.1·√2 / 2 ≈ 0.07 < 0.5
+    far = memorisation(train + 5.0, train, ratio=0.5)
+    assert far["near_copy_fraction"] == 0.0

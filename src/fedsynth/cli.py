@@ -130,6 +130,18 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
     print(f"report: {rd.report}")
 
 
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="finished run directories")],
+    out: Annotated[Path, typer.Option(help="markdown file to write (a .png chart goes beside it)")],
+) -> None:
+    """Compare runs in one table (IS, FD, CAS accuracy/precision/recall/F1, time, bytes)."""
+    from fedsynth.report.compare import write_comparison
+
+    write_comparison(run_dirs, out)
+    print(f"comparison: {out}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

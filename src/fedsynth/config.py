@@ -153,6 +153,9 @@ class EvalConfig:
     enabled: bool = True
     classifier_epochs: int = _at_least(40, 1)
     cas_epochs: int = _at_least(40, 1)
+    copy_ratio: float = _at_least(0.5, 0.0)  # memorisation: near-copy below this relative NN distance
+    tsne_points: int = _at_least(400, 0)  # per set (real, synthetic) in the t-SNE figure; 0 = none
+    cache_dir: str = ""  # domain-classifier cache; "" = $FEDSYNTH_CACHE or ~/.cache/fedsynth
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Stage 4: judge ``RUN_DIR/synthetic`` against the real held-out test split.
 
-Writes ``eval.json`` (every metric) and the flat metric keys of ``summary.json``.
+Writes ``eval.json`` (every metric), the flat metric keys of ``summary.json`` and the
+t-SNE figure data. Features for FD / precision / recall / IS come from the cached domain
+classifier (penultimate layer), trained on the real training split.
 """
 
 from __future__ import annotations
@@ -16,9 +18,31 @@ from fedsynth.data.datasets import ImageData, load_dataset, load_images
 from fedsynth.diffusion.training import resolve_device
 from fedsynth.errors import RunDirError
 from fedsynth.evaluation.classifier import predict, train_classifier
-from fedsynth.evaluation.metrics import classification_scores, fd_between, precision_recall
+from fedsynth.evaluation.domain import domain_classifier
+from fedsynth.evaluation.metrics import (
+    classification_scores,
+    distance_from_uniform,
+    fd_between,
+    inception_style_score,
+    memorisation,
+    precision_recall,
+)
 from fedsynth.progress import progress_bar
 from fedsynth.rundir import RunDir, write_json_atomic
+
+SUMMARY_KEYS = (
+    "fd",
+    "precision",
+    "recall",
+    "is_mean",
+    "cas_accuracy",
+    "cas_precision",
+    "cas_recall",
+    "cas_f1",
+    "real_accuracy",
+    "class_tv_from_uniform",
+    "near_copy_fraction",
+)
 
 
 def load_synthetic(folder: Path, real: ImageData, image_size: int) -> ImageData:
@@ -34,63 +58,96 @@ def load_synthetic(folder: Path, real: ImageData, image_size: int) -> ImageData:
     return ImageData(fake.images, remap[fake.labels], real.class_names)
 
 
+def per_class_fd(
+    real_feats: np.ndarray,
+    real_y: np.ndarray,
+    fake_feats: np.ndarray,
+    fake_y: np.ndarray,
+    names: tuple[str, ...],
+) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for c, name in enumerate(names):
+        r, f = real_feats[real_y == c], fake_feats[fake_y == c]
+        out[name] = fd_between(r, f) if len(r) > 1 and len(f) > 1 else None
+    return out
+
+
 def evaluate_synthetic(
     cfg: Config, real_train: ImageData, real_test: ImageData, fake: ImageData, device: torch.device
-) -> dict:
-    ev = cfg.eval
-    num_classes = real_test.num_classes
+) -> tuple[dict, dict]:
+    """(metrics, arrays for figures)."""
+    ev, n = cfg.eval, real_test.num_classes
     with progress_bar("evaluation", total=4) as bar:
-        domain = train_classifier(real_train, epochs=ev.classifier_epochs, seed=cfg.seed, device=device)
-        bar.advance()
+        domain = domain_classifier(
+            real_train, epochs=ev.classifier_epochs, device=device, cache_dir=ev.cache_dir
+        )
         test_logits, test_feats = predict(domain, real_test.images)
         fake_logits, fake_feats = predict(domain, fake.images)
-        real_scores = classification_scores(
-            real_test.labels.numpy(), test_logits.argmax(1).numpy(), num_classes
-        )
+        real_scores = classification_scores(real_test.labels.numpy(), test_logits.argmax(1).numpy(), n)
+        bar.advance()
         precision, recall = precision_recall(test_feats.numpy(), fake_feats.numpy(), k=3)
+        is_mean, is_std = inception_style_score(torch.softmax(fake_logits, 1).numpy())
+        judged = np.bincount(fake_logits.argmax(1).numpy(), minlength=n)
         bar.advance()
         cas_model = train_classifier(fake, epochs=ev.cas_epochs, seed=cfg.seed, device=device)
         cas_logits, _ = predict(cas_model, real_test.images)
-        cas = classification_scores(real_test.labels.numpy(), cas_logits.argmax(1).numpy(), num_classes)
+        cas = classification_scores(real_test.labels.numpy(), cas_logits.argmax(1).numpy(), n)
         bar.advance()
-        judged = np.bincount(fake_logits.argmax(1).numpy(), minlength=num_classes)
+        memo = memorisation(
+            fake.images.flatten(1).numpy(), real_train.images.flatten(1).numpy(), ev.copy_ratio
+        )
         bar.advance()
-    return {
-        "feature_extractor": "domain-classifier (penultimate layer, trained on the real train split)",
+    uniform = distance_from_uniform(judged)
+    metrics = {
+        "feature_extractor": "domain classifier (penultimate layer, trained once on the real train split)",
         "fd": fd_between(test_feats.numpy(), fake_feats.numpy()),
+        "fd_per_class": per_class_fd(
+            test_feats.numpy(),
+            real_test.labels.numpy(),
+            fake_feats.numpy(),
+            fake.labels.numpy(),
+            real_test.class_names,
+        ),
         "precision": precision,
         "recall": recall,
         "k": 3,
+        "is_mean": is_mean,
+        "is_std": is_std,
         "real_accuracy": real_scores["accuracy"],
         "real_scores": real_scores,
         "cas_accuracy": cas["accuracy"],
         "cas_precision": cas["precision"],
         "cas_recall": cas["recall"],
         "cas_f1": cas["f1"],
-        "class_distribution": {n: int(v) for n, v in zip(real_test.class_names, judged, strict=True)},
+        "class_distribution": {c: int(v) for c, v in zip(real_test.class_names, judged, strict=True)},
+        "class_tv_from_uniform": uniform["tv"],
+        "class_kl_from_uniform": uniform["kl"],
+        "memorisation": memo,
+        "near_copy_fraction": memo["near_copy_fraction"],
         "num_synthetic": len(fake),
         "num_real_test": len(real_test),
     }
+    figures = {
+        "real_feats": test_feats.numpy(),
+        "real_y": real_test.labels.numpy(),
+        "fake_feats": fake_feats.numpy(),
+        "fake_y": fake.labels.numpy(),
+    }
+    return metrics, figures
 
 
 def evaluate_run(cfg: Config, run: RunDir) -> dict:
+    from fedsynth.report.plots import plot_tsne
+
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.data)
     real_train, real_test = data.train, data.test
     fake = load_synthetic(run.synthetic, real_test, cfg.data.image_size)
-    result = evaluate_synthetic(cfg, real_train, real_test, fake, device)
+    result, figures = evaluate_synthetic(cfg, real_train, real_test, fake, device)
+    if cfg.eval.tsne_points > 0:
+        plot_tsne(figures, list(real_test.class_names), run.root / "tsne.png", cfg.eval.tsne_points, cfg.seed)
     result["eval_wall_s"] = time.perf_counter() - start
     write_json_atomic(run.eval, result)
-    keys = (
-        "fd",
-        "precision",
-        "recall",
-        "cas_accuracy",
-        "cas_precision",
-        "cas_recall",
-        "cas_f1",
-        "real_accuracy",
-    )
-    run.update_summary(**{k: result[k] for k in keys})
+    run.update_summary(**{k: result[k] for k in SUMMARY_KEYS})
     return result

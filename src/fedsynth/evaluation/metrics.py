@@ -67,3 +67,56 @@ def classification_scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: i
         "recall": float(r),
         "f1": float(f1),
     }
+
+
+def inception_style_score(probs: np.ndarray, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) ‖ p(y))) (Salimans et al. 2016), mean and std over splits.
+
+    Rows are shuffled (seeded) first: a class-sorted set would otherwise give splits
+    holding one class each, whose marginal equals every conditional (score ≈ 1)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = probs[np.random.default_rng(seed).permutation(len(probs))]
+    scores = []
+    for part in np.array_split(probs, min(splits, len(probs))):
+        marginal = part.mean(axis=0, keepdims=True)
+        kl = (part * (np.log(part + 1e-12) - np.log(marginal + 1e-12))).sum(axis=1)
+        scores.append(float(np.exp(kl.mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def distance_from_uniform(counts: np.ndarray) -> dict[str, float]:
+    """Total-variation distance and KL(p ‖ uniform) of a class histogram."""
+    p = np.asarray(counts, dtype=np.float64)
+    p = p / p.sum()
+    u = 1.0 / len(p)
+    nz = p > 0
+    return {"tv": float(0.5 * np.abs(p - u).sum()), "kl": float((p[nz] * np.log(p[nz] / u)).sum())}
+
+
+def nearest_distances(
+    queries: np.ndarray, reference: np.ndarray, *, exclude_self: bool = False, chunk: int = 512
+) -> np.ndarray:
+    """Euclidean distance from each query row to its nearest reference row."""
+    out = []
+    for start in range(0, len(queries), chunk):
+        d = _pairwise(queries[start : start + chunk], reference)
+        if exclude_self:
+            idx = np.arange(start, start + len(d))
+            d[np.arange(len(d)), idx] = np.inf
+        out.append(d.min(axis=1))
+    return np.concatenate(out)
+
+
+def memorisation(fake: np.ndarray, train: np.ndarray, ratio: float) -> dict[str, float]:
+    """Each synthetic image's nearest-training-image distance, relative to the median
+    train-to-train nearest-neighbour distance; images below ``ratio`` are near-copies."""
+    fake_nn = nearest_distances(fake, train)
+    typical = float(np.median(nearest_distances(train, train, exclude_self=True)))
+    rel = fake_nn / typical
+    return {
+        "median_relative_nn": float(np.median(rel)),
+        "min_relative_nn": float(rel.min()),
+        "near_copy_fraction": float((rel < ratio).mean()),
+        "train_nn_median": typical,
+        "near_copy_ratio": ratio,
+    }

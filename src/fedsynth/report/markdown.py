@@ -1,10 +1,8 @@
-"""``report.md``: what a person reads — summary table, sample grid, curves, partitions."""
+"""``report.md``: what a person reads — summary table, samples, curves, coverage, partitions."""
 
 from __future__ import annotations
 
-import json
-
-from fedsynth.report.plots import plot_curve
+from fedsynth.report.plots import plot_bars, plot_curve
 from fedsynth.rundir import RunDir, read_json
 
 SUMMARY_ROWS = (
@@ -14,12 +12,15 @@ SUMMARY_ROWS = (
     ("wall time (s)", "wall_s", "{:.1f}"),
     ("bytes up", "bytes_up", "{:,}"),
     ("bytes down", "bytes_down", "{:,}"),
-    ("FD ↓", "fd", "{:.2f}"),
+    ("FD ↓", "fd", "{:.3f}"),
+    ("IS-style score ↑", "is_mean", "{:.2f}"),
     ("precision ↑", "precision", "{:.3f}"),
     ("recall ↑", "recall", "{:.3f}"),
     ("CAS accuracy ↑", "cas_accuracy", "{:.2%}"),
     ("CAS F1 ↑", "cas_f1", "{:.2%}"),
     ("real-data classifier accuracy", "real_accuracy", "{:.2%}"),
+    ("class distribution TV from uniform ↓", "class_tv_from_uniform", "{:.3f}"),
+    ("near-copies of training images ↓", "near_copy_fraction", "{:.2%}"),
 )
 
 
@@ -30,6 +31,77 @@ def _fmt(fmt: str, value) -> str:
         return str(value)
 
 
+def _training(run: RunDir) -> list[str]:
+    metrics = run.read_metrics()
+    if not metrics:
+        return []
+    rounds = [m["round"] for m in metrics]
+    plot_curve(
+        rounds,
+        {"train loss": [m["train_loss"] for m in metrics]},
+        "round",
+        "diffusion loss",
+        run.root / "loss.png",
+        "training loss per round",
+    )
+    lines = ["", "## Training", "", "![loss](loss.png)"]
+    if any(m.get("bytes_up") or m.get("bytes_down") for m in metrics):
+        plot_curve(
+            rounds,
+            {"up": [m["bytes_up"] / 1e6 for m in metrics], "down": [m["bytes_down"] / 1e6 for m in metrics]},
+            "round",
+            "MB per round",
+            run.root / "bytes.png",
+            "payload bytes per round",
+        )
+        lines += ["", "![bytes](bytes.png)"]
+    dropped = [(m["round"], d["client"], d["reason"]) for m in metrics for d in m.get("dropped", [])]
+    if dropped:
+        lines += ["", "Dropped client updates:", "", "| round | client | reason |", "| --- | --- | --- |"]
+        lines += [f"| {r} | {c} | {why} |" for r, c, why in dropped]
+    return lines
+
+
+def _evaluation(run: RunDir) -> list[str]:
+    if not run.eval.is_file():
+        return []
+    ev = read_json(run.eval)
+    names = list(ev["class_distribution"])
+    counts = [ev["class_distribution"][n] for n in names]
+    plot_bars(
+        names,
+        {"generated": counts},
+        "samples (judged class)",
+        run.root / "classes.png",
+        "class distribution of generated samples",
+        reference=sum(counts) / len(counts),
+    )
+    lines = [
+        "",
+        "## Evaluation",
+        "",
+        f"Features: {ev['feature_extractor']}.",
+        "",
+        "![classes](classes.png)",
+        "",
+    ]
+    if (run.root / "tsne.png").is_file():
+        lines += ["![t-SNE](tsne.png)", ""]
+    lines += ["| class | FD ↓ | judged samples |", "| --- | --- | --- |"]
+    for n in names:
+        fd = ev["fd_per_class"].get(n)
+        lines.append(f"| {n} | {'–' if fd is None else f'{fd:.3f}'} | {ev['class_distribution'][n]} |")
+    memo = ev.get("memorisation", {})
+    if memo:
+        lines += [
+            "",
+            f"Memorisation: median nearest-training-image distance is {memo['median_relative_nn']:.2f}× "
+            f"the typical train-to-train distance; {memo['near_copy_fraction']:.2%} of samples are closer "
+            f"than {memo['near_copy_ratio']}× (near-copies).",
+        ]
+    return lines
+
+
 def write_report(run: RunDir) -> str:
     summary = read_json(run.summary) if run.summary.is_file() else {}
     lines = [f"# fedsynth run report: `{run.root.name}`", "", "| metric | value |", "| --- | --- |"]
@@ -38,32 +110,7 @@ def write_report(run: RunDir) -> str:
     ]
     if (run.root / "samples.png").is_file():
         lines += ["", "## Samples (one row per class)", "", "![samples](samples.png)"]
-    metrics = run.read_metrics()
-    if metrics:
-        rounds = [m["round"] for m in metrics]
-        plot_curve(
-            rounds,
-            {"train loss": [m["train_loss"] for m in metrics]},
-            "round",
-            "diffusion loss",
-            run.root / "loss.png",
-            "training loss per round",
-        )
-        lines += ["", "## Training", "", "![loss](loss.png)"]
-    if run.eval.is_file():
-        ev = read_json(run.eval)
-        lines += [
-            "",
-            "## Evaluation",
-            "",
-            f"Features: {ev.get('feature_extractor', '?')}.",
-            "",
-            "Class distribution of generated samples (as judged by the real-data classifier):",
-            "",
-            "```",
-            json.dumps(ev.get("class_distribution", {})),
-            "```",
-        ]
+    lines += _training(run) + _evaluation(run)
     if (run.root / "partitions.png").is_file():
         lines += ["", "## Data partitions", "", "![partitions](partitions.png)"]
     text = "\n".join(lines) + "\n"

@@ -84,3 +84,62 @@ def plot_curve(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_tsne(figures: dict, class_names: list[str], path: Path, points: int, seed: int) -> None:
+    """Real vs synthetic features in 2-D (t-SNE), coloured by class (seed 000's Figure 3)."""
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+
+    def pick(feats, ys):
+        idx = rng.permutation(len(feats))[:points]
+        return feats[idx], ys[idx]
+
+    rf, ry = pick(figures["real_feats"], figures["real_y"])
+    ff, fy = pick(figures["fake_feats"], figures["fake_y"])
+    xy = TSNE(
+        n_components=2, random_state=seed, init="pca", perplexity=min(30, len(rf) + len(ff) - 1)
+    ).fit_transform(np.vstack([rf, ff]))
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    n = len(rf)
+    for c, name in enumerate(class_names):
+        color = cmap(c % cmap.N)
+        ax.scatter(*xy[:n][ry == c].T, s=10, color=color, marker="o", alpha=0.6, label=f"{name}")
+        ax.scatter(*xy[n:][fy == c].T, s=14, color=color, marker="x", alpha=0.8)
+    ax.set_title("t-SNE of classifier features: o real test, x synthetic")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, ncol=2, markerscale=1.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(
+    labels: list[str],
+    series: dict[str, list[float]],
+    ylabel: str,
+    path: Path,
+    title: str = "",
+    reference: float | None = None,
+) -> None:
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(labels) * max(1, len(series))), 3.5))
+    width = 0.8 / len(series)
+    x = np.arange(len(labels))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="uniform")
+    ax.set_xticks(
+        x, labels, rotation=30 if len(labels) > 8 else 0, ha="right" if len(labels) > 8 else "center"
+    )
+    ax.set_ylabel(ylabel)
+    if len(series) > 1 or reference is not None:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
