@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fedsynth_run(config: str, out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """``fedsynth run ROOT/config --out OUT --set ...`` in a fresh process (output captured)."""
+    cmd = [str(Path(sys.executable).with_name("fedsynth")), "run", str(ROOT / config), "--out", str(out)]
+    cmd += [x for s in overrides for x in ("--set", s)]
+    return subprocess.run(cmd, capture_output=True, text=True)
 
 
 def machine() -> dict:

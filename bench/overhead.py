@@ -12,15 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import write_result
-
-ROOT = Path(__file__).resolve().parents[1]
+from _common import fedsynth_run, write_result
 
 
 def timed_run(paradigm: str, args, out: Path) -> dict:
@@ -33,15 +29,10 @@ def timed_run(paradigm: str, args, out: Path) -> dict:
         "eval.enabled=false",
         f"federation.checkpoint_every={args.rounds}",
     ]
-    cmd = [
-        str(Path(sys.executable).with_name("fedsynth")),
-        "run",
-        str(ROOT / "configs/digits-federated.toml"),
-        "--out",
-        str(out),
-    ] + [x for s in sets for x in ("--set", s)]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    res = fedsynth_run("configs/digits-federated.toml", out, sets)
+    if res.returncode != 0:
+        raise SystemExit(f"{paradigm} run failed: {res.stderr.strip().splitlines()[-1:]}")
     total = time.perf_counter() - start
     rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     walls = [r["wall_s"] for r in rounds]

@@ -12,43 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from _common import RESULTS, write_result
+from _common import RESULTS, ROOT, fedsynth_run, write_result
+from fedsynth.config import STRATEGY_NAMES
+from fedsynth.evaluation.evaluate import SUMMARY_KEYS
 from fedsynth.report.compare import comparison_table
 
-ROOT = Path(__file__).resolve().parents[1]
-NAMES = (
-    "fedavg",
-    "fedmedian",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedprox",
-    "fedtrimmedavg",
-    "krum",
-    "multikrum",
-    "bulyan",
-    "scaffold",
-)
-KEYS = (
-    "fd",
-    "precision",
-    "recall",
-    "cas_accuracy",
-    "cas_precision",
-    "cas_recall",
-    "cas_f1",
-    "real_accuracy",
-    "wall_s",
-    "train_wall_s",
-    "bytes_up",
-    "bytes_down",
-)
+KEYS = (*SUMMARY_KEYS, "wall_s", "train_wall_s", "bytes_up", "bytes_down")
 
 
 def run_one(name: str, paradigm: str, args, out: Path) -> dict:
@@ -60,15 +32,8 @@ def run_one(name: str, paradigm: str, args, out: Path) -> dict:
     ]
     if paradigm == "federated":
         sets.append(f"strategy.name={json.dumps(name)}")
-    cmd = [
-        str(Path(sys.executable).with_name("fedsynth")),
-        "run",
-        str(ROOT / "configs/digits-federated.toml"),
-        "--out",
-        str(out),
-    ] + [x for s in sets for x in ("--set", s)]
     start = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = fedsynth_run("configs/digits-federated.toml", out, sets)
     if res.returncode != 0:
         return {
             "error": (res.stderr.strip().splitlines() or ["?"])[-1],
@@ -91,7 +56,7 @@ def main() -> None:
         saved = json.loads((RESULTS / "strategies.json").read_text())
         render(saved["settings"], saved["rows"])
         return
-    names = [n for n in args.only.split(",") if n] or list(NAMES)
+    names = [n for n in args.only.split(",") if n] or list(STRATEGY_NAMES)
     runs = ROOT / args.runs_dir / time.strftime("%Y%m%d-%H%M%S")
     rows: dict[str, dict] = {"centralized": run_one("centralized", "centralized", args, runs / "centralized")}
     print("centralized", rows["centralized"], flush=True)
