@@ -51,18 +51,28 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--runs-dir", default="runs/bench-strategies")
     ap.add_argument("--render", action="store_true", help="only rebuild strategies.md from strategies.json")
+    ap.add_argument(
+        "--collect", default="", help="rebuild the results from the summary.json of existing runs"
+    )
     args = ap.parse_args()
     if args.render:
         saved = json.loads((RESULTS / "strategies.json").read_text())
         render(saved["settings"], saved["rows"])
         return
     names = [n for n in args.only.split(",") if n] or list(STRATEGY_NAMES)
-    runs = ROOT / args.runs_dir / time.strftime("%Y%m%d-%H%M%S")
-    rows: dict[str, dict] = {"centralized": run_one("centralized", "centralized", args, runs / "centralized")}
-    print("centralized", rows["centralized"], flush=True)
-    for name in names:
-        rows[name] = run_one(name, "federated", args, runs / name)
-        print(name, rows[name], flush=True)
+    if args.collect:
+        rows = {}
+        for name in ("centralized", *names):
+            summary = Path(args.collect) / name / "summary.json"
+            if summary.is_file():
+                rows[name] = {k: json.loads(summary.read_text()).get(k) for k in KEYS}
+    else:
+        runs = ROOT / args.runs_dir / time.strftime("%Y%m%d-%H%M%S")
+        rows = {"centralized": run_one("centralized", "centralized", args, runs / "centralized")}
+        print("centralized", rows["centralized"], flush=True)
+        for name in names:
+            rows[name] = run_one(name, "federated", args, runs / name)
+            print(name, rows[name], flush=True)
     settings = {
         "dataset": "digits 16x16",
         "partition": "class_disjoint",
