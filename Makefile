@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/fedsynth run configs/digits-centralized.toml --out $(RUN_DIR)
+	$(BIN)/fedsynth run configs/digits-federated.toml --out $(RUN_DIR)
 
 test: install
 	$(BIN)/ruff check src tests bench

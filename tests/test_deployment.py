@@ -59,6 +59,23 @@ def _stop(ports: list[int]) -> list[int]:
     return _pids_using(ports)
 
 
+def _node_folder(root: Path, classes: range, per_class: int = 15) -> Path:
+    """A data holder's own image folder (one sub-folder per class), cut from digits."""
+    from PIL import Image
+
+    from fedsynth.config import DataConfig
+    from fedsynth.data.datasets import load_images
+    from fedsynth.report.plots import to_uint8
+
+    data = load_images(DataConfig())
+    for c in classes:
+        (root / str(c)).mkdir(parents=True)
+        pics = to_uint8(data.images[data.labels == c][:per_class])
+        for i, pic in enumerate(pics):
+            Image.fromarray(pic[..., 0]).save(root / str(c) / f"{i}.png")
+    return root
+
+
 def test_two_rounds_on_a_loopback_superlink(tmp_path):
     link, nodes = _free_port(), [_free_port(), _free_port()]
     home = tmp_path / "flwr-home"
@@ -144,6 +161,10 @@ def test_two_rounds_on_a_loopback_superlink(tmp_path):
         assert rounds == [1, 2]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["paradigm"] == "federated" and summary["bytes_up"] > 0
+        # each node trained on its own folder: 5 classes x 15 images
+        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["clients"] == [0, 1]
+        assert last["examples_per_client"] == {"0": 75, "1": 75}
     finally:
         leftover = _stop([link, *nodes])
     assert leftover == [], f"processes still running: {leftover}"

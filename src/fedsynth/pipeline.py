@@ -18,7 +18,7 @@ from fedsynth.diffusion.training import resolve_device
 from fedsynth.errors import ConfigError, RunDirError
 from fedsynth.prepare import check_partitions, prepare
 from fedsynth.rundir import RunDir
-from fedsynth.synthesize import SampleSpec, synthesize, write_grid
+from fedsynth.synthesize import SampleSpec, synthesize
 
 
 def sample_spec(cfg: Config) -> SampleSpec:
@@ -43,27 +43,15 @@ def sample_run(
         return {}
     rounds = [r["round"] for r in run.read_metrics()]
     manifest = synthesize(
-        unet, scheduler, class_names, spec, run.synthetic, model_round=max(rounds) if rounds else None
-    )
-    from fedsynth.config import DataConfig
-    from fedsynth.data.datasets import load_images
-
-    fake = load_images(
-        DataConfig(
-            dataset="imagefolder",
-            path=str(run.synthetic),
-            image_size=unet.config.sample_size,
-            channels=unet.config.in_channels,
-        )
-    )
-    names = list(fake.class_names)
-    write_grid(
-        fake.images,
-        fake.labels,
-        names,
-        run.root / "samples.png",
-        per_row=cfg.sample.grid_per_class,
-        title=f"{cfg.paradigm} · {spec.sampler}-{spec.steps}",
+        unet,
+        scheduler,
+        class_names,
+        spec,
+        run.synthetic,
+        model_round=max(rounds) if rounds else None,
+        grid=run.root / "samples.png",
+        grid_per_row=cfg.sample.grid_per_class,
+        grid_title=f"{cfg.paradigm} · {spec.sampler}-{spec.steps}",
     )
     return manifest
 
@@ -80,6 +68,12 @@ def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None) -> Non
         train_centralized(cfg, run, prepared, resume=resume)
     elif cfg.paradigm == "federated":
         from fedsynth.federated import train_federated
+
+        if (cfg.exchange.plan, cfg.exchange.codec) != ("full", "fp32"):
+            raise ConfigError(
+                f"exchange.plan = {cfg.exchange.plan!r} / exchange.codec = {cfg.exchange.codec!r} are not "
+                "available in this version; use plan 'full' with codec 'fp32'"
+            )
 
         train_federated(cfg, run, prepared, resume=resume, grid=grid)
     else:
@@ -99,13 +93,12 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None) -> RunDi
         dump_config(cfg, run.config)
         prepared = prepare(cfg, run)
     train(cfg, run, prepared, resume=resume, grid=grid)
-    train_wall = sum(r["wall_s"] for r in run.read_metrics())
     metrics = run.read_metrics()
     run.update_summary(
         paradigm=cfg.paradigm,
         strategy=cfg.strategy.name if cfg.paradigm != "centralized" else "none",
         rounds=len(metrics),
-        train_wall_s=train_wall,
+        train_wall_s=sum(r["wall_s"] for r in metrics),
         bytes_up=sum(r.get("bytes_up", 0) for r in metrics),
         bytes_down=sum(r.get("bytes_down", 0) for r in metrics),
     )

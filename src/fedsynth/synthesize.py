@@ -120,8 +120,12 @@ def synthesize(
     *,
     fmt: str = "png",
     model_round: int | None = None,
+    grid: Path | None = None,
+    grid_per_row: int = 10,
+    grid_title: str = "",
 ) -> dict:
-    """Generate, write the dataset and its manifest; return the manifest."""
+    """Generate, write the dataset and its manifest (and a sample grid PNG when ``grid``
+    is given, drawn from the same images); return the manifest."""
     if fmt not in ("png", "npz"):
         raise ValueError(f"format {fmt!r} is not valid; choose one of: png, npz")
     images, labels = sample_images(unet, train_scheduler, len(class_names), spec)
@@ -148,4 +152,6 @@ def synthesize(
         "class_names": class_names,
     }
     write_json_atomic(out / "manifest.json", manifest)
+    if grid is not None:
+        write_grid(images, labels, class_names, grid, per_row=grid_per_row, title=grid_title)
     return manifest

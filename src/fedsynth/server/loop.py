@@ -226,6 +226,7 @@ class RoundRunner:
             "train_loss_per_client": {int(m["partition-id"]): float(m["train-loss"]) for m in metrics},
             "wall_s": wall,
             "client_compute_s": {int(m["partition-id"]): float(m["compute-s"]) for m in metrics},
+            "examples_per_client": {int(m["partition-id"]): int(m["num-examples"]) for m in metrics},
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
             "clients": sorted(int(m["partition-id"]) for m in metrics),
