@@ -110,7 +110,9 @@ def render(settings: dict, rows: dict[str, dict]) -> None:
         *ratios,
         "",
         "FD is in the domain classifier's feature space (lower is better); wall s includes sampling "
-        "and evaluation. Reproduce: `.venv/bin/python bench/strategies.py "
+        "and evaluation and is affected by any other load on the machine during the run. MultiKrum "
+        "with the default m = n − f keeps every client and so equals FedAvg. "
+        "Reproduce: `.venv/bin/python bench/strategies.py "
         f"--rounds {settings['rounds']} --local-steps {settings['local_steps']} "
         f"--per-class {settings['per_class']}`.",
     ]
