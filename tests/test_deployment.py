@@ -125,6 +125,10 @@ def test_two_rounds_on_a_loopback_superlink(tmp_path):
             stderr=subprocess.STDOUT,
         )
         _wait_listening(link)
+        folders = [
+            _node_folder(tmp_path / "node0", range(0, 5)),
+            _node_folder(tmp_path / "node1", range(5, 10)),
+        ]
         for i, port in enumerate(nodes):
             subprocess.Popen(
                 [
@@ -133,7 +137,7 @@ def test_two_rounds_on_a_loopback_superlink(tmp_path):
                     "--superlink",
                     f"127.0.0.1:{link}",
                     "--node-config",
-                    f"partition-id={i} num-partitions=2",
+                    f'partition-id={i} num-partitions=2 data-path="{folders[i]}"',
                     "--host",
                     "127.0.0.1",
                     "--port",
