@@ -10,7 +10,6 @@ SuperNode, its own folder / ``.npz`` given by ``data-path`` in the node config.
 from __future__ import annotations
 
 import functools
-import os
 import tomllib
 from pathlib import Path
 
@@ -128,9 +127,7 @@ def handle_query(msg: Message, context: Context) -> Message:
     names = tuple(config[CLASSES_KEY])
     client_id, data = client_data(text, dict(context.node_config), names)
     hist = np.bincount(data.labels.numpy(), minlength=len(names)).tolist()
-    reply = ConfigRecord(
-        {"partition-id": client_id, "num-examples": len(data), "histogram": hist, "pid": os.getpid()}
-    )
+    reply = ConfigRecord({"partition-id": client_id, "num-examples": len(data), "histogram": hist})
     return Message(content=RecordDict({"info": reply}), reply_to=msg)
 
 

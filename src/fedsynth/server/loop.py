@@ -136,7 +136,7 @@ class RoundRunner:
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in self.unet.state_dict().items()})
         self.strategy.begin_round(arrays)
         config = ConfigRecord({**self.base_config, "server-round": round_})
-        extras = self.strategy.broadcast() if hasattr(self.strategy, "broadcast") else {}
+        extras = self.strategy.broadcast()
         return [
             Message(
                 content=RecordDict({"arrays": arrays, "config": config, **extras}),

@@ -43,6 +43,10 @@ class Stateful:
     def begin_round(self, arrays: ArrayRecord) -> None:
         """Called with the global weights before each round's aggregation."""
 
+    def broadcast(self) -> dict[str, ArrayRecord]:
+        """Extra records sent to every selected client with the global weights (none by default)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {name: _to_tensors(getattr(self, name)) for name in self.state_attrs}
 
