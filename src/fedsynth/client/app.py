@@ -72,7 +72,7 @@ def _set_threads(cfg: Config) -> None:
 
 
 def _load_state(context: Context) -> dict[str, dict[str, torch.Tensor]]:
-    record = context.state.get(STATE_KEY) if STATE_KEY in context.state else None
+    record = context.state.get(STATE_KEY)
     if record is None:
         return {}
     return {"scaffold_c_i": record.to_torch_state_dict()}

@@ -9,7 +9,7 @@ depend on which process or machine runs it, and a resumed run repeats it exactly
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import UNet2DModel
@@ -32,7 +32,6 @@ class ClientUpdate:
     train_loss: float
     compute_s: float
     control_delta: Weights | None = None  # SCAFFOLD's Δc_i
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def round_generator(seed: int, round_: int, client_id: int, device: torch.device) -> torch.Generator:
@@ -102,10 +101,11 @@ def local_train(
     weights = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
     delta = None
     if control is not None:
+        old_c_i = _np(c_i)
         new_c_i = client_control_update(
-            _np(c_i), _np(c), _np(anchor), _np(weights), steps=steps, lr=cfg.train.lr
+            old_c_i, _np(c), _np(anchor), _np(weights), steps=steps, lr=cfg.train.lr
         )
-        delta = {k: torch.from_numpy(new_c_i[k] - _np(c_i)[k]) for k in new_c_i}
+        delta = {k: torch.from_numpy(new_c_i[k] - old_c_i[k]) for k in new_c_i}
         state["scaffold_c_i"] = {k: torch.from_numpy(v) for k, v in new_c_i.items()}
     return ClientUpdate(
         weights=weights,

@@ -157,7 +157,6 @@ class RoundRunner:
                 out.dropped.append({"client": pid, "reason": f"client error: {reply.error.reason}"})
                 continue
             out.bytes_up += payload_bytes(reply.content)
-            reason = None
             if "arrays" not in reply.content or "metrics" not in reply.content:
                 reason = "reply without arrays or metrics"
             else:
