@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# Inception-v3 FID/IS (eval.inception_weights). --no-deps: its torchvision requirement is
+	# only for its dataset helpers, and a torchvision wheel built for another torch build
+	# (CUDA wheel over CPU torch) breaks `import diffusers`.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps torch-fidelity==0.4.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -148,6 +148,16 @@ def test_missing_dataset_path_is_one_line_error(tmp_path):
     assert len(lines) == 1 and "image folder not found" in lines[0], res.stderr
 
 
+def test_missing_inception_weights_fail_before_training(tmp_path):
+    weights = json.dumps(str(tmp_path / "inception.pth"))
+    out = str(tmp_path / "r")
+    res = _cli("run", str(CENTRAL), "--out", out, "--set", f"eval.inception_weights={weights}")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "eval.inception_weights: no file at" in lines[0], res.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_resume_without_checkpoint_is_clear(tmp_path):
     from fedsynth.config import dump_config
     from fedsynth.prepare import prepare

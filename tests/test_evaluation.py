@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from fedsynth.config import DataConfig, DiffusionConfig, ModelConfig, config_from_dict
@@ -63,3 +64,49 @@ def test_synthesize_is_deterministic_balanced_and_reloads(tmp_path):
     synthesize(unet, sched, names, spec, tmp_path / "npz", fmt="npz")
     arr = np.load(tmp_path / "npz" / "synthetic.npz")
     assert arr["images"].shape == (12, 8, 8) and arr["labels"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def _random_inception_weights(path, monkeypatch):
+    """A weights file in torch-fidelity's format, from a seeded random Inception-v3
+    (the real file cannot be downloaded in tests)."""
+    from fedsynth.evaluation.inception import _inception_class
+
+    cls = _inception_class()
+    with monkeypatch.context() as m:
+        m.setattr(cls, "load_state_dict", lambda self, state: None)
+        m.setattr(torch, "load", lambda *a, **k: {})
+        torch.manual_seed(0)
+        model = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    for module in model.modules():  # keep activations O(1) through 90+ layers
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_inception_fid_is_from_a_local_weights_file(tmp_path, monkeypatch):
+    from fedsynth.evaluation.inception import inception_metrics
+
+    weights = _random_inception_weights(tmp_path / "inception.pth", monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    real = torch.rand(8, 1, 16, 16, generator=gen) * 2 - 1
+    other = -torch.ones(8, 1, 16, 16)
+    other[:, :, 4:12, 4:12] = 1  # a square: nothing like uniform noise
+    same = inception_metrics(weights, real, real, torch.device("cpu"))
+    diff = inception_metrics(weights, real, other, torch.device("cpu"))
+    assert abs(same["fid"]) < 1e-3
+    assert diff["fid"] > 1.0
+    assert 1.0 <= diff["inception_is_mean"] <= 1008
+
+
+def test_inception_weights_missing_or_wrong_is_one_line_error(tmp_path):
+    from fedsynth.errors import ConfigError
+    from fedsynth.evaluation.inception import load_inception
+
+    with pytest.raises(ConfigError, match=r"no file at .*never downloaded"):
+        load_inception(tmp_path / "nope.pth", torch.device("cpu"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ConfigError, match="is not Inception-v3 weights") as err:
+        load_inception(bad, torch.device("cpu"))
+    assert "\n" not in str(err.value)

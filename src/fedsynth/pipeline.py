@@ -83,6 +83,10 @@ def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None) -> Non
 
 
 def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None) -> RunDir:
+    if cfg.eval.enabled and cfg.eval.inception_weights:
+        from fedsynth.evaluation.inception import check_weights_file
+
+        check_weights_file(cfg.eval.inception_weights)  # before hours of training, not after
     run = RunDir(Path(out)).create()
     start = time.perf_counter()
     if resume:

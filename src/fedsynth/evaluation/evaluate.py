@@ -19,6 +19,7 @@ from fedsynth.diffusion.training import resolve_device
 from fedsynth.errors import RunDirError
 from fedsynth.evaluation.classifier import predict, train_classifier
 from fedsynth.evaluation.domain import domain_classifier
+from fedsynth.evaluation.inception import inception_metrics
 from fedsynth.evaluation.metrics import (
     classification_scores,
     distance_from_uniform,
@@ -43,6 +44,7 @@ SUMMARY_KEYS = (
     "class_tv_from_uniform",
     "near_copy_fraction",
 )
+INCEPTION_KEYS = ("fid", "inception_is_mean")  # only with eval.inception_weights
 
 
 def load_synthetic(folder: Path, real: ImageData, image_size: int) -> ImageData:
@@ -98,6 +100,10 @@ def evaluate_synthetic(
         )
         bar.advance()
     uniform = distance_from_uniform(judged)
+    if ev.inception_weights:
+        extra = inception_metrics(ev.inception_weights, real_test.images, fake.images, device)
+    else:
+        extra = {}
     metrics = {
         "feature_extractor": "domain classifier (penultimate layer, trained once on the real train split)",
         "fd": fd_between(test_feats.numpy(), fake_feats.numpy()),
@@ -126,6 +132,7 @@ def evaluate_synthetic(
         "near_copy_fraction": memo["near_copy_fraction"],
         "num_synthetic": len(fake),
         "num_real_test": len(real_test),
+        **extra,
     }
     figures = {
         "real_feats": test_feats.numpy(),
@@ -149,5 +156,5 @@ def evaluate_run(cfg: Config, run: RunDir) -> dict:
         plot_tsne(figures, list(real_test.class_names), run.root / "tsne.png", cfg.eval.tsne_points, cfg.seed)
     result["eval_wall_s"] = time.perf_counter() - start
     write_json_atomic(run.eval, result)
-    run.update_summary(**{k: result[k] for k in SUMMARY_KEYS})
+    run.update_summary(**{k: result[k] for k in SUMMARY_KEYS + INCEPTION_KEYS if k in result})
     return result
