@@ -172,15 +172,3 @@ def test_resume_without_checkpoint_is_clear(tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"error: nothing to resume: no checkpoint in {run.checkpoints}"
     ]
-
-
-def test_unimplemented_exchange_plan_is_refused(tmp_path):
-    res = _cli(
-        "run",
-        str(ROOT / "configs" / "digits-federated.toml"),
-        "--out",
-        str(tmp_path / "r"),
-        *_sets([*TINY_OVERRIDES, "exchange.plan=udec"]),
-    )
-    assert res.returncode == 2
-    assert "exchange.plan = 'udec'" in res.stderr and "not available in this version" in res.stderr

@@ -54,6 +54,10 @@ def test_cross_field_checks():
         config_from_dict({"partition": {"num_clients": 2}, "federation": {"clients_per_round": 3}})
     with pytest.raises(ConfigError, match=r"data\.path is required"):
         config_from_dict({"data": {"dataset": "npz"}})
+    with pytest.raises(ConfigError, match=r"exchange\.topk_ratio = 1\.5 must be in \(0, 1\]"):
+        config_from_dict({"exchange": {"codec": "topk", "topk_ratio": 1.5}})
+    with pytest.raises(ConfigError, match="topk_ratio"):
+        config_from_dict({"exchange": {"topk_ratio": 0.0}})
 
 
 def test_overrides_parse_toml_values():

@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,49 @@ def test_resume_matches_uninterrupted_with_strategy_state(tmp_path):
     rows = [json.loads(x) for x in (part.root / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[-1]["bytes_down"] > 0 and rows[-1]["bytes_up"] > 0
+
+
+def test_udec_keeps_personal_groups_on_clients_and_evaluates_each(tmp_path):
+    from fedsynth.config import load_config
+    from fedsynth.exchange.groups import group_of
+    from fedsynth.pipeline import run_all
+    from fedsynth.rundir import read_json
+
+    overrides = [
+        "model.preset=tiny",
+        "partition.scheme=iid",
+        "partition.num_clients=3",
+        "federation.clients_per_round=2",
+        "federation.rounds=2",
+        "federation.round_timeout=60.0",
+        "train.local_steps=3",
+        "train.batch_size=16",
+        "diffusion.num_train_timesteps=50",
+        "sample.per_class=2",
+        "sample.steps=2",
+        "eval.classifier_epochs=1",
+        "eval.cas_epochs=1",
+        "eval.tsne_points=0",
+        'exchange.plan="udec"',
+        'exchange.codec="int8"',
+        'strategy.name="fedavgm"',
+    ]
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "digits-federated.toml", overrides)
+    run = run_all(cfg, tmp_path / "run")
+    server = UNet2DModel.from_pretrained(run.model, subfolder="unet").state_dict()
+    up = [k for k in server if group_of(k) == "up"]
+    for record in run.read_metrics():  # only the up group travels after the initial broadcast
+        assert record["params_up"] == len(record["clients"]) * sum(server[k].numel() for k in up)
+    clients = run.client_runs()
+    personal = [UNet2DModel.from_pretrained(c.model, subfolder="unet").state_dict() for c in clients]
+    assert len(personal) == 3
+    down = "conv_in.weight"
+    for p in personal:
+        assert all(torch.equal(p[k], server[k]) for k in up)  # shared part: the global model
+        assert not torch.equal(p[down], server[down])  # personal part: trained locally, never sent
+    assert not torch.equal(personal[0][down], personal[1][down])
+    ev = read_json(run.eval)
+    assert sorted(ev["per_client"]) == ["client-00", "client-01", "client-02"]
+    means = [ev["per_client"][c]["cas_accuracy"] for c in ev["per_client"]]
+    assert ev["cas_accuracy"] == pytest.approx(sum(means) / 3)
+    assert "Personal models" in run.report.read_text()

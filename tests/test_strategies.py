@@ -255,3 +255,65 @@ def test_conformance_state_round_trips(name):
 def test_conformance_state_keys_are_checked(name):
     with pytest.raises(ValueError, match="state keys"):
         strategy(name).load_state_dict({"bogus": None})
+
+
+def test_per_key_aggregation_over_the_clients_that_sent_each_group(tmp_path):
+    """USPLIT: each group is averaged (by example count) over the replies that carry it;
+    a group nobody sent keeps its global value."""
+    from fedsynth.diffusion.unet import seeded_unet
+    from fedsynth.exchange.groups import group_of
+    from fedsynth.rundir import RunDir
+    from fedsynth.server.loop import RoundRunner, Valid
+
+    cfg = config_from_dict(
+        {
+            "paradigm": "federated",
+            "model": {"preset": "tiny"},
+            "exchange": {"plan": "usplit"},
+            "partition": {"num_clients": 3},
+            "federation": {"clients_per_round": 3},
+        }
+    )
+    unet = seeded_unet(cfg.model, 0, 16, 1, 10)
+    runner = RoundRunner(cfg, RunDir(tmp_path), unet, [str(i) for i in range(10)])
+    g = {k: v.clone() for k, v in unet.state_dict().items()}
+    runner._extras(g)
+
+    def sent(groups, shift, n):
+        weights = {k: v + shift for k, v in g.items() if group_of(k) in groups}
+        return Valid(reply({"unused": [0.0]}, n=n), 0, weights)  # the reply carries the metrics
+
+    runner._aggregate(1, [sent(("up",), 1.0, 1), sent(("up", "mid"), 3.0, 3)])
+    new = unet.state_dict()
+    for k in new:
+        expected = {"up": (1 * 1.0 + 3 * 3.0) / 4, "mid": 3.0, "down": 0.0}[group_of(k)]
+        torch.testing.assert_close(new[k], g[k] + expected, rtol=0, atol=1e-5)
+
+
+def test_malformed_or_nan_compressed_updates_are_dropped_with_reasons(tmp_path):
+    from flwr.app import Array
+
+    from fedsynth.diffusion.unet import seeded_unet
+    from fedsynth.exchange.groups import GROUPS
+    from fedsynth.rundir import RunDir
+    from fedsynth.server.loop import RoundRunner
+
+    cfg = config_from_dict(
+        {"paradigm": "federated", "model": {"preset": "tiny"}, "exchange": {"codec": "int8"}}
+    )
+    unet = seeded_unet(cfg.model, 0, 16, 1, 10)
+    runner = RoundRunner(cfg, RunDir(tmp_path), unet, [str(i) for i in range(10)])
+    n = sum(v.numel() for v in unet.state_dict().values())
+    tensors = len(unet.state_dict())
+
+    def reply_with(values, scales):
+        msg = reply({"unused": [0.0]}, n=4)
+        msg.content["arrays"] = ArrayRecord({"values": Array(values), "scales": Array(scales)})
+        return msg
+
+    good = reply_with(np.zeros(n, np.int8), np.ones(tensors, np.float32))
+    short = reply_with(np.zeros(n - 1, np.int8), np.ones(tensors, np.float32))
+    nan = reply_with(np.ones(n, np.int8), np.full(tensors, np.nan, np.float32))
+    assert runner._decode(good, GROUPS)[1] is None
+    assert "undecodable update: int8 payload has" in runner._decode(short, GROUPS)[1]
+    assert "non-finite" in runner._decode(nan, GROUPS)[1]

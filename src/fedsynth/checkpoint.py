@@ -79,6 +79,21 @@ def save_model(run: RunDir, unet: UNet2DModel, ema: EMAModel, scheduler: DDPMSch
     return run.model
 
 
+def save_personal_model(
+    run: RunDir, unet: UNet2DModel, weights: dict[str, torch.Tensor], scheduler: DDPMScheduler
+) -> Path:
+    """A client's own model (``weights`` loaded into a copy of ``unet``) as ``run/model``."""
+    personal = copy.deepcopy(unet)
+    personal.load_state_dict(weights, strict=True)
+
+    def fill(tmp: Path) -> None:
+        personal.save_pretrained(tmp / "unet")
+        scheduler.save_pretrained(tmp / "scheduler")
+
+    write_dir_atomic(run.model, fill)
+    return run.model
+
+
 def load_model(run: RunDir, device: torch.device) -> tuple[UNet2DModel, DDPMScheduler]:
     if not (run.model / "unet").is_dir():
         raise RunDirError(f"no trained model in {run.model} (run `fedsynth run` first)")

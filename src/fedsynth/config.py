@@ -136,6 +136,7 @@ class StrategyConfig:
 class ExchangeConfig:
     plan: str = _choice("full", EXCHANGE_PLANS)
     codec: str = _choice("fp32", CODECS)
+    topk_ratio: float = _at_least(0.05, 0.0, exclusive=True)  # fraction of each tensor's entries kept
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,8 @@ class Config:
             )
         if self.data.dataset != "digits" and not self.data.path:
             raise ConfigError(f"data.path is required for data.dataset = {self.data.dataset!r}")
+        if self.exchange.topk_ratio > 1:
+            raise ConfigError(f"exchange.topk_ratio = {self.exchange.topk_ratio} must be in (0, 1]")
 
 
 # --------------------------------------------------------------------------- parsing

@@ -16,6 +16,7 @@ from fedsynth.checkpoint import load_model
 from fedsynth.config import Config, dump_config
 from fedsynth.diffusion.training import resolve_device
 from fedsynth.errors import ConfigError, RunDirError
+from fedsynth.exchange.plans import is_personal
 from fedsynth.prepare import check_partitions, prepare
 from fedsynth.rundir import RunDir
 from fedsynth.synthesize import SampleSpec, synthesize
@@ -69,12 +70,6 @@ def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None) -> Non
     elif cfg.paradigm == "federated":
         from fedsynth.federated import train_federated
 
-        if (cfg.exchange.plan, cfg.exchange.codec) != ("full", "fp32"):
-            raise ConfigError(
-                f"exchange.plan = {cfg.exchange.plan!r} / exchange.codec = {cfg.exchange.codec!r} are not "
-                "available in this version; use plan 'full' with codec 'fp32'"
-            )
-
         train_federated(cfg, run, prepared, resume=resume, grid=grid)
     else:
         raise ConfigError(
@@ -106,14 +101,19 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None) -> RunDi
         bytes_up=sum(r.get("bytes_up", 0) for r in metrics),
         bytes_down=sum(r.get("bytes_down", 0) for r in metrics),
     )
-    unet, scheduler = load_model(run, resolve_device(cfg.train.device))
-    sample_run(cfg, run, unet, scheduler, list(prepared.data.full.class_names))
+    from fedsynth.report.markdown import write_report
+
+    names = list(prepared.data.full.class_names)
+    personal = is_personal(cfg.exchange.plan) and cfg.paradigm == "federated"
+    for target in run.client_runs() if personal else [run]:
+        unet, scheduler = load_model(target, resolve_device(cfg.train.device))
+        sample_run(cfg, target, unet, scheduler, names)
     if cfg.eval.enabled and cfg.sample.per_class > 0:
         from fedsynth.evaluation.evaluate import evaluate_run
 
         evaluate_run(cfg, run)
-    from fedsynth.report.markdown import write_report
-
+    for client in run.client_runs() if personal else []:
+        write_report(client)
     run.update_summary(wall_s=time.perf_counter() - start)
     write_report(run)
     return run

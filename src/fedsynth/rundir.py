@@ -98,6 +98,19 @@ class RunDir:
     def report(self) -> Path:
         return self.root / "report.md"
 
+    @property
+    def clients(self) -> Path:
+        """Per-client run directories (personal models of the udec / ulatdec plans)."""
+        return self.root / "clients"
+
+    def client(self, pid: int) -> RunDir:
+        return RunDir(self.clients / f"client-{pid:02d}")
+
+    def client_runs(self) -> list[RunDir]:
+        if not self.clients.is_dir():
+            return []
+        return [RunDir(p) for p in sorted(self.clients.iterdir()) if (p / "model" / "unet").is_dir()]
+
     def create(self) -> RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         return self

@@ -21,7 +21,12 @@ from flwr.clientapp import ClientApp
 from fedsynth.client.local import local_train
 from fedsynth.config import Config, DataConfig, config_from_dict
 from fedsynth.data.datasets import ImageData, load_images
+from fedsynth.diffusion.unet import build_unet
 from fedsynth.errors import DataError
+from fedsynth.exchange.codecs import CodecError
+from fedsynth.exchange.groups import GROUPS
+from fedsynth.exchange.transfer import WEIGHTS, Layout, client_reply, client_start
+from fedsynth.records import numpy_record, record_numpy, record_torch
 from fedsynth.strategies.scaffold import CONTROL_KEY
 
 CONFIG_KEY = "fedsynth-config"
@@ -71,16 +76,30 @@ def _set_threads(cfg: Config) -> None:
         torch.set_num_threads(threads)
 
 
+STATE_PARTS = ("scaffold_c_i", "local", "ref", "residual")
+
+
 def _load_state(context: Context) -> dict[str, dict[str, torch.Tensor]]:
-    record = context.state.get(STATE_KEY)
-    if record is None:
-        return {}
-    return {"scaffold_c_i": record.to_torch_state_dict()}
+    """This node's persistent tensors: SCAFFOLD's c_i, personal groups, exchange copies."""
+    state = {}
+    for part in STATE_PARTS:
+        record = context.state.get(f"{STATE_KEY}-{part}")
+        if record is not None:
+            state[part] = record_torch(record)
+    return state
 
 
 def _save_state(context: Context, state: dict) -> None:
-    if "scaffold_c_i" in state:
-        context.state[STATE_KEY] = ArrayRecord(state["scaffold_c_i"])
+    for part in STATE_PARTS:
+        if state.get(part):
+            tensors = {k: v.contiguous() for k, v in state[part].items()}
+            context.state[f"{STATE_KEY}-{part}"] = ArrayRecord(tensors)
+
+
+@functools.lru_cache(maxsize=4)
+def _layout(config_text: str, image_size: int, channels: int, classes: int) -> Layout:
+    cfg = parse_config(config_text)
+    return Layout.of(build_unet(cfg.model, image_size, channels, classes).state_dict())
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -89,21 +108,22 @@ def handle_train(msg: Message, context: Context) -> Message:
     cfg = parse_config(text)
     _set_threads(cfg)
     client_id, data = client_data(text, dict(context.node_config), tuple(config[CLASSES_KEY]))
-    control = msg.content[CONTROL_KEY].to_torch_state_dict() if CONTROL_KEY in msg.content else None
+    layout = _layout(text, data.shape[1], data.shape[0], data.num_classes)
+    upload = tuple(str(g) for g in config.get("upload-groups", GROUPS))
     state = _load_state(context)
-    update = local_train(
-        cfg,
-        data,
-        msg.content["arrays"].to_torch_state_dict(),
-        round_=int(config["server-round"]),
-        client_id=client_id,
-        state=state,
-        control=control,
-    )
+    mode = str(config.get("exchange-mode", WEIGHTS))
+    start = client_start(cfg.exchange, layout, record_numpy(msg.content["arrays"]), mode, state)
+    control = None
+    if CONTROL_KEY in msg.content:
+        sent = set(layout.keys(upload))
+        control = {k: v for k, v in record_torch(msg.content[CONTROL_KEY]).items() if k in sent}
+    round_ = int(config["server-round"])
+    update = local_train(cfg, data, start, round_=round_, client_id=client_id, state=state, control=control)
+    arrays = client_reply(cfg.exchange, layout, start, update.weights, upload, state)
     _save_state(context, state)
     content = RecordDict(
         {
-            "arrays": ArrayRecord(update.weights),
+            "arrays": numpy_record(arrays),
             "metrics": MetricRecord(
                 {
                     "num-examples": update.num_examples,
@@ -120,6 +140,15 @@ def handle_train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def handle_export(msg: Message, context: Context) -> Message:
+    """The groups this client never uploads (plans udec / ulatdec): its personal part,
+    which with the global groups makes its own model. Used to evaluate personal models."""
+    state = _load_state(context)
+    if not state.get("local"):
+        raise CodecError("this client holds no personal weights (never trained in this run)")
+    return Message(content=RecordDict({"arrays": ArrayRecord(state["local"])}), reply_to=msg)
+
+
 def handle_query(msg: Message, context: Context) -> Message:
     """Who am I: partition id, sample count and class histogram (no images leave)."""
     config = msg.content["config"]
@@ -134,3 +163,4 @@ def handle_query(msg: Message, context: Context) -> Message:
 app = ClientApp()
 app.train()(handle_train)
 app.query()(handle_query)
+app.evaluate()(handle_export)

@@ -51,7 +51,7 @@ def proximal_penalty(mu: float, anchor: Weights):
 def scaffold_hook(c: Weights, c_i: Weights):
     def hook(unet: UNet2DModel) -> None:
         for name, p in unet.named_parameters():
-            if p.grad is not None:
+            if p.grad is not None and name in c:
                 p.grad.copy_(corrected_gradient(p.grad, c[name], c_i[name]))
 
     return hook
@@ -72,7 +72,8 @@ def local_train(
     control: Weights | None = None,
 ) -> ClientUpdate:
     """Train on ``data`` from ``global_weights``. ``state`` persists across this client's
-    rounds (SCAFFOLD's c_i lives there); ``control`` is the server's c for SCAFFOLD."""
+    rounds (SCAFFOLD's c_i lives there); ``control`` is the server's c for SCAFFOLD, for
+    the parameters this client uploads (only those are corrected and get a new c_i)."""
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     unet = build_client_unet(cfg, data, device)
@@ -83,8 +84,8 @@ def local_train(
     hook = None
     if control is not None:
         c = {k: v.to(device) for k, v in control.items()}
-        c_i = state.get("scaffold_c_i") or {k: torch.zeros_like(v) for k, v in c.items()}
-        c_i = {k: v.to(device) for k, v in c_i.items()}
+        known = state.get("scaffold_c_i", {})
+        c_i = {k: known[k].to(device) if k in known else torch.zeros_like(v) for k, v in c.items()}
         hook = scaffold_hook(c, c_i)
     losses = train_steps(
         unet,
@@ -106,7 +107,7 @@ def local_train(
             old_c_i, _np(c), _np(anchor), _np(weights), steps=steps, lr=cfg.train.lr
         )
         delta = {k: torch.from_numpy(new_c_i[k] - old_c_i[k]) for k in new_c_i}
-        state["scaffold_c_i"] = {k: torch.from_numpy(v) for k, v in new_c_i.items()}
+        state["scaffold_c_i"] = {**known, **{k: torch.from_numpy(v) for k, v in new_c_i.items()}}
     return ClientUpdate(
         weights=weights,
         num_examples=len(data),

@@ -143,18 +143,46 @@ def evaluate_synthetic(
     return metrics, figures
 
 
-def evaluate_run(cfg: Config, run: RunDir) -> dict:
+def _evaluate_dir(cfg: Config, run: RunDir, real_train: ImageData, real_test: ImageData, device) -> dict:
     from fedsynth.report.plots import plot_tsne
 
     start = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    data = load_dataset(cfg.data)
-    real_train, real_test = data.train, data.test
     fake = load_synthetic(run.synthetic, real_test, cfg.data.image_size)
     result, figures = evaluate_synthetic(cfg, real_train, real_test, fake, device)
     if cfg.eval.tsne_points > 0:
         plot_tsne(figures, list(real_test.class_names), run.root / "tsne.png", cfg.eval.tsne_points, cfg.seed)
     result["eval_wall_s"] = time.perf_counter() - start
+    write_json_atomic(run.eval, result)
+    run.update_summary(**{k: result[k] for k in SUMMARY_KEYS + INCEPTION_KEYS if k in result})
+    return result
+
+
+def mean_over_clients(per_client: dict[str, dict]) -> dict:
+    """Personal-model runs: each summary metric averaged over clients; class counts summed;
+    per-class FD averaged over the clients that have it."""
+    results = list(per_client.values())
+    keys = [k for k in SUMMARY_KEYS + INCEPTION_KEYS if all(k in r for r in results)]
+    out: dict = {k: float(np.mean([r[k] for r in results])) for k in keys}
+    names = list(results[0]["class_distribution"])
+    out["class_distribution"] = {n: int(sum(r["class_distribution"][n] for r in results)) for n in names}
+    per_class = {
+        n: [r["fd_per_class"][n] for r in results if r["fd_per_class"].get(n) is not None] for n in names
+    }
+    out["fd_per_class"] = {n: float(np.mean(v)) if v else None for n, v in per_class.items()}
+    out["feature_extractor"] = results[0]["feature_extractor"]
+    out["per_client"] = {name: {k: r[k] for k in keys} for name, r in per_client.items()}
+    return out
+
+
+def evaluate_run(cfg: Config, run: RunDir) -> dict:
+    """Judge ``run/synthetic``; for personal-model runs, every ``clients/*/synthetic`` and their mean."""
+    device = resolve_device(cfg.train.device)
+    data = load_dataset(cfg.data)
+    clients = run.client_runs()
+    if run.synthetic.is_dir() or not clients:
+        return _evaluate_dir(cfg, run, data.train, data.test, device)
+    per_client = {c.root.name: _evaluate_dir(cfg, c, data.train, data.test, device) for c in clients}
+    result = mean_over_clients(per_client)
     write_json_atomic(run.eval, result)
     run.update_summary(**{k: result[k] for k in SUMMARY_KEYS + INCEPTION_KEYS if k in result})
     return result

@@ -102,6 +102,28 @@ def _evaluation(run: RunDir) -> list[str]:
     return lines
 
 
+def _personal(run: RunDir) -> list[str]:
+    clients = run.client_runs()
+    if not clients:
+        return []
+    lines = [
+        "",
+        "## Personal models (one per client; the table above shows their mean)",
+        "",
+        "| client | FD ↓ | precision ↑ | recall ↑ | CAS accuracy ↑ |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c in clients:
+        sm = read_json(c.summary) if c.summary.is_file() else {}
+        cells = [_fmt(f, sm.get(k, "–")) for k, f in (("fd", "{:.3f}"), ("precision", "{:.3f}"))]
+        cells += [_fmt("{:.3f}", sm.get("recall", "–")), _fmt("{:.2%}", sm.get("cas_accuracy", "–"))]
+        lines.append(f"| [{c.root.name}](clients/{c.root.name}/report.md) | {' | '.join(cells)} |")
+    for c in clients:
+        if (c.root / "samples.png").is_file():
+            lines += ["", f"![{c.root.name}](clients/{c.root.name}/samples.png)"]
+    return lines
+
+
 def write_report(run: RunDir) -> str:
     summary = read_json(run.summary) if run.summary.is_file() else {}
     lines = [f"# fedsynth run report: `{run.root.name}`", "", "| metric | value |", "| --- | --- |"]
@@ -110,7 +132,7 @@ def write_report(run: RunDir) -> str:
     ]
     if (run.root / "samples.png").is_file():
         lines += ["", "## Samples (one row per class)", "", "![samples](samples.png)"]
-    lines += _training(run) + _evaluation(run)
+    lines += _personal(run) + _training(run) + _evaluation(run)
     if (run.root / "partitions.png").is_file():
         lines += ["", "## Data partitions", "", "![partitions](partitions.png)"]
     text = "\n".join(lines) + "\n"

@@ -16,20 +16,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tomli_w
+import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsynth.checkpoint import load_checkpoint, save_checkpoint, save_model
+from fedsynth.checkpoint import ema_unet, load_checkpoint, save_checkpoint, save_model, save_personal_model
 from fedsynth.client.app import CLASSES_KEY, CONFIG_KEY
-from fedsynth.config import Config, config_to_dict
+from fedsynth.config import Config, config_to_dict, dump_config
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema
 from fedsynth.errors import FedsynthError, RunDirError
+from fedsynth.exchange.codecs import CodecError
+from fedsynth.exchange.plans import UNITS, is_personal, upload_groups
+from fedsynth.exchange.transfer import Layout, ServerExchange
 from fedsynth.progress import progress_bar
+from fedsynth.records import numpy_record, record_numpy
 from fedsynth.rundir import RunDir
 from fedsynth.server.validate import Expected, check_arrays, check_metrics
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
+from fedsynth.strategies.scaffold import CONTROL_KEY
 
 log = logging.getLogger("fedsynth.server")
 
@@ -84,11 +90,22 @@ def discover_nodes(grid: Grid, cfg: Config, base: ConfigRecord, timeout: float) 
 
 
 @dataclass
+class Valid:
+    """A screened reply: who sent it and its decoded weights (upload groups only)."""
+
+    reply: Message
+    pid: int
+    weights: dict[str, torch.Tensor]
+
+
+@dataclass
 class RoundOutcome:
-    valid: list[Message]
+    valid: list[Valid]
     dropped: list[dict] = field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    params_up: int = 0
+    params_down: int = 0
 
 
 class RoundRunner:
@@ -99,10 +116,14 @@ class RoundRunner:
         self.unet = unet
         self.ema = make_ema(unet, cfg.diffusion.ema_decay)
         self.scheduler: DDPMScheduler = build_train_scheduler(cfg.diffusion)
-        self.strategy = build_strategy(cfg)
+        self.layout = Layout.of(unet.state_dict())
+        self.exchange = ServerExchange(cfg.exchange, self.layout)
+        # one strategy per aggregation unit (groups always uploaded together): per-key
+        # aggregation over the clients that sent those keys, with the unit's own state
+        self.units = {"+".join(u): self.layout.keys(u) for u in UNITS[cfg.exchange.plan]}
+        self.strategies = {name: build_strategy(cfg) for name in self.units}
         self.weight_key = WEIGHT_KEYS[cfg.federation.weighting]
         self.round = 0
-        self.expected = Expected({k: tuple(v.shape) for k, v in unet.state_dict().items()})
         self.base_config = ConfigRecord(
             {
                 CONFIG_KEY: tomli_w.dumps(config_to_dict(cfg)),
@@ -118,7 +139,8 @@ class RoundRunner:
         device = next(self.unet.parameters()).device
         ckpt = load_checkpoint(path, self.cfg.diffusion.ema_decay, device)
         self.unet, self.ema, self.round = ckpt.unet, ckpt.ema, ckpt.round
-        self.strategy.load_state_dict(ckpt.state["strategy"])
+        for name, strategy in self.strategies.items():
+            strategy.load_state_dict(ckpt.state["strategies"][name])
         self.run.truncate_metrics(self.round)
 
     def checkpoint(self) -> None:
@@ -128,25 +150,59 @@ class RoundRunner:
             self.unet,
             self.ema,
             self.scheduler,
-            {"strategy": self.strategy.state_dict()},
+            {"strategies": {name: s.state_dict() for name, s in self.strategies.items()}},
         )
 
     # ------------------------------------------------------------------ rounds
-    def _messages(self, round_: int, nodes: dict[int, int], selected: list[int]) -> list[Message]:
-        arrays = ArrayRecord({k: v.detach().cpu() for k, v in self.unet.state_dict().items()})
-        self.strategy.begin_round(arrays)
-        config = ConfigRecord({**self.base_config, "server-round": round_})
-        extras = self.strategy.broadcast()
-        return [
-            Message(
-                content=RecordDict({"arrays": arrays, "config": config, **extras}),
-                dst_node_id=nodes[p],
-                message_type=MessageType.TRAIN,
-            )
-            for p in selected
-        ]
+    def _global(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.unet.state_dict().items()}
 
-    def _screen(self, replies: list[Message], selected: list[int], nodes: dict[int, int]) -> RoundOutcome:
+    def _extras(self, global_w: dict[str, torch.Tensor]) -> dict[str, ArrayRecord]:
+        """Per-unit strategy set-up; their broadcast records merged (e.g. SCAFFOLD's c)."""
+        merged: dict[str, dict] = {}
+        for name, keys in self.units.items():
+            self.strategies[name].begin_round(ArrayRecord({k: global_w[k] for k in keys}))
+            for record_name, record in self.strategies[name].broadcast().items():
+                merged.setdefault(record_name, {}).update(record.items())
+        return {name: ArrayRecord(arrays) for name, arrays in merged.items()}
+
+    def _messages(self, round_: int, nodes: dict[int, int], uploads: dict[int, tuple[str, ...]]):
+        global_w = self._global()
+        extras = self._extras(global_w)
+        messages, params = [], 0
+        for pid, groups in uploads.items():
+            arrays, mode, n = self.exchange.download(pid, global_w)
+            params += n
+            config = ConfigRecord(
+                {
+                    **self.base_config,
+                    "server-round": round_,
+                    "exchange-mode": mode,
+                    "upload-groups": list(groups),
+                }
+            )
+            content = RecordDict({"arrays": numpy_record(arrays), "config": config, **extras})
+            messages.append(Message(content=content, dst_node_id=nodes[pid], message_type=MessageType.TRAIN))
+        return messages, params
+
+    def _decode(self, reply: Message, groups: tuple[str, ...]) -> tuple[dict | None, str | None]:
+        if "arrays" not in reply.content or "metrics" not in reply.content:
+            return None, "reply without arrays or metrics"
+        keys = self.layout.keys(groups)
+        arrays = record_numpy(reply.content["arrays"])
+        expected = Expected({k: self.layout.shapes[k] for k in keys})
+        if self.exchange.codec.lossless and (reason := check_arrays(arrays, expected)):
+            return None, reason
+        try:
+            weights = self.exchange.upload(arrays, keys, self._global())
+        except CodecError as err:
+            return None, f"undecodable update: {err}"
+        reason = check_arrays({k: v.numpy() for k, v in weights.items()}, expected) or check_metrics(
+            dict(reply.content["metrics"]), self.weight_key
+        )
+        return (None, reason) if reason else (weights, None)
+
+    def _screen(self, replies: list[Message], uploads: dict[int, tuple[str, ...]], nodes: dict[int, int]):
         pid_of = {n: p for p, n in nodes.items()}
         out = RoundOutcome(valid=[])
         answered = set()
@@ -156,47 +212,57 @@ class RoundRunner:
             if reply.has_error():
                 out.dropped.append({"client": pid, "reason": f"client error: {reply.error.reason}"})
                 continue
-            out.bytes_up += payload_bytes(reply.content)
-            if "arrays" not in reply.content or "metrics" not in reply.content:
-                reason = "reply without arrays or metrics"
-            else:
-                arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
-                reason = check_arrays(arrays, self.expected) or check_metrics(
-                    dict(reply.content["metrics"]), self.weight_key
-                )
+            out.bytes_up[pid] = payload_bytes(reply.content)
+            weights, reason = self._decode(reply, uploads[pid])
             if reason:
                 out.dropped.append({"client": pid, "reason": reason})
             else:
-                out.valid.append(reply)
+                out.valid.append(Valid(reply, pid, weights))
+                out.params_up += sum(int(v.numel()) for v in weights.values())
         timeout = self.cfg.federation.round_timeout
-        for pid in selected:
+        for pid in uploads:
             if pid not in answered:
                 reason = f"no reply within federation.round_timeout = {timeout} s"
                 out.dropped.append({"client": pid, "reason": reason})
         for d in out.dropped:
+            self.exchange.forget(d["client"])
             log.warning("round %d: dropped client %s: %s", self.round + 1, d["client"], d["reason"])
         return out
 
     def _attempt(self, grid: Grid, nodes: dict[int, int], round_: int, attempt: int):
-        fed = self.cfg.federation
-        selected = select_clients(
-            self.cfg.seed, round_, attempt, self.cfg.partition.num_clients, fed.clients_per_round
-        )
-        messages = self._messages(round_, nodes, selected)
+        fed, cfg = self.cfg.federation, self.cfg
+        selected = select_clients(cfg.seed, round_, attempt, cfg.partition.num_clients, fed.clients_per_round)
+        uploads = upload_groups(cfg.exchange.plan, selected, cfg.seed, round_, attempt)
+        messages, params_down = self._messages(round_, nodes, uploads)
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
-        outcome = self._screen(replies, selected, nodes)
-        outcome.bytes_down = sum(payload_bytes(m.content) for m in messages)
+        outcome = self._screen(replies, uploads, nodes)
+        outcome.bytes_down = {p: payload_bytes(m.content) for p, m in zip(uploads, messages, strict=True)}
+        outcome.params_down = params_down
         return selected, outcome
+
+    def _aggregate(self, round_: int, valid: list[Valid]) -> None:
+        """Each unit aggregated by its strategy over the clients that sent it."""
+        new = self._global()
+        for name, keys in self.units.items():
+            subs = [_sub_reply(v, keys) for v in valid if keys[0] in v.weights]
+            if not subs:
+                continue  # nobody sent this unit this round: it stays as it was
+            aggregated, _ = self.strategies[name].aggregate_train(round_, subs)
+            if aggregated is None:
+                raise FederationError(f"round {round_}: the strategy produced no aggregate for {name}")
+            new.update(aggregated.to_torch_state_dict())
+        device = next(self.unet.parameters()).device
+        self.unet.load_state_dict({k: v.to(device) for k, v in new.items()}, strict=True)
 
     def run_round(self, grid: Grid, nodes: dict[int, int]) -> dict:
         fed = self.cfg.federation
         round_ = self.round + 1
         start = time.perf_counter()
-        attempts, bytes_up, bytes_down, dropped = [], 0, 0, []
+        attempts, outcomes, dropped = [], [], []
         for attempt in range(fed.max_retries + 1):
             selected, outcome = self._attempt(grid, nodes, round_, attempt)
             attempts.append(selected)
-            bytes_up, bytes_down = bytes_up + outcome.bytes_up, bytes_down + outcome.bytes_down
+            outcomes.append(outcome)
             dropped += outcome.dropped
             if len(outcome.valid) >= fed.min_clients:
                 break
@@ -205,18 +271,16 @@ class RoundRunner:
                 f"round {round_}: fewer than federation.min_clients = {fed.min_clients} valid replies "
                 f"after {fed.max_retries + 1} attempt(s); last checkpoint kept in {self.run.checkpoints}"
             )
-        aggregated, _ = self.strategy.aggregate_train(round_, outcome.valid)
-        if aggregated is None:
-            raise FederationError(f"round {round_}: the strategy produced no aggregate")
-        self.unet.load_state_dict(aggregated.to_torch_state_dict(), strict=True)
+        self._aggregate(round_, outcome.valid)
         self.ema.step(self.unet.parameters())
         self.round = round_
-        return self._record(
-            round_, outcome.valid, attempts, dropped, bytes_up, bytes_down, time.perf_counter() - start
-        )
+        return self._record(round_, outcomes, attempts, dropped, time.perf_counter() - start)
 
-    def _record(self, round_, valid, attempts, dropped, bytes_up, bytes_down, wall) -> dict:
-        metrics = [dict(r.content["metrics"]) for r in valid]
+    def _record(self, round_, outcomes: list[RoundOutcome], attempts, dropped, wall) -> dict:
+        valid = outcomes[-1].valid
+        metrics = [dict(v.reply.content["metrics"]) for v in valid]
+        up = [sum(o.bytes_up.values()) for o in outcomes]
+        down = [sum(o.bytes_down.values()) for o in outcomes]
         weights = np.array([m[self.weight_key] for m in metrics], dtype=float)
         losses = np.array([m["train-loss"] for m in metrics])
         return {
@@ -226,13 +290,66 @@ class RoundRunner:
             "wall_s": wall,
             "client_compute_s": {int(m["partition-id"]): float(m["compute-s"]) for m in metrics},
             "examples_per_client": {int(m["partition-id"]): int(m["num-examples"]) for m in metrics},
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
+            "bytes_up": sum(up),
+            "bytes_down": sum(down),
+            "bytes_up_per_client": outcomes[-1].bytes_up,
+            "bytes_down_per_client": outcomes[-1].bytes_down,
+            "params_up": sum(o.params_up for o in outcomes),
+            "params_down": sum(o.params_down for o in outcomes),
             "clients": sorted(int(m["partition-id"]) for m in metrics),
             "selected": attempts[-1],
             "attempts": len(attempts),
             "dropped": dropped,
         }
+
+    def export_personal(self, grid: Grid, nodes: dict[int, int]) -> dict:
+        """Collect each client's personal groups and save its own model under ``clients/``.
+
+        Evaluation-only traffic (in a real federation each client would evaluate its own
+        model); counted separately as ``export_bytes``, not in the training bytes."""
+        messages = [
+            Message(
+                content=RecordDict({"config": self.base_config}),
+                dst_node_id=n,
+                message_type=MessageType.EVALUATE,
+            )
+            for n in nodes.values()
+        ]
+        pid_of = {n: p for p, n in nodes.items()}
+        shared = {k: v.detach().cpu() for k, v in ema_unet(self.unet, self.ema).state_dict().items()}
+        exported, missing, nbytes = [], {}, 0
+        for reply in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout):
+            pid = pid_of.get(reply.metadata.src_node_id, -1)
+            if reply.has_error():
+                missing[pid] = reply.error.reason
+                continue
+            nbytes += payload_bytes(reply.content)
+            local = reply.content["arrays"].to_torch_state_dict()
+            client = self.run.client(pid).create()
+            dump_config(self.cfg, client.config)
+            save_personal_model(client, self.unet, {**shared, **local}, self.scheduler)
+            exported.append(pid)
+        for pid, reason in sorted(missing.items()):
+            log.warning("client %s has no personal model: %s", pid, reason)
+        info = {"clients_exported": sorted(exported), "export_missing": missing, "export_bytes": nbytes}
+        self.run.update_summary(**info)
+        return info
+
+
+def _sub_reply(valid: Valid, keys: list[str]) -> Message:
+    """The reply restricted to ``keys``, in the form Flower's strategies aggregate."""
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: valid.weights[k].contiguous() for k in keys}),
+            "metrics": valid.reply.content["metrics"],
+        }
+    )
+    if CONTROL_KEY in valid.reply.content:
+        control = valid.reply.content[CONTROL_KEY]
+        content[CONTROL_KEY] = ArrayRecord({k: control[k] for k in keys})
+    return Message(
+        content=content, dst_node_id=valid.reply.metadata.src_node_id, message_type=MessageType.TRAIN
+    )
 
 
 def serve(
@@ -253,3 +370,5 @@ def serve(
                 runner.checkpoint()
             bar.advance(1, record["train_loss"])
     save_model(run, runner.unet, runner.ema, runner.scheduler)
+    if is_personal(cfg.exchange.plan):
+        runner.export_personal(grid, nodes)

@@ -18,9 +18,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
+from fedsynth.records import numpy_record
 from fedsynth.strategies.state import Stateful
 
 Arrays = dict[str, np.ndarray]
@@ -67,7 +68,7 @@ class Scaffold(Stateful, fl.FedAvg):
     def broadcast(self) -> dict[str, ArrayRecord]:
         """Extra records sent to every selected client: the server control variate."""
         assert self.control is not None, "begin_round must run first"
-        return {CONTROL_KEY: _record(self.control)}
+        return {CONTROL_KEY: numpy_record(self.control)}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -87,8 +88,4 @@ class Scaffold(Stateful, fl.FedAvg):
             num_clients=self.num_clients,
         )
         metrics = self.train_metrics_aggr_fn([r.content for r in replies], self.weighted_by_key)
-        return _record(new_x), metrics
-
-
-def _record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+        return numpy_record(new_x), metrics

@@ -1,0 +1,48 @@
+"""The UNet's parameters in three groups, by top-level module (FedDiffuse's split).
+
+down: ``conv_in``, ``time_embedding``, ``class_embedding``, ``down_blocks``
+mid:  ``mid_block``
+up:   ``up_blocks``, ``conv_norm_out``, ``conv_out``
+
+The class embedding goes with the time embedding in *down*: it is added to the time
+embedding at the input, and the sum conditions every block. Under UDEC / ULATDEC it
+therefore stays with the client, like the rest of the input side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fedsynth.errors import ConfigError
+
+GROUPS = ("down", "mid", "up")
+MODULE_GROUP = {
+    "conv_in": "down",
+    "time_embedding": "down",
+    "class_embedding": "down",
+    "down_blocks": "down",
+    "mid_block": "mid",
+    "up_blocks": "up",
+    "conv_norm_out": "up",
+    "conv_out": "up",
+}
+
+
+def group_of(key: str) -> str:
+    module = key.split(".", 1)[0]
+    if module not in MODULE_GROUP:
+        raise ConfigError(f"parameter {key!r} belongs to no exchange group (module {module!r} is unknown)")
+    return MODULE_GROUP[module]
+
+
+def group_keys(keys: Iterable[str], groups: Iterable[str]) -> list[str]:
+    """The keys of ``keys`` in ``groups``, in the given key order; an empty selection is an error."""
+    wanted = set(groups)
+    unknown = wanted - set(GROUPS)
+    if unknown:
+        raise ConfigError(f"unknown exchange group(s) {sorted(unknown)}; groups are {', '.join(GROUPS)}")
+    keys = list(keys)
+    selected = [k for k in keys if group_of(k) in wanted]
+    if not selected:
+        raise ConfigError(f"exchange groups {sorted(wanted)} match no parameter of the model")
+    return selected

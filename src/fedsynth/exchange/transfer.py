@@ -1,0 +1,168 @@
+"""Both ends of one exchange, without Flower: what the server sends each client and how
+it reads the replies, and what a client does with them.
+
+Download. A client that holds no model yet (first selection, or after it was dropped)
+gets every weight as float32 — the initial broadcast, counted like any other message.
+After that it gets the plan's download groups: as float32 weights with the ``fp32``
+codec; with a lossy codec as the encoded difference between the global weights and the
+client's copy of them, which the server tracks exactly (it applies the same decoded
+delta), so what a codec drops now is sent later (server-side error feedback).
+
+Upload. ``fp32`` sends the upload groups' weights. Lossy codecs send the encoded
+update Δ = w_new − w_start with client-side error feedback; the server applies each
+decoded Δ to the current global weights before the strategy aggregates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedsynth.config import ExchangeConfig
+from fedsynth.exchange.codecs import Codec, CodecError, compress, decode
+from fedsynth.exchange.groups import group_keys
+from fedsynth.exchange.plans import DOWNLOAD, is_personal
+
+Weights = dict[str, torch.Tensor]
+WEIGHTS, DELTA = "weights", "delta"
+
+
+def codec_of(ex: ExchangeConfig) -> Codec:
+    return Codec(ex.codec, ex.topk_ratio)
+
+
+@dataclass
+class Layout:
+    """The model's keys (state-dict order) and shapes; identical on every node."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, weights: Weights) -> Layout:
+        return cls({k: tuple(v.shape) for k, v in weights.items()})
+
+    def keys(self, groups: tuple[str, ...] | list[str]) -> list[str]:
+        return group_keys(self.shapes, groups)
+
+    def shapes_of(self, keys: list[str]) -> list[tuple[int, ...]]:
+        return [self.shapes[k] for k in keys]
+
+
+def _payload_to_weights(
+    codec: Codec, payload: dict[str, np.ndarray], keys: list[str], layout: Layout
+) -> Weights:
+    return dict(zip(keys, decode(codec, payload, layout.shapes_of(keys)), strict=True))
+
+
+# ---------------------------------------------------------------------------- server
+
+
+@dataclass
+class ServerExchange:
+    ex: ExchangeConfig
+    layout: Layout
+    has_model: set[int] = field(default_factory=set)
+    refs: dict[int, Weights] = field(default_factory=dict)  # lossy codecs: each client's copy
+
+    @property
+    def codec(self) -> Codec:
+        return codec_of(self.ex)
+
+    def _tracks_clients(self) -> bool:
+        return is_personal(self.ex.plan) or not self.codec.lossless
+
+    def download(self, pid: int, global_w: Weights) -> tuple[dict[str, np.ndarray], str, int]:
+        """(arrays, mode, parameters covered) for client ``pid``."""
+        if self._tracks_clients() and pid not in self.has_model:
+            keys = list(self.layout.shapes)
+            self.has_model.add(pid)
+            if not self.codec.lossless:
+                self.refs[pid] = {k: global_w[k].detach().cpu().float().clone() for k in self.download_keys}
+            return {k: global_w[k].detach().cpu().numpy() for k in keys}, WEIGHTS, self._count(keys)
+        keys = self.download_keys
+        if self.codec.lossless:
+            return {k: global_w[k].detach().cpu().numpy() for k in keys}, WEIGHTS, self._count(keys)
+        ref = self.refs[pid]
+        delta = [global_w[k].detach().cpu().float() - ref[k] for k in keys]
+        payload, decoded, _ = compress(self.codec, delta, None)
+        for k, d in zip(keys, decoded, strict=True):
+            ref[k] = ref[k] + d
+        return payload, DELTA, self._count(keys)
+
+    def upload(self, arrays: dict[str, np.ndarray], keys: list[str], global_w: Weights) -> Weights:
+        """The client's weights for ``keys``, reconstructed; raises CodecError when undecodable."""
+        if self.codec.lossless:
+            return {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+        delta = _payload_to_weights(self.codec, arrays, keys, self.layout)
+        return {k: global_w[k].detach().cpu().float() + delta[k] for k in keys}
+
+    def forget(self, pid: int) -> None:
+        """After a failed round trip the client may not hold what we think: start it afresh."""
+        self.has_model.discard(pid)
+        self.refs.pop(pid, None)
+
+    @property
+    def download_keys(self) -> list[str]:
+        return self.layout.keys(DOWNLOAD[self.ex.plan])
+
+    def _count(self, keys: list[str]) -> int:
+        return int(sum(np.prod(self.layout.shapes[k]) for k in keys))
+
+
+# ---------------------------------------------------------------------------- client
+
+
+def client_start(
+    ex: ExchangeConfig,
+    layout: Layout,
+    arrays: dict[str, np.ndarray],
+    mode: str,
+    state: dict[str, Weights],
+) -> Weights:
+    """The weights this client trains from; updates ``state`` (``ref``, ``local``, ``residual``)."""
+    codec, download = codec_of(ex), layout.keys(DOWNLOAD[ex.plan])
+    if mode == WEIGHTS:
+        received = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
+        if set(received) == set(layout.shapes):  # the full model: (re)start from it
+            state.pop("residual", None)
+            state["local"] = {k: v for k, v in received.items() if k not in download}
+        if not codec.lossless:
+            state["ref"] = {k: received[k].float() for k in download}
+    elif mode == DELTA:
+        if "ref" not in state:
+            raise CodecError("client holds no copy of the global weights (restarted?): needs the full model")
+        delta = _payload_to_weights(codec, arrays, download, layout)
+        state["ref"] = {k: state["ref"][k] + delta[k] for k in download}
+        received = dict(state["ref"])
+    else:
+        raise CodecError(f"unknown exchange mode {mode!r}")
+    start = {**state.get("local", {}), **received}
+    missing = [k for k in layout.shapes if k not in start]
+    if missing:
+        raise CodecError(f"client holds no local weights for {missing[0]} … (restarted?): needs a full model")
+    return {k: start[k] for k in layout.shapes}
+
+
+def client_reply(
+    ex: ExchangeConfig,
+    layout: Layout,
+    start: Weights,
+    new: Weights,
+    upload_groups: tuple[str, ...],
+    state: dict[str, Weights],
+) -> dict[str, np.ndarray]:
+    """What to upload; keeps the personal groups and the error-feedback residual in ``state``."""
+    codec = codec_of(ex)
+    download = set(layout.keys(DOWNLOAD[ex.plan]))
+    state["local"] = {k: v.detach().cpu().clone() for k, v in new.items() if k not in download}
+    keys = layout.keys(upload_groups)
+    if codec.lossless:
+        return {k: new[k].detach().cpu().numpy() for k in keys}
+    residual = state.setdefault("residual", {})
+    delta = [new[k].detach().cpu().float() - start[k].float() for k in keys]
+    old = [residual.get(k, torch.zeros(layout.shapes[k])) for k in keys]
+    payload, _, rest = compress(codec, delta, old)
+    residual.update(zip(keys, rest, strict=True))
+    return payload

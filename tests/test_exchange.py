@@ -1,0 +1,160 @@
+"""Exchange plans, parameter groups, codecs and both ends of a transfer (no Flower)."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedsynth.config import ExchangeConfig, ModelConfig
+from fedsynth.diffusion.unet import build_unet
+from fedsynth.errors import ConfigError
+from fedsynth.exchange.codecs import Codec, CodecError, compress, decode, encode
+from fedsynth.exchange.groups import GROUPS, group_keys, group_of
+from fedsynth.exchange.plans import DOWNLOAD, is_personal, upload_groups, usplit_assignment
+from fedsynth.exchange.transfer import DELTA, WEIGHTS, Layout, ServerExchange, client_reply, client_start
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return build_unet(ModelConfig(preset="tiny"), 16, 1, 10).state_dict()
+
+
+def test_groups_partition_every_parameter(weights):
+    keys = list(weights)
+    parts = [group_keys(keys, (g,)) for g in GROUPS]
+    assert sorted(k for p in parts for k in p) == sorted(keys)
+    assert all(parts) and not set(parts[0]) & set(parts[1]) and not set(parts[1]) & set(parts[2])
+    assert group_of("class_embedding.weight") == "down"
+    assert group_of("conv_out.bias") == "up" and group_of("mid_block.resnets.0.conv1.weight") == "mid"
+
+
+def test_group_selection_errors(weights):
+    with pytest.raises(ConfigError, match="match no parameter"):
+        group_keys(["conv_in.weight"], ("up",))
+    with pytest.raises(ConfigError, match="unknown exchange group"):
+        group_keys(list(weights), ("middle",))
+    with pytest.raises(ConfigError, match="belongs to no exchange group"):
+        group_of("adapter.weight")
+
+
+def test_usplit_pairs_split_up_down_and_give_mid_to_one():
+    for seed in range(20):
+        assign = usplit_assignment([3, 5, 8, 9], np.random.default_rng(seed))
+        assert sorted(assign) == [3, 5, 8, 9]
+        sent = sorted(assign.values())
+        downs = [g for g in sent if "down" in g]
+        ups = [g for g in sent if "up" in g]
+        assert len(downs) == 2 and len(ups) == 2  # each pair: one down, one up
+        assert sum("mid" in g for g in sent) == 2  # mid goes to exactly one of each pair
+        assert all(len(g) <= 2 and not ("down" in g and "up" in g) for g in sent)
+    odd = usplit_assignment([1, 2, 4], np.random.default_rng(0))
+    assert sum(g == GROUPS for g in odd.values()) == 1  # the unpaired client sends everything
+
+
+def test_usplit_is_seeded_and_both_coins_land_both_ways():
+    a = upload_groups("usplit", [0, 1, 2, 3], seed=1, round_=2, attempt=0)
+    assert a == upload_groups("usplit", [0, 1, 2, 3], seed=1, round_=2, attempt=0)
+    seen = {tuple(sorted(upload_groups("usplit", [0, 1], 0, r, 0)[0])) for r in range(40)}
+    assert seen == {("down",), ("down", "mid"), ("up",), ("mid", "up")}
+    assert upload_groups("udec", [0, 1], 0, 1, 0) == {0: ("up",), 1: ("up",)}
+    assert DOWNLOAD["ulatdec"] == ("mid", "up") and is_personal("udec") and not is_personal("usplit")
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, generator=g), torch.randn(7, generator=g) * 1e-3, torch.zeros(5)]
+
+
+@pytest.mark.parametrize(
+    ("name", "bound"),
+    [
+        ("fp32", lambda x: torch.zeros_like(x)),
+        ("fp16", lambda x: x.abs() * 2**-11 + 6e-8),
+        ("bf16", lambda x: x.abs() * 2**-8),
+    ],
+)
+def test_float_codec_round_trip_bounds(name, bound):
+    xs = _tensors()
+    for x, y in zip(xs, decode(Codec(name), encode(Codec(name), xs), [t.shape for t in xs]), strict=True):
+        assert y.dtype == torch.float32 and y.shape == x.shape
+        assert ((y - x).abs() <= bound(x)).all()
+
+
+def test_int8_error_is_at_most_half_a_step_per_tensor():
+    xs = _tensors()
+    payload = encode(Codec("int8"), xs)
+    assert payload["values"].dtype == np.int8 and payload["scales"].shape == (3,)
+    for x, y in zip(xs, decode(Codec("int8"), payload, [t.shape for t in xs]), strict=True):
+        step = x.abs().max() / 127
+        assert ((y - x).abs() <= step / 2 + 1e-9).all()
+    assert payload["scales"][2] == 0  # an all-zero tensor decodes to zeros
+
+
+def test_topk_keeps_the_largest_entries_of_each_tensor_exactly():
+    x = [torch.tensor([0.1, -5.0, 0.2, 3.0]), torch.tensor([[1.0, -2.0], [0.5, 0.0]])]
+    payload = encode(Codec("topk", keep=0.5), x)
+    y = decode(Codec("topk", keep=0.5), payload, [(4,), (2, 2)])
+    assert torch.equal(y[0], torch.tensor([0.0, -5.0, 0.0, 3.0]))
+    assert torch.equal(y[1], torch.tensor([[1.0, -2.0], [0.0, 0.0]]))
+    assert payload["indices"].dtype == np.int32 and list(payload["indices"]) == [1, 3, 4, 5]
+
+
+def test_error_feedback_carries_the_residual_to_the_next_round():
+    codec = Codec("topk", keep=0.25)
+    delta = [torch.tensor([4.0, 3.0, 2.0, 1.0])]
+    _, sent1, residual = compress(codec, delta, None)
+    assert torch.equal(sent1[0], torch.tensor([4.0, 0, 0, 0]))
+    assert torch.equal(residual[0], torch.tensor([0.0, 3.0, 2.0, 1.0]))
+    _, sent2, residual = compress(codec, [torch.tensor([0.0, 0.0, 0.0, 0.5])], residual)
+    assert torch.equal(sent2[0], torch.tensor([0.0, 3.0, 0, 0]))  # last round's 3.0 arrives now
+    assert torch.equal(residual[0], torch.tensor([0.0, 0.0, 2.0, 1.5]))
+
+
+def test_decode_rejects_malformed_payloads():
+    with pytest.raises(CodecError, match="expected 12"):
+        decode(Codec("fp16"), {"values": np.zeros(5, np.float16)}, [(3, 4)])
+    with pytest.raises(CodecError, match="out of range"):
+        decode(Codec("topk"), {"values": np.ones(1, np.float32), "indices": np.array([99], np.int32)}, [(3,)])
+    with pytest.raises(CodecError, match="scales"):
+        decode(Codec("int8"), {"values": np.zeros(3, np.int8)}, [(3,)])
+
+
+@pytest.mark.parametrize(("plan", "codec"), [("full", "int8"), ("udec", "fp32"), ("ulatdec", "topk")])
+def test_round_trip_between_server_and_client(weights, plan, codec):
+    ex = ExchangeConfig(plan=plan, codec=codec, topk_ratio=0.1)
+    layout = Layout.of(weights)
+    server, state = ServerExchange(ex, layout), {}
+    arrays, mode, n = server.download(7, weights)
+    assert n == sum(v.numel() for v in weights.values())
+    assert mode == WEIGHTS and set(arrays) == set(weights)  # initial broadcast: the whole model
+    start = client_start(ex, layout, arrays, mode, state)
+    new = {k: v + 0.01 for k, v in start.items()}
+    upload = layout.keys(DOWNLOAD[plan])
+    reply = client_reply(ex, layout, start, new, DOWNLOAD[plan], state)
+    got = server.upload(reply, upload, weights)
+    assert set(got) == set(upload)
+    tol = 0.0 if codec == "fp32" else 0.011
+    assert max((got[k] - new[k]).abs().max().item() for k in upload) <= tol
+    local = [k for k in weights if k not in upload]
+    assert set(state["local"]) == set(local)  # personal groups stay in the client's state
+    assert all(torch.equal(state["local"][k], new[k]) for k in local)
+    # second round: only the download groups travel, and the client's copy matches the server's
+    moved = {k: v + 0.5 for k, v in weights.items()}
+    arrays, mode, n2 = server.download(7, moved)
+    assert n2 == sum(weights[k].numel() for k in upload) and (mode == DELTA) == (codec != "fp32")
+    start2 = client_start(ex, layout, arrays, mode, state)
+    if codec != "fp32":
+        assert all(torch.equal(state["ref"][k], server.refs[7][k]) for k in upload)
+    assert all(torch.equal(start2[k], new[k]) for k in local)
+
+
+def test_client_without_state_asks_for_the_full_model(weights):
+    ex = ExchangeConfig(plan="udec", codec="int8")
+    layout = Layout.of(weights)
+    server = ServerExchange(ex, layout)
+    server.download(1, weights)
+    arrays, mode, _ = server.download(1, weights)
+    with pytest.raises(CodecError, match="restarted"):
+        client_start(ex, layout, arrays, mode, {})
+    server.forget(1)
+    arrays, mode, _ = server.download(1, weights)
+    assert mode == WEIGHTS and set(arrays) == set(weights)
