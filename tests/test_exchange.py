@@ -158,3 +158,36 @@ def test_client_without_state_asks_for_the_full_model(weights):
     server.forget(1)
     arrays, mode, _ = server.download(1, weights)
     assert mode == WEIGHTS and set(arrays) == set(weights)
+
+
+def test_personal_keys_resolve_and_unknown_names_are_errors(weights):
+    from fedsynth.exchange.groups import personal_keys
+
+    last = personal_keys("last-block", weights)
+    top = max(int(k.split(".")[1]) for k in weights if k.startswith("up_blocks."))
+    assert last and all(k.startswith((f"up_blocks.{top}.", "conv_norm_out.", "conv_out.")) for k in last)
+    assert {k for k in weights if k.startswith("conv_out.")} <= last
+    assert personal_keys("", weights) == frozenset()
+    assert personal_keys("conv_in, conv_out", weights) == {
+        k for k in weights if k.split(".")[0] in ("conv_in", "conv_out")
+    }
+    with pytest.raises(ConfigError, match=r"'up_blocks\.9' matches no parameter"):
+        personal_keys("up_blocks.9", weights)
+
+
+def test_personal_layers_never_leave_the_client_and_survive_rounds(weights):
+    ex = ExchangeConfig(plan="full", codec="fp32", personal="last-block")
+    layout = Layout.of(weights, ex.personal)
+    personal = layout.personal
+    server, state = ServerExchange(ex, layout), {}
+    start = client_start(ex, layout, *server.download(0, weights)[:2], state)
+    for round_ in range(3):
+        new = {k: v + round_ + 1.0 for k, v in start.items()}
+        reply = client_reply(ex, layout, start, new, GROUPS, state)
+        assert not personal & set(reply)  # never uploaded
+        assert set(reply) == set(weights) - personal
+        arrays, mode, _ = server.download(0, {k: v * 0 for k, v in weights.items()})
+        assert not personal & set(arrays)  # never sent back either
+        start = client_start(ex, layout, arrays, mode, state)
+        assert all(torch.equal(start[k], new[k]) for k in personal)  # restored over the global
+        assert all(torch.equal(start[k], torch.zeros_like(new[k])) for k in set(weights) - personal)

@@ -72,7 +72,7 @@ def train_centralized(
     cfg: Config, run: RunDir, prepared: Prepared, *, resume: bool = False
 ) -> tuple[UNet2DModel, EMAModel, DDPMScheduler]:
     device = resolve_device(cfg.train.device)
-    data = prepared.data.full.subset(np.concatenate(prepared.clients))
+    data = prepared.data.full.subset(np.concatenate([*prepared.clients, prepared.shared]))
     scheduler = build_train_scheduler(cfg.diffusion)
     state = _resumed_state(cfg, run, device) if resume else _fresh_state(cfg, data, device)
     steps = steps_per_round(cfg, prepared)

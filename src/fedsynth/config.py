@@ -137,6 +137,34 @@ class ExchangeConfig:
     plan: str = _choice("full", EXCHANGE_PLANS)
     codec: str = _choice("fp32", CODECS)
     topk_ratio: float = _at_least(0.05, 0.0, exclusive=True)  # fraction of each tensor's entries kept
+    personal: str = ""  # modules kept per client, never uploaded: "last-block" or "up_blocks.2,conv_out"
+
+
+@dataclass(frozen=True)
+class PhoenixConfig:
+    """Phoenix (Jothiraj & Mashhadi 2024) remedies for non-IID data; 0 / "off" disables."""
+
+    beta: float = _at_least(0.0, 0.0)  # shared set G: % of the clients' data, held by the server
+    alpha: float = _at_least(100.0, 0.0)  # % of G merged into every client's data
+    warmup_steps: int = _at_least(0, 0)  # server steps on G before round 1
+    filter_from: int = _at_least(0, 0)  # threshold filtering from this round; 0 = off
+    filter_mode: str = _choice("lowest", ("lowest", "threshold"))
+    precision_threshold: float = _at_least(0.5, 0.0)  # mode "threshold": warn below this
+    filter_samples: int = _at_least(64, 4)  # images each client generates to judge itself
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """FedDDPM (``always``) / FedDDPM+ (``stall``): server fine-tuning on an auxiliary set
+    generated from the clients' one-off local models."""
+
+    mode: str = _choice("off", ("off", "always", "stall"))
+    pretrain_steps: int = _at_least(200, 1)  # each client's local model, before round 1
+    aux_size: int = _at_least(500, 1)  # M: auxiliary images
+    server_steps: int = _at_least(20, 1)  # S: fine-tuning steps per correction
+    window: int = _at_least(3, 1)  # FedDDPM+: rounds over which progress is measured
+    min_improvement: float = _at_least(0.02, 0.0)  # FedDDPM+: relative aux-loss drop below which it fires
+    sampler_steps: int = _at_least(20, 1)  # DPM-Solver steps to generate the auxiliary set
 
 
 @dataclass(frozen=True)
@@ -172,6 +200,8 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
+    phoenix: PhoenixConfig = field(default_factory=PhoenixConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -189,6 +219,10 @@ class Config:
             )
         if self.data.dataset != "digits" and not self.data.path:
             raise ConfigError(f"data.path is required for data.dataset = {self.data.dataset!r}")
+        if self.phoenix.beta > 100 or self.phoenix.alpha > 100:
+            raise ConfigError("phoenix.beta and phoenix.alpha are percentages in [0, 100]")
+        if self.phoenix.warmup_steps and not self.phoenix.beta:
+            raise ConfigError("phoenix.warmup_steps needs a shared set: set phoenix.beta > 0")
         if self.exchange.topk_ratio > 1:
             raise ConfigError(f"exchange.topk_ratio = {self.exchange.topk_ratio} must be in (0, 1]")
 

@@ -30,6 +30,8 @@ def train_federated(
     full = prepared.data.full
     unet = seeded_unet(cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes)
     unet = unet.to(resolve_device(cfg.train.device))
+    if not resume and cfg.phoenix.warmup_steps > 0:
+        warm_up(cfg, run, unet, prepared)
 
     def body(g: Grid) -> None:
         serve(g, cfg, run, unet, list(full.class_names), resume=resume)
@@ -38,6 +40,19 @@ def train_federated(
         body(grid)
     else:
         simulate(cfg, body, client_app)
+
+
+def warm_up(cfg: Config, run: RunDir, unet, prepared: Prepared) -> None:
+    """Phoenix: the initial global model is trained on the shared set G first."""
+    from fedsynth.diffusion.schedule import build_train_scheduler
+    from fedsynth.server.calibration import server_train
+
+    shared = prepared.shared_data()
+    assert shared is not None, "config validation guarantees phoenix.beta > 0 with a warm-up"
+    loss, seconds = server_train(
+        cfg, unet, build_train_scheduler(cfg.diffusion), shared, cfg.phoenix.warmup_steps, tag=0
+    )
+    run.update_summary(shared_images=len(shared), warmup_loss=loss, warmup_s=seconds)
 
 
 def simulate(cfg: Config, body, client_app: ClientApp | None = None) -> None:

@@ -16,7 +16,7 @@ from fedsynth.checkpoint import load_model
 from fedsynth.config import Config, dump_config
 from fedsynth.diffusion.training import resolve_device
 from fedsynth.errors import ConfigError, RunDirError
-from fedsynth.exchange.plans import is_personal
+from fedsynth.exchange.transfer import has_personal_models
 from fedsynth.prepare import check_partitions, prepare
 from fedsynth.rundir import RunDir
 from fedsynth.synthesize import SampleSpec, synthesize
@@ -104,7 +104,7 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None) -> RunDi
     from fedsynth.report.markdown import write_report
 
     names = list(prepared.data.full.class_names)
-    personal = is_personal(cfg.exchange.plan) and cfg.paradigm == "federated"
+    personal = has_personal_models(cfg.exchange) and cfg.paradigm == "federated"
     for target in run.client_runs() if personal else [run]:
         unet, scheduler = load_model(target, resolve_device(cfg.train.device))
         sample_run(cfg, target, unet, scheduler, names)

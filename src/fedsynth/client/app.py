@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsynth.client.local import local_train
+from fedsynth.client.selfcheck import self_check
 from fedsynth.config import Config, DataConfig, config_from_dict
 from fedsynth.data.datasets import ImageData, load_images
 from fedsynth.diffusion.unet import build_unet
@@ -99,7 +100,30 @@ def _save_state(context: Context, state: dict) -> None:
 @functools.lru_cache(maxsize=4)
 def _layout(config_text: str, image_size: int, channels: int, classes: int) -> Layout:
     cfg = parse_config(config_text)
-    return Layout.of(build_unet(cfg.model, image_size, channels, classes).state_dict())
+    return Layout.of(build_unet(cfg.model, image_size, channels, classes).state_dict(), cfg.exchange.personal)
+
+
+def _metrics(update, client_id: int) -> MetricRecord:
+    return MetricRecord(
+        {
+            "num-examples": update.num_examples,
+            "num-steps": update.num_steps,
+            "train-loss": update.train_loss,
+            "compute-s": update.compute_s,
+            "partition-id": client_id,
+        }
+    )
+
+
+def handle_pretrain(msg: Message, cfg: Config, client_id: int, data: ImageData) -> Message:
+    """FedDDPM: a local model trained from the received weights, uploaded once; the
+    client's exchange state is left untouched."""
+    weights = msg.content["arrays"].to_torch_state_dict()
+    update = local_train(
+        cfg, data, weights, round_=0, client_id=client_id, state={}, steps=cfg.calibration.pretrain_steps
+    )
+    content = RecordDict({"arrays": ArrayRecord(update.weights), "metrics": _metrics(update, client_id)})
+    return Message(content=content, reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -108,6 +132,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     cfg = parse_config(text)
     _set_threads(cfg)
     client_id, data = client_data(text, dict(context.node_config), tuple(config[CLASSES_KEY]))
+    if str(config.get("task", "train")) == "pretrain":
+        return handle_pretrain(msg, cfg, client_id, data)
     layout = _layout(text, data.shape[1], data.shape[0], data.num_classes)
     upload = tuple(str(g) for g in config.get("upload-groups", GROUPS))
     state = _load_state(context)
@@ -121,20 +147,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     update = local_train(cfg, data, start, round_=round_, client_id=client_id, state=state, control=control)
     arrays = client_reply(cfg.exchange, layout, start, update.weights, upload, state)
     _save_state(context, state)
-    content = RecordDict(
-        {
-            "arrays": numpy_record(arrays),
-            "metrics": MetricRecord(
-                {
-                    "num-examples": update.num_examples,
-                    "num-steps": update.num_steps,
-                    "train-loss": update.train_loss,
-                    "compute-s": update.compute_s,
-                    "partition-id": client_id,
-                }
-            ),
-        }
-    )
+    metrics = _metrics(update, client_id)
+    if cfg.phoenix.filter_from and round_ >= cfg.phoenix.filter_from:
+        unet = build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes)
+        unet.load_state_dict(update.weights)
+        metrics["filter-precision"], metrics["filter-recall"] = self_check(cfg, unet, data, round_, client_id)
+    content = RecordDict({"arrays": numpy_record(arrays), "metrics": metrics})
     if update.control_delta is not None:
         content[CONTROL_KEY] = ArrayRecord(update.control_delta)
     return Message(content=content, reply_to=msg)

@@ -70,16 +70,18 @@ def local_train(
     client_id: int,
     state: dict[str, Weights],
     control: Weights | None = None,
+    steps: int | None = None,
 ) -> ClientUpdate:
     """Train on ``data`` from ``global_weights``. ``state`` persists across this client's
     rounds (SCAFFOLD's c_i lives there); ``control`` is the server's c for SCAFFOLD, for
-    the parameters this client uploads (only those are corrected and get a new c_i)."""
+    the parameters this client uploads (only those are corrected and get a new c_i).
+    ``steps`` overrides the configured local steps (FedDDPM's one-off local model)."""
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     unet = build_client_unet(cfg, data, device)
     unet.load_state_dict({k: v.to(device) for k, v in global_weights.items()}, strict=True)
     anchor = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    steps = steps_for(cfg.train, len(data))
+    steps = steps or steps_for(cfg.train, len(data))
     penalty = proximal_penalty(cfg.strategy.proximal_mu, anchor) if cfg.strategy.name == "fedprox" else None
     hook = None
     if control is not None:

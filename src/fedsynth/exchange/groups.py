@@ -46,3 +46,30 @@ def group_keys(keys: Iterable[str], groups: Iterable[str]) -> list[str]:
     if not selected:
         raise ConfigError(f"exchange groups {sorted(wanted)} match no parameter of the model")
     return selected
+
+
+LAST_BLOCK = "last-block"
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def personal_keys(spec: str, keys: Iterable[str]) -> frozenset[str]:
+    """Keys that never leave a client (Phoenix's personalization layers).
+
+    ``spec``: "" (none), "last-block" (the last decoder block and the output layers
+    after it: ``up_blocks.<last>``, ``conv_norm_out``, ``conv_out``) or comma-separated
+    module names such as ``"up_blocks.2,conv_out"``. A name matching no parameter is an error."""
+    keys = list(keys)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if names == [LAST_BLOCK]:
+        last = max(int(k.split(".")[1]) for k in keys if k.startswith("up_blocks."))
+        names = [f"up_blocks.{last}", "conv_norm_out", "conv_out"]
+    chosen: set[str] = set()
+    for name in names:
+        matched = {k for k in keys if _under(k, name)}
+        if not matched:
+            raise ConfigError(f"exchange.personal: {name!r} matches no parameter of the model")
+        chosen |= matched
+    return frozenset(chosen)

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from fedsynth.config import ExchangeConfig
+from fedsynth.errors import ConfigError
 from fedsynth.exchange.codecs import Codec, CodecError, compress, decode
-from fedsynth.exchange.groups import group_keys
+from fedsynth.exchange.groups import group_keys, personal_keys
 from fedsynth.exchange.plans import DOWNLOAD, is_personal
 
 Weights = dict[str, torch.Tensor]
@@ -33,18 +34,32 @@ def codec_of(ex: ExchangeConfig) -> Codec:
     return Codec(ex.codec, ex.topk_ratio)
 
 
+def has_personal_models(ex: ExchangeConfig) -> bool:
+    """True when some weights never leave the clients: plans udec / ulatdec or personal layers."""
+    return is_personal(ex.plan) or bool(ex.personal.strip())
+
+
 @dataclass
 class Layout:
-    """The model's keys (state-dict order) and shapes; identical on every node."""
+    """The model's keys (state-dict order) and shapes, identical on every node, and the
+    keys that stay with each client (``exchange.personal``)."""
 
     shapes: dict[str, tuple[int, ...]]
+    personal: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, weights: Weights) -> Layout:
-        return cls({k: tuple(v.shape) for k, v in weights.items()})
+    def of(cls, weights: Weights, personal: str = "") -> Layout:
+        return cls({k: tuple(v.shape) for k, v in weights.items()}, personal_keys(personal, weights))
 
     def keys(self, groups: tuple[str, ...] | list[str]) -> list[str]:
-        return group_keys(self.shapes, groups)
+        """The exchanged keys of ``groups`` (personal keys excluded); none is an error."""
+        keys = [k for k in group_keys(self.shapes, groups) if k not in self.personal]
+        if not keys:
+            raise ConfigError(f"exchange groups {list(groups)} hold only personal parameters")
+        return keys
+
+    def download(self, plan: str) -> list[str]:
+        return self.keys(DOWNLOAD[plan])
 
     def shapes_of(self, keys: list[str]) -> list[tuple[int, ...]]:
         return [self.shapes[k] for k in keys]
@@ -71,7 +86,7 @@ class ServerExchange:
         return codec_of(self.ex)
 
     def _tracks_clients(self) -> bool:
-        return is_personal(self.ex.plan) or not self.codec.lossless
+        return has_personal_models(self.ex) or not self.codec.lossless
 
     def download(self, pid: int, global_w: Weights) -> tuple[dict[str, np.ndarray], str, int]:
         """(arrays, mode, parameters covered) for client ``pid``."""
@@ -105,7 +120,7 @@ class ServerExchange:
 
     @property
     def download_keys(self) -> list[str]:
-        return self.layout.keys(DOWNLOAD[self.ex.plan])
+        return self.layout.download(self.ex.plan)
 
     def _count(self, keys: list[str]) -> int:
         return int(sum(np.prod(self.layout.shapes[k]) for k in keys))
@@ -122,7 +137,7 @@ def client_start(
     state: dict[str, Weights],
 ) -> Weights:
     """The weights this client trains from; updates ``state`` (``ref``, ``local``, ``residual``)."""
-    codec, download = codec_of(ex), layout.keys(DOWNLOAD[ex.plan])
+    codec, download = codec_of(ex), layout.download(ex.plan)
     if mode == WEIGHTS:
         received = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
         if set(received) == set(layout.shapes):  # the full model: (re)start from it
@@ -155,7 +170,7 @@ def client_reply(
 ) -> dict[str, np.ndarray]:
     """What to upload; keeps the personal groups and the error-feedback residual in ``state``."""
     codec = codec_of(ex)
-    download = set(layout.keys(DOWNLOAD[ex.plan]))
+    download = set(layout.download(ex.plan))
     state["local"] = {k: v.detach().cpu().clone() for k, v in new.items() if k not in download}
     keys = layout.keys(upload_groups)
     if codec.lossless:

@@ -24,15 +24,18 @@ from flwr.serverapp import Grid
 from fedsynth.checkpoint import ema_unet, load_checkpoint, save_checkpoint, save_model, save_personal_model
 from fedsynth.client.app import CLASSES_KEY, CONFIG_KEY
 from fedsynth.config import Config, config_to_dict, dump_config
+from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema
 from fedsynth.errors import FedsynthError, RunDirError
 from fedsynth.exchange.codecs import CodecError
-from fedsynth.exchange.plans import UNITS, is_personal, upload_groups
-from fedsynth.exchange.transfer import Layout, ServerExchange
+from fedsynth.exchange.plans import UNITS, upload_groups
+from fedsynth.exchange.transfer import Layout, ServerExchange, has_personal_models
 from fedsynth.progress import progress_bar
 from fedsynth.records import numpy_record, record_numpy
 from fedsynth.rundir import RunDir
+from fedsynth.server.calibration import aux_loss, auxiliary_counts, generate_auxiliary, server_train, stalled
+from fedsynth.server.filtering import excluded, strikes_after, warned
 from fedsynth.server.validate import Expected, check_arrays, check_metrics
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 from fedsynth.strategies.scaffold import CONTROL_KEY
@@ -55,13 +58,23 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-def select_clients(seed: int, round_: int, attempt: int, num_clients: int, k: int) -> list[int]:
+def select_clients(
+    seed: int, round_: int, attempt: int, num_clients: int, k: int, exclude: frozenset[int] = frozenset()
+) -> list[int]:
+    """k clients (fewer if fewer remain), seeded by (seed, round, attempt), never an excluded one."""
     rng = np.random.default_rng([seed, round_, attempt])
-    return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
+    if not exclude:
+        return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
+    pool = [c for c in range(num_clients) if c not in exclude]
+    if not pool:
+        raise FederationError("every client has been excluded by threshold filtering")
+    return sorted(int(c) for c in rng.choice(pool, size=min(k, len(pool)), replace=False))
 
 
-def discover_nodes(grid: Grid, cfg: Config, base: ConfigRecord, timeout: float) -> dict[int, int]:
-    """partition id → node id, asking every connected node who it is."""
+def discover_nodes(
+    grid: Grid, cfg: Config, base: ConfigRecord, timeout: float
+) -> tuple[dict[int, int], dict[int, list[int]]]:
+    """(partition id → node id, partition id → class histogram), asking every node who it is."""
     deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < cfg.partition.num_clients:
         if time.monotonic() > deadline:
@@ -75,6 +88,7 @@ def discover_nodes(grid: Grid, cfg: Config, base: ConfigRecord, timeout: float) 
         for n in nodes
     ]
     mapping: dict[int, int] = {}
+    histograms: dict[int, list[int]] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout):
         if reply.has_error():
             log.warning("node %s failed to identify itself: %s", reply.metadata.src_node_id, reply.error)
@@ -83,10 +97,11 @@ def discover_nodes(grid: Grid, cfg: Config, base: ConfigRecord, timeout: float) 
         if pid in mapping:
             raise FederationError(f"two nodes claim partition-id {pid}; give each a distinct one")
         mapping[pid] = reply.metadata.src_node_id
+        histograms[pid] = [int(x) for x in reply.content["info"]["histogram"]]
     missing = sorted(set(range(cfg.partition.num_clients)) - set(mapping))
     if missing:
         raise FederationError(f"no node answered for partition-id(s) {missing}")
-    return mapping
+    return mapping, histograms
 
 
 @dataclass
@@ -116,7 +131,7 @@ class RoundRunner:
         self.unet = unet
         self.ema = make_ema(unet, cfg.diffusion.ema_decay)
         self.scheduler: DDPMScheduler = build_train_scheduler(cfg.diffusion)
-        self.layout = Layout.of(unet.state_dict())
+        self.layout = Layout.of(unet.state_dict(), cfg.exchange.personal)
         self.exchange = ServerExchange(cfg.exchange, self.layout)
         # one strategy per aggregation unit (groups always uploaded together): per-key
         # aggregation over the clients that sent those keys, with the unit's own state
@@ -124,6 +139,11 @@ class RoundRunner:
         self.strategies = {name: build_strategy(cfg) for name in self.units}
         self.weight_key = WEIGHT_KEYS[cfg.federation.weighting]
         self.round = 0
+        self.class_names = tuple(class_names)
+        self.aux: ImageData | None = None  # FedDDPM's auxiliary set
+        self.aux_history: list[float] = []
+        self.last_fire = 0
+        self.strikes: dict[int, int] = {}  # Phoenix threshold filtering
         self.base_config = ConfigRecord(
             {
                 CONFIG_KEY: tomli_w.dumps(config_to_dict(cfg)),
@@ -141,6 +161,10 @@ class RoundRunner:
         self.unet, self.ema, self.round = ckpt.unet, ckpt.ema, ckpt.round
         for name, strategy in self.strategies.items():
             strategy.load_state_dict(ckpt.state["strategies"][name])
+        calibration = ckpt.state.get("calibration", {})
+        self.aux_history = [float(x) for x in calibration.get("history", [])]
+        self.last_fire = int(calibration.get("last_fire", 0))
+        self.strikes = {int(k): int(v) for k, v in ckpt.state.get("strikes", {}).items()}
         self.run.truncate_metrics(self.round)
 
     def checkpoint(self) -> None:
@@ -150,7 +174,11 @@ class RoundRunner:
             self.unet,
             self.ema,
             self.scheduler,
-            {"strategies": {name: s.state_dict() for name, s in self.strategies.items()}},
+            {
+                "strategies": {name: s.state_dict() for name, s in self.strategies.items()},
+                "calibration": {"history": list(self.aux_history), "last_fire": self.last_fire},
+                "strikes": dict(self.strikes),
+            },
         )
 
     # ------------------------------------------------------------------ rounds
@@ -231,7 +259,10 @@ class RoundRunner:
 
     def _attempt(self, grid: Grid, nodes: dict[int, int], round_: int, attempt: int):
         fed, cfg = self.cfg.federation, self.cfg
-        selected = select_clients(cfg.seed, round_, attempt, cfg.partition.num_clients, fed.clients_per_round)
+        out = frozenset(excluded(self.strikes))
+        selected = select_clients(
+            cfg.seed, round_, attempt, cfg.partition.num_clients, fed.clients_per_round, out
+        )
         uploads = upload_groups(cfg.exchange.plan, selected, cfg.seed, round_, attempt)
         messages, params_down = self._messages(round_, nodes, uploads)
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
@@ -272,9 +303,117 @@ class RoundRunner:
                 f"after {fed.max_retries + 1} attempt(s); last checkpoint kept in {self.run.checkpoints}"
             )
         self._aggregate(round_, outcome.valid)
+        calibration = self._calibrate(round_)
+        filtering = self._filter(round_, outcome.valid)
         self.ema.step(self.unet.parameters())
         self.round = round_
-        return self._record(round_, outcomes, attempts, dropped, time.perf_counter() - start)
+        record = self._record(round_, outcomes, attempts, dropped, time.perf_counter() - start)
+        return {**record, **calibration, **filtering}
+
+    def _filter(self, round_: int, valid: list[Valid]) -> dict:
+        """Phoenix threshold filtering: warnings and two-strike exclusions (metrics.jsonl)."""
+        ph = self.cfg.phoenix
+        if not ph.filter_from or round_ < ph.filter_from:
+            return {}
+        precision = {
+            v.pid: float(v.reply.content["metrics"]["filter-precision"])
+            for v in valid
+            if "filter-precision" in v.reply.content["metrics"]
+        }
+        warned_now = warned(precision, ph.filter_mode, ph.precision_threshold)
+        before = excluded(self.strikes)
+        self.strikes = strikes_after(self.strikes, set(precision), warned_now)
+        newly = sorted(excluded(self.strikes) - before)
+        for pid in sorted(warned_now):
+            log.warning("round %d: client %s warned (precision %.3f)", round_, pid, precision[pid])
+        for pid in newly:
+            log.warning("round %d: client %s excluded after two consecutive warnings", round_, pid)
+        return {
+            "filter_precision": precision,
+            "filter_warned": sorted(warned_now),
+            "filter_excluded_now": newly,
+            "filter_excluded": sorted(excluded(self.strikes)),
+        }
+
+    # ------------------------------------------------------------- FedDDPM
+    def prepare_calibration(
+        self, grid: Grid, nodes: dict[int, int], histograms: dict[int, list[int]]
+    ) -> None:
+        """The auxiliary set: loaded from the run directory, or built from one-off local models."""
+        path = self.run.root / "auxiliary.pt"
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            self.aux = ImageData(saved["images"], saved["labels"], self.class_names)
+            return
+        start, c = time.perf_counter(), self.cfg.calibration
+        config = ConfigRecord({**self.base_config, "server-round": 0, "task": "pretrain"})
+        arrays = ArrayRecord(self._global())
+        messages = [
+            Message(
+                content=RecordDict({"arrays": arrays, "config": config}),
+                dst_node_id=n,
+                message_type=MessageType.TRAIN,
+            )
+            for n in nodes.values()
+        ]
+        models, up = {}, 0
+        pid_of = {n: p for p, n in nodes.items()}
+        for reply in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout):
+            pid = pid_of.get(reply.metadata.src_node_id, -1)
+            arrays_in = None if reply.has_error() else record_numpy(reply.content["arrays"])
+            reason = (
+                reply.error.reason
+                if reply.has_error()
+                else check_arrays(arrays_in, Expected(self.layout.shapes))
+            )
+            if reason:
+                log.warning("FedDDPM: no local model from client %s: %s", pid, reason)
+                continue
+            up += payload_bytes(reply.content)
+            models[pid] = {k: torch.from_numpy(np.array(v)) for k, v in arrays_in.items()}
+        if not models:
+            raise FederationError("FedDDPM: no client returned a local model")
+        order = sorted(models)
+        counts = auxiliary_counts(np.array([histograms[p] for p in order]), c.aux_size)
+        self.aux = generate_auxiliary(
+            self.unet,
+            self.scheduler,
+            models,
+            dict(zip(order, counts, strict=True)),
+            self.class_names,
+            steps=c.sampler_steps,
+            seed=self.cfg.seed,
+        )
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {"images": self.aux.images, "labels": self.aux.labels, "counts": torch.as_tensor(counts)}, tmp
+        )
+        tmp.replace(path)
+        self.run.update_summary(
+            pretrain_bytes_up=up,
+            pretrain_bytes_down=sum(payload_bytes(m.content) for m in messages),
+            pretrain_clients=order,
+            aux_images=len(self.aux),
+            aux_build_s=time.perf_counter() - start,
+        )
+
+    def _calibrate(self, round_: int) -> dict:
+        if self.aux is None:
+            return {}
+        c = self.cfg.calibration
+        loss = aux_loss(self.unet, self.scheduler, self.aux, seed=self.cfg.seed)
+        self.aux_history.append(loss)
+        fire = c.mode == "always" or stalled(self.aux_history, c.window, c.min_improvement, self.last_fire)
+        info: dict = {"aux_loss": loss, "calibrated": fire, "server_s": 0.0}
+        if fire:
+            mean, seconds = server_train(
+                self.cfg, self.unet, self.scheduler, self.aux, c.server_steps, tag=round_
+            )
+            self.last_fire = len(self.aux_history) - 1
+            info.update(calibration_loss=mean, server_s=seconds)
+            if c.mode == "stall":
+                log.warning("round %d: progress stalled (aux loss %.4f): server correction ran", round_, loss)
+        return info
 
     def _record(self, round_, outcomes: list[RoundOutcome], attempts, dropped, wall) -> dict:
         valid = outcomes[-1].valid
@@ -359,7 +498,11 @@ def serve(
     runner = RoundRunner(cfg, run, unet, class_names)
     if resume:
         runner.resume()
-    nodes = discover_nodes(grid, cfg, runner.base_config, timeout=max(60.0, cfg.federation.round_timeout))
+    nodes, histograms = discover_nodes(
+        grid, cfg, runner.base_config, timeout=max(60.0, cfg.federation.round_timeout)
+    )
+    if cfg.calibration.mode != "off":
+        runner.prepare_calibration(grid, nodes, histograms)
     rounds = cfg.federation.rounds
     with progress_bar(f"federated {cfg.strategy.name}", total=rounds) as bar:
         bar.advance(runner.round)
@@ -370,5 +513,5 @@ def serve(
                 runner.checkpoint()
             bar.advance(1, record["train_loss"])
     save_model(run, runner.unet, runner.ema, runner.scheduler)
-    if is_personal(cfg.exchange.plan):
+    if has_personal_models(cfg.exchange):
         runner.export_personal(grid, nodes)

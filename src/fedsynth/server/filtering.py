@@ -1,0 +1,29 @@
+"""Phoenix threshold filtering, server side (pure): who is warned, who is excluded.
+
+From round ``phoenix.filter_from`` every reply carries the client's self-measured
+precision. Mode ``lowest`` warns the client with the lowest precision; mode
+``threshold`` warns every client below ``phoenix.precision_threshold``. A client warned
+in two consecutive reports (two strikes) is excluded from all later rounds.
+"""
+
+from __future__ import annotations
+
+
+def warned(precision: dict[int, float], mode: str, threshold: float) -> set[int]:
+    if not precision:
+        return set()
+    if mode == "lowest":
+        return {min(precision, key=lambda pid: (precision[pid], pid))}
+    return {pid for pid, p in precision.items() if p < threshold}
+
+
+def strikes_after(strikes: dict[int, int], reported: set[int], warned_now: set[int]) -> dict[int, int]:
+    """Consecutive warnings per client: +1 when warned, reset to 0 when it reported unwarned."""
+    out = dict(strikes)
+    for pid in reported:
+        out[pid] = out.get(pid, 0) + 1 if pid in warned_now else 0
+    return out
+
+
+def excluded(strikes: dict[int, int]) -> set[int]:
+    return {pid for pid, n in strikes.items() if n >= 2}
