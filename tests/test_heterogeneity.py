@@ -94,6 +94,7 @@ def test_phoenix_and_feddpm_plus_end_to_end(tmp_path):
     from fedsynth.federated import train_federated
     from fedsynth.prepare import prepare
     from fedsynth.rundir import RunDir, read_json
+    from fedsynth.server.calibration import load_auxiliary
 
     raw = {
         "paradigm": "federated",
@@ -131,6 +132,8 @@ def test_phoenix_and_feddpm_plus_end_to_end(tmp_path):
     train_federated(cfg, run, prepared, resume=False)
     summary = read_json(run.summary)
     assert summary["warmup_s"] > 0 and summary["pretrain_bytes_up"] > 0 and summary["aux_images"] == 12
+    aux = load_auxiliary(run.root / "auxiliary.pt", ("x",) * 10)  # kept for a resumed run
+    assert len(aux) == 12 and aux.images.shape[1:] == (1, 16, 16)
     rows = run.read_metrics()
     # min_improvement 100 % and window 1: no verdict after round 1 (nothing to compare), then
     # every round counts as stalled

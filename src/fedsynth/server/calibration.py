@@ -17,6 +17,7 @@ corrects only when progress stalls: when, W rounds after the last correction or 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,3 +113,15 @@ def generate_auxiliary(
             images.append(generate(unet, sampler, cond, num_images=len(batch), generator=generator).cpu())
             labels.append(batch.cpu())
     return ImageData(torch.cat(images), torch.cat(labels), class_names)
+
+
+def save_auxiliary(path: Path, aux: ImageData, counts: np.ndarray) -> None:
+    """Kept in the run directory so a resumed run calibrates on the same images."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"images": aux.images, "labels": aux.labels, "counts": torch.as_tensor(counts)}, tmp)
+    tmp.replace(path)
+
+
+def load_auxiliary(path: Path, class_names: tuple[str, ...]) -> ImageData:
+    saved = torch.load(path, weights_only=True)
+    return ImageData(saved["images"], saved["labels"], class_names)

@@ -34,7 +34,15 @@ from fedsynth.exchange.transfer import Layout, ServerExchange, has_personal_mode
 from fedsynth.progress import progress_bar
 from fedsynth.records import numpy_record, record_numpy
 from fedsynth.rundir import RunDir
-from fedsynth.server.calibration import aux_loss, auxiliary_counts, generate_auxiliary, server_train, stalled
+from fedsynth.server.calibration import (
+    aux_loss,
+    auxiliary_counts,
+    generate_auxiliary,
+    load_auxiliary,
+    save_auxiliary,
+    server_train,
+    stalled,
+)
 from fedsynth.server.filtering import excluded, strikes_after, warned
 from fedsynth.server.validate import Expected, check_arrays, check_metrics
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
@@ -342,10 +350,33 @@ class RoundRunner:
         """The auxiliary set: loaded from the run directory, or built from one-off local models."""
         path = self.run.root / "auxiliary.pt"
         if path.is_file():
-            saved = torch.load(path, weights_only=True)
-            self.aux = ImageData(saved["images"], saved["labels"], self.class_names)
+            self.aux = load_auxiliary(path, self.class_names)
             return
         start, c = time.perf_counter(), self.cfg.calibration
+        models, bytes_up, bytes_down = self._local_models(grid, nodes)
+        order = sorted(models)
+        counts = auxiliary_counts(np.array([histograms[p] for p in order]), c.aux_size)
+        by_client = dict(zip(order, counts, strict=True))
+        self.aux = generate_auxiliary(
+            self.unet,
+            self.scheduler,
+            models,
+            by_client,
+            self.class_names,
+            steps=c.sampler_steps,
+            seed=self.cfg.seed,
+        )
+        save_auxiliary(path, self.aux, counts)
+        self.run.update_summary(
+            pretrain_bytes_up=bytes_up,
+            pretrain_bytes_down=bytes_down,
+            pretrain_clients=order,
+            aux_images=len(self.aux),
+            aux_build_s=time.perf_counter() - start,
+        )
+
+    def _local_models(self, grid: Grid, nodes: dict[int, int]) -> tuple[dict[int, dict], int, int]:
+        """FedDDPM's one-off round: every client trains a local model and uploads it."""
         config = ConfigRecord({**self.base_config, "server-round": 0, "task": "pretrain"})
         arrays = ArrayRecord(self._global())
         messages = [
@@ -356,46 +387,22 @@ class RoundRunner:
             )
             for n in nodes.values()
         ]
-        models, up = {}, 0
+        models, bytes_up = {}, 0
         pid_of = {n: p for p, n in nodes.items()}
         for reply in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout):
             pid = pid_of.get(reply.metadata.src_node_id, -1)
-            arrays_in = None if reply.has_error() else record_numpy(reply.content["arrays"])
-            reason = (
-                reply.error.reason
-                if reply.has_error()
-                else check_arrays(arrays_in, Expected(self.layout.shapes))
-            )
-            if reason:
-                log.warning("FedDDPM: no local model from client %s: %s", pid, reason)
+            if reply.has_error():
+                log.warning("FedDDPM: no local model from client %s: %s", pid, reply.error.reason)
                 continue
-            up += payload_bytes(reply.content)
-            models[pid] = {k: torch.from_numpy(np.array(v)) for k, v in arrays_in.items()}
+            arrays = record_numpy(reply.content["arrays"])
+            if reason := check_arrays(arrays, Expected(self.layout.shapes)):
+                log.warning("FedDDPM: local model of client %s rejected: %s", pid, reason)
+                continue
+            bytes_up += payload_bytes(reply.content)
+            models[pid] = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
         if not models:
             raise FederationError("FedDDPM: no client returned a local model")
-        order = sorted(models)
-        counts = auxiliary_counts(np.array([histograms[p] for p in order]), c.aux_size)
-        self.aux = generate_auxiliary(
-            self.unet,
-            self.scheduler,
-            models,
-            dict(zip(order, counts, strict=True)),
-            self.class_names,
-            steps=c.sampler_steps,
-            seed=self.cfg.seed,
-        )
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {"images": self.aux.images, "labels": self.aux.labels, "counts": torch.as_tensor(counts)}, tmp
-        )
-        tmp.replace(path)
-        self.run.update_summary(
-            pretrain_bytes_up=up,
-            pretrain_bytes_down=sum(payload_bytes(m.content) for m in messages),
-            pretrain_clients=order,
-            aux_images=len(self.aux),
-            aux_build_s=time.perf_counter() - start,
-        )
+        return models, bytes_up, sum(payload_bytes(m.content) for m in messages)
 
     def _calibrate(self, round_: int) -> dict:
         if self.aux is None:
