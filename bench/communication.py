@@ -57,9 +57,12 @@ def overrides(plan: str, codec: str, args) -> list[str]:
 
 
 def run_one(name: str, args, out: Path) -> dict:
-    plan, codec = name.split("/")
+    """``name``: plan/codec, optionally @seed (e.g. full/fp32@1: the same run with seed 1)."""
+    spec, _, seed = name.partition("@")
+    plan, codec = spec.split("/")
     start = time.perf_counter()
-    res = fedsynth_run("configs/digits-federated.toml", out, overrides(plan, codec, args))
+    sets = overrides(plan, codec, args) + ([f"seed={int(seed)}"] if seed else [])
+    res = fedsynth_run("configs/digits-federated.toml", out, sets)
     if res.returncode != 0:
         error = (res.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": error, "wall_s": time.perf_counter() - start}
@@ -87,18 +90,19 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--runs-dir", default="runs/bench-communication")
     ap.add_argument("--collect", default="", help="rebuild the results from existing run directories")
+    ap.add_argument("--merge", action="store_true", help="add these rows to the saved results")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n] or list(RUNS)
     rows: dict[str, dict] = {}
     if args.collect:
         for name in names:
-            out = Path(args.collect) / name.replace("/", "-")
+            out = Path(args.collect) / name.replace("/", "-").replace("@", "-seed")
             if (out / "summary.json").is_file():
                 rows[name] = collect(out)
     else:
         runs = ROOT / args.runs_dir / time.strftime("%Y%m%d-%H%M%S")
         for name in names:
-            rows[name] = run_one(name, args, runs / name.replace("/", "-"))
+            rows[name] = run_one(name, args, runs / name.replace("/", "-").replace("@", "-seed"))
             print(name, rows[name], flush=True)
     settings = {
         "dataset": "digits 16x16",
@@ -113,6 +117,8 @@ def main() -> None:
         "per_class": args.per_class,
         "sampler": "dpm-20",
     }
+    if args.merge:
+        rows = {**json.loads((RESULTS / "communication.json").read_text())["rows"], **rows}
     write_result("communication", {"settings": settings, "rows": rows})
     render(settings, rows)
 
@@ -131,6 +137,20 @@ def _row(name: str, r: dict, ref: dict) -> str:
     )
 
 
+def _spread(rows: dict[str, dict]) -> list[str]:
+    """The reference run repeated with another seed: how much FD / CAS move by chance alone."""
+    a, b = rows["full/fp32"], rows.get("full/fp32@1")
+    if not b or "error" in b:
+        return []
+    return [
+        f"Run-to-run spread of the reference (seed 0 vs seed 1, same settings): FD {a['fd']:.3f} vs "
+        f"{b['fd']:.3f} ({b['fd'] / a['fd'] - 1:+.0%}), CAS {a['cas_accuracy']:.1%} vs "
+        f"{b['cas_accuracy']:.1%} ({100 * (b['cas_accuracy'] - a['cas_accuracy']):+.1f} points). "
+        "Differences of this size between rows are noise, not the codec or plan.",
+        "",
+    ]
+
+
 def render(settings: dict, rows: dict[str, dict]) -> None:
     ref = rows["full/fp32"]
     md = [
@@ -143,6 +163,7 @@ def render(settings: dict, rows: dict[str, dict]) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *[_row(name, r, ref) for name, r in rows.items()],
         "",
+        *_spread(rows),
         "Goal: ≥ 90% fewer total bytes than full/fp32 with FD within 10% and CAS within 2 points. "
         "Bytes are the serialized message payloads (arrays + config), both directions, initial "
         "broadcast included; udec / ulatdec rows are means over the 5 clients' personal models "
