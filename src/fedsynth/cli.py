@@ -82,18 +82,25 @@ def sample(
     seed: int = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 250,
     fmt: Annotated[str, typer.Option("--format", help="png | npz")] = "png",
+    client: Annotated[
+        int | None, typer.Option(help="a client's own model (udec / ulatdec / personal layers)")
+    ] = None,
 ) -> None:
     """Generate a class-balanced synthetic dataset of any size from a trained run."""
     from fedsynth.checkpoint import load_model
     from fedsynth.config import load_config
     from fedsynth.diffusion.training import resolve_device
+    from fedsynth.errors import RunDirError
     from fedsynth.rundir import RunDir, read_json
     from fedsynth.synthesize import SampleSpec, synthesize
 
     rd = RunDir(run_dir)
     cfg = load_config(rd.config)
     _set_threads(cfg.train.threads)
-    unet, scheduler = load_model(rd, resolve_device(cfg.train.device))
+    model_dir = rd if client is None else rd.client(client)
+    if client is None and rd.client_runs():
+        raise RunDirError(f"{rd.root} holds one model per client: pass --client N (see {rd.clients})")
+    unet, scheduler = load_model(model_dir, resolve_device(cfg.train.device))
     names = read_json(rd.partitions)["class_names"]
     rounds = [r["round"] for r in rd.read_metrics()]
     spec = SampleSpec(
