@@ -191,3 +191,20 @@ def test_personal_layers_never_leave_the_client_and_survive_rounds(weights):
         start = client_start(ex, layout, arrays, mode, state)
         assert all(torch.equal(start[k], new[k]) for k in personal)  # restored over the global
         assert all(torch.equal(start[k], torch.zeros_like(new[k])) for k in set(weights) - personal)
+
+
+def test_a_client_sent_the_full_model_again_keeps_its_personal_weights(weights):
+    """After a dropped round the server resends everything; trained personal parts survive."""
+    ex = ExchangeConfig(plan="udec", codec="fp32")
+    layout = Layout.of(weights)
+    server, state = ServerExchange(ex, layout), {}
+    start = client_start(ex, layout, *server.download(2, weights)[:2], state)
+    new = {k: v + 1.0 for k, v in start.items()}
+    client_reply(ex, layout, start, new, ("up",), state)
+    server.forget(2)
+    arrays, mode, _ = server.download(2, weights)
+    assert set(arrays) == set(weights)
+    again = client_start(ex, layout, arrays, mode, state)
+    up = set(layout.download("udec"))
+    assert all(torch.equal(again[k], new[k]) for k in weights if k not in up)
+    assert all(torch.equal(again[k], weights[k]) for k in up)

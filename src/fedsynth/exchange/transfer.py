@@ -140,9 +140,10 @@ def client_start(
     codec, download = codec_of(ex), layout.download(ex.plan)
     if mode == WEIGHTS:
         received = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
-        if set(received) == set(layout.shapes):  # the full model: (re)start from it
+        if set(received) == set(layout.shapes):  # the full model: the server (re)starts us
             state.pop("residual", None)
-            state["local"] = {k: v for k, v in received.items() if k not in download}
+            kept = state.get("local", {})  # personal weights we already trained are kept
+            state["local"] = {k: kept.get(k, v) for k, v in received.items() if k not in download}
         if not codec.lossless:
             state["ref"] = {k: received[k].float() for k in download}
     elif mode == DELTA:
@@ -153,7 +154,7 @@ def client_start(
         received = dict(state["ref"])
     else:
         raise CodecError(f"unknown exchange mode {mode!r}")
-    start = {**state.get("local", {}), **received}
+    start = {**received, **state.get("local", {})}  # "local" never holds exchanged keys
     missing = [k for k in layout.shapes if k not in start]
     if missing:
         raise CodecError(f"client holds no local weights for {missing[0]} … (restarted?): needs a full model")
