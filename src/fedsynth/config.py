@@ -168,6 +168,20 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class LedgerConfig:
+    """Decentralized paradigm: the chain that coordinates rounds and the weight store."""
+
+    rpc_url: str = ""  # JSON-RPC endpoint of an EVM node; "" = the embedded in-process chain
+    keys_file: str = ""  # hex private keys, one a line (owner, trainers, aggregators); "" = dev mnemonic
+    mnemonic: str = "test test test test test test test test test test test junk"  # dev accounts
+    store: str = ""  # content store: "" = RUN_DIR/store, a directory, or an IPFS API URL (http://…)
+    aggregators: int = _at_least(3, 1)  # aggregator nodes (all aggregate every round)
+    update_timeout: float = _at_least(600.0, 0.0, exclusive=True)  # s: owner closes with what arrived
+    aggregation_timeout: float = _at_least(300.0, 0.0, exclusive=True)  # s: no majority → round cancelled
+    trainer_workers: int = _at_least(0, 0)  # parallel training processes; 0 = cpus / client_cpus
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     per_class: int = _at_least(100, 0)
     sampler: str = _choice("ddim", SAMPLERS)
@@ -202,6 +216,7 @@ class Config:
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
     phoenix: PhoenixConfig = field(default_factory=PhoenixConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -225,6 +240,25 @@ class Config:
             raise ConfigError("phoenix.warmup_steps needs a shared set: set phoenix.beta > 0")
         if self.exchange.topk_ratio > 1:
             raise ConfigError(f"exchange.topk_ratio = {self.exchange.topk_ratio} must be in (0, 1]")
+        if self.paradigm == "decentralized":
+            _check_decentralized(self)
+
+
+def _check_decentralized(cfg: Config) -> None:
+    """What the decentralized paradigm does not support is refused, not silently ignored."""
+    unsupported = {
+        "exchange.plan": (cfg.exchange.plan, "full"),
+        "exchange.codec": (cfg.exchange.codec, "fp32"),
+        "exchange.personal": (cfg.exchange.personal, ""),
+        "calibration.mode": (cfg.calibration.mode, "off"),
+        "phoenix.filter_from": (cfg.phoenix.filter_from, 0),
+        "phoenix.warmup_steps": (cfg.phoenix.warmup_steps, 0),
+    }
+    for key, (value, supported) in unsupported.items():
+        if value != supported:
+            raise ConfigError(f"{key} = {value!r} is not available with paradigm = 'decentralized'")
+    if cfg.strategy.name == "scaffold":
+        raise ConfigError("strategy.name = 'scaffold' is not available with paradigm = 'decentralized'")
 
 
 # --------------------------------------------------------------------------- parsing

@@ -71,10 +71,12 @@ def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None) -> Non
         from fedsynth.federated import train_federated
 
         train_federated(cfg, run, prepared, resume=resume, grid=grid)
+    elif cfg.paradigm == "decentralized":
+        from fedsynth.decentralized import train_decentralized
+
+        train_decentralized(cfg, run, prepared, resume=resume)
     else:
-        raise ConfigError(
-            f"paradigm = {cfg.paradigm!r} is not available in this version; choose: centralized, federated"
-        )
+        raise ConfigError(f"paradigm = {cfg.paradigm!r} is not valid")
 
 
 def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None) -> RunDir:

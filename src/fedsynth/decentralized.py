@@ -1,0 +1,412 @@
+"""Stage 2 (decentralized paradigm): rounds coordinated by a smart contract, no central
+aggregator (seed 000's third paradigm, BlockLearning's protocol).
+
+The model owner deploys ``rounds.vy`` with the initial model's CID; trainers and
+aggregators self-register. Per round the owner selects trainers (seeded, as in the
+federated paradigm) and names the aggregators; trainers train and submit update CIDs;
+aggregators aggregate independently; the contract ends the round when more than half of
+them agree on one CID, and the owner terminates it. The owner keeps the run directory:
+metrics per round (gas, transactions, bytes moved, per-phase seconds), checkpoints and
+the final model, so ``fedsynth evaluate`` / ``report`` / ``compare`` work unchanged.
+
+In simulation every node lives in this process (trainers' local training in a process
+pool, like Flower's simulation workers); across machines each node runs
+``fedsynth node …`` against the same JSON-RPC chain and store (README).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import tomli_w
+import torch
+from diffusers import UNet2DModel
+
+from fedsynth.checkpoint import load_checkpoint, save_checkpoint, save_model
+from fedsynth.config import Config, config_to_dict
+from fedsynth.diffusion.schedule import build_train_scheduler
+from fedsynth.diffusion.training import make_ema, resolve_device
+from fedsynth.diffusion.unet import seeded_unet
+from fedsynth.errors import FedsynthError, RunDirError
+from fedsynth.ledger.chain import (
+    Chain,
+    RoundsContract,
+    dev_accounts,
+    file_accounts,
+    in_process_chain,
+    rpc_chain,
+)
+from fedsynth.ledger.nodes import AggregatorNode, EventFeed, TrainerNode, TrainResult
+from fedsynth.ledger.store import ContentStore, open_store
+from fedsynth.prepare import Prepared
+from fedsynth.progress import progress_bar
+from fedsynth.rundir import RunDir, write_json_atomic
+from fedsynth.strategies import WEIGHT_KEYS, build_strategy
+
+
+class DecentralizedError(FedsynthError):
+    """A decentralized round could not complete (no update, no majority)."""
+
+
+# ----------------------------------------------------------------- trainer work
+
+
+def train_update(
+    config_text: str, store_spec: str, store_dir: str, pid: int, round_: int, model: str
+) -> TrainResult:
+    """One trainer's local round: fetch the model by CID, train, store the update.
+
+    Runs in a worker process in simulation, or in a trainer node's own process."""
+    from fedsynth.client.app import client_data, parse_config
+    from fedsynth.client.local import local_train
+
+    cfg = parse_config(config_text)
+    threads = max(1, int(cfg.federation.client_cpus))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    store = open_store(store_spec, Path(store_dir))
+    weights = store.get_weights(model)
+    _, data = client_data(config_text, {"partition-id": pid}, ())
+    update = local_train(cfg, data, weights, round_=round_, client_id=pid, state={})
+    cid = store.put_weights(update.weights)
+    return TrainResult(
+        cid,
+        update.num_examples,
+        update.num_steps,
+        update.train_loss,
+        update.compute_s,
+        store.bytes_out,
+        store.bytes_in,
+    )
+
+
+def default_executor(cfg: Config) -> Executor:
+    workers = cfg.ledger.trainer_workers or max(1, int((os.cpu_count() or 1) // cfg.federation.client_cpus))
+    workers = min(workers, cfg.federation.clients_per_round)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+# ----------------------------------------------------------------- the federation
+
+
+@dataclass
+class RoundLog:
+    """Events of the current chain round, in order, for the owner to wait on."""
+
+    events: dict[int, list[dict]] = field(default_factory=dict)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def on_event(self, event: dict) -> None:
+        with self.cond:
+            self.events.setdefault(int(event.get("round", 0)), []).append(event)
+            self.cond.notify_all()
+
+    def of(self, round_: int, kind: str) -> list[dict]:
+        with self.cond:
+            return [e for e in self.events.get(round_, []) if e["event"] == kind]
+
+    def wait(self, round_: int, kind: str, timeout: float, feed: EventFeed) -> dict | None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not (found := self.of(round_, kind)):
+                if feed.errors:
+                    raise feed.errors[0]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(min(left, 1.0))
+        return found[0]
+
+
+@dataclass
+class Federation:
+    chain: Chain
+    rounds: RoundsContract
+    store: ContentStore
+    owner: object
+    trainers: list[TrainerNode]
+    aggregators: list[AggregatorNode]
+    feed: EventFeed
+    log: RoundLog
+    deploy_gas: int
+
+
+def accounts_for(cfg: Config, count: int):
+    if cfg.ledger.keys_file:
+        return file_accounts(cfg.ledger.keys_file, count)
+    return dev_accounts(cfg.ledger.mnemonic, count)
+
+
+def open_chain(cfg: Config) -> Chain:
+    return rpc_chain(cfg.ledger.rpc_url) if cfg.ledger.rpc_url else in_process_chain()
+
+
+@contextmanager
+def federation(
+    cfg: Config,
+    run: RunDir,
+    initial: dict[str, torch.Tensor],
+    work: Callable,
+    *,
+    aggregator_setup: Callable[[AggregatorNode], None] | None = None,
+):
+    """Deploy the contract, register every node and start the event feed."""
+    n, m = cfg.partition.num_clients, cfg.ledger.aggregators
+    chain = open_chain(cfg)
+    accounts = accounts_for(cfg, 1 + n + m)
+    chain.fund(accounts)
+    store_dir = run.root / "store"
+    store = open_store(cfg.ledger.store, store_dir)
+    owner = accounts[0]
+    rounds = RoundsContract.deploy(chain, owner, store.put_weights(initial))
+    deploy_gas = chain.gas_used
+    trainers = [TrainerNode(i, accounts[1 + i], rounds, work).join() for i in range(n)]
+    aggregators = []
+    for j in range(m):
+        node = AggregatorNode(
+            j,
+            accounts[1 + n + j],
+            rounds,
+            open_store(cfg.ledger.store, store_dir),
+            build_strategy(cfg),
+            weight_key=WEIGHT_KEYS[cfg.federation.weighting],
+        )
+        if aggregator_setup is not None:
+            aggregator_setup(node)
+        aggregators.append(node.join())
+    log = RoundLog()
+    feed = EventFeed(rounds, from_block=chain.w3.eth.block_number + 1)
+    feed.listeners += [log.on_event, *(t.on_event for t in trainers), *(a.on_event for a in aggregators)]
+    fed = Federation(chain, rounds, store, owner, trainers, aggregators, feed, log, deploy_gas)
+    write_json_atomic(
+        run.root / "ledger.json",
+        {
+            "backend": chain.kind,
+            "chain_id": chain.w3.eth.chain_id,
+            "contract": rounds.address,
+            "owner": owner.address,
+            "trainers": [t.address for t in trainers],
+            "aggregators": [a.address for a in aggregators],
+            "store": cfg.ledger.store or str(store_dir),
+            "deploy_gas": deploy_gas,
+        },
+    )
+    feed.start()
+    try:
+        yield fed
+    finally:
+        feed.stop()
+
+
+# ----------------------------------------------------------------- the owner
+
+
+class Owner:
+    """The model owner: starts, closes and terminates rounds; keeps the run directory."""
+
+    def __init__(self, cfg: Config, run: RunDir, unet: UNet2DModel) -> None:
+        self.cfg, self.run, self.unet = cfg, run, unet
+        self.ema = make_ema(unet, cfg.diffusion.ema_decay)
+        self.scheduler = build_train_scheduler(cfg.diffusion)
+        self.round = 0
+        self.strategy_state: dict | None = None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.unet.state_dict().items()}
+
+    def resume(self) -> None:
+        path = self.run.latest_checkpoint()
+        if path is None:
+            raise RunDirError(f"nothing to resume: no checkpoint in {self.run.checkpoints}")
+        device = next(self.unet.parameters()).device
+        ckpt = load_checkpoint(path, self.cfg.diffusion.ema_decay, device)
+        self.unet, self.ema, self.round = ckpt.unet, ckpt.ema, ckpt.round
+        self.strategy_state = ckpt.state.get("strategy")
+        self.run.truncate_metrics(self.round)
+
+    def checkpoint(self, fed: Federation, agreed: str) -> None:
+        honest = next((a for a in fed.aggregators if a.submitted.get(self._chain_round(fed)) == agreed), None)
+        state = {"strategy": honest.strategy.state_dict() if honest else None}
+        meta = {"model_cid": agreed, "contract": fed.rounds.address}
+        save_checkpoint(self.run, self.round, self.unet, self.ema, self.scheduler, state, meta)
+
+    @staticmethod
+    def _chain_round(fed: Federation) -> int:
+        return int(fed.rounds.view("round"))
+
+    def run_round(self, fed: Federation) -> tuple[dict, str]:
+        cfg, led = self.cfg, self.cfg.ledger
+        from fedsynth.server.loop import select_clients
+
+        round_ = self.round + 1
+        selected = select_clients(
+            cfg.seed, round_, 0, cfg.partition.num_clients, cfg.federation.clients_per_round
+        )
+        gas0, tx0 = fed.chain.gas_used, fed.chain.transactions
+        aggs0 = [(a.store.bytes_in, a.store.bytes_out) for a in fed.aggregators]
+        start = time.perf_counter()
+        fed.rounds.send(
+            fed.owner,
+            "startRound",
+            [fed.trainers[p].address for p in selected],
+            [a.address for a in fed.aggregators],
+            math.ceil(led.update_timeout),
+            math.ceil(led.aggregation_timeout),
+        )
+        r = self._chain_round(fed)
+        if fed.log.wait(r, "UpdatesClosed", led.update_timeout, fed.feed) is None:
+            self._close_late(fed, r)
+        closed = time.perf_counter()
+        agreed = fed.log.wait(r, "AggregationAgreed", led.aggregation_timeout, fed.feed)
+        if agreed is None:
+            fed.rounds.send(fed.owner, "cancelRound", "no majority of aggregators")
+            raise DecentralizedError(
+                f"round {round_}: no majority of the {len(fed.aggregators)} aggregators agreed within "
+                f"ledger.aggregation_timeout = {led.aggregation_timeout} s; last checkpoint kept"
+            )
+        aggregated = time.perf_counter()
+        fed.rounds.send(fed.owner, "terminateRound")
+        owner_down0 = fed.store.bytes_out
+        new = fed.store.get_weights(agreed["cid"])
+        device = next(self.unet.parameters()).device
+        self.unet.load_state_dict({k: v.to(device) for k, v in new.items()}, strict=True)
+        self.ema.step(self.unet.parameters())
+        self.round = round_
+        end = time.perf_counter()
+        record = self._record(fed, r, selected, agreed)
+        agg_up = sum(a.store.bytes_in - b[0] for a, b in zip(fed.aggregators, aggs0, strict=True))
+        agg_down = sum(a.store.bytes_out - b[1] for a, b in zip(fed.aggregators, aggs0, strict=True))
+        record.update(
+            wall_s=end - start,
+            phase_s={
+                "updates": closed - start,
+                "aggregation": aggregated - closed,
+                "termination": end - aggregated,
+            },
+            bytes_up=record["bytes_up"] + agg_up,
+            bytes_down=record["bytes_down"] + agg_down + fed.store.bytes_out - owner_down0,
+            aggregator_bytes_down=agg_down,
+            gas=fed.chain.gas_used - gas0,
+            transactions=fed.chain.transactions - tx0,
+        )
+        return record, agreed["cid"]
+
+    def _close_late(self, fed: Federation, r: int) -> None:
+        """The update deadline passed: proceed with what arrived, or cancel if nothing did."""
+        if not fed.log.of(r, "UpdateSubmitted"):
+            fed.rounds.send(fed.owner, "cancelRound", "no update arrived")
+            raise DecentralizedError(
+                f"round {self.round + 1}: no trainer submitted an update within "
+                f"ledger.update_timeout = {self.cfg.ledger.update_timeout} s; last checkpoint kept"
+            )
+        for attempt in range(10):  # the chain's clock may lag ours by a second or two
+            try:
+                fed.rounds.send(fed.owner, "closeUpdates")
+                break
+            except FedsynthError as err:
+                if "deadline" not in str(err) or attempt == 9:
+                    raise
+                time.sleep(1.0)
+        fed.log.wait(r, "UpdatesClosed", 30.0, fed.feed)
+
+    def _record(self, fed: Federation, r: int, selected: list[int], agreed: dict) -> dict:
+        updates = fed.log.of(r, "UpdateSubmitted")
+        metrics = [json.loads(e["metrics"]) for e in updates]
+        sent = {int(m["pid"]) for m in metrics}
+        honest = next((a for a in fed.aggregators if a.submitted.get(r) == agreed["cid"]), None)
+        rejected = honest.rejected.get(r, []) if honest else []
+        bad = {x["client"] for x in rejected}
+        used = [(e, m) for e, m in zip(updates, metrics, strict=True) if int(m["pid"]) not in bad]
+        weights = [int(e["dataPoints"]) for e, _ in used] or [1]
+        losses = [float(m["loss"]) for _, m in used] or [float("nan")]
+        dropped = [
+            {"client": p, "reason": "no update before ledger.update_timeout"}
+            for p in selected
+            if p not in sent
+        ]
+        dropped += [
+            {"client": x["client"], "reason": f"update rejected by aggregators: {x['reason']}"}
+            for x in rejected
+        ]
+        return {
+            "round": self.round,
+            "chain_round": r,
+            "train_loss": sum(w * v for w, v in zip(weights, losses, strict=False)) / sum(weights),
+            "train_loss_per_client": {int(m["pid"]): float(m["loss"]) for m in metrics},
+            "client_compute_s": {int(m["pid"]): float(m["s"]) for m in metrics},
+            "examples_per_client": {
+                int(m["pid"]): int(e["dataPoints"]) for e, m in zip(updates, metrics, strict=True)
+            },
+            "bytes_up": sum(int(m["up"]) for m in metrics),
+            "bytes_down": sum(int(m["down"]) for m in metrics),
+            "clients": sorted(int(m["pid"]) for _, m in used),
+            "selected": selected,
+            "dropped": dropped,
+            "model_cid": agreed["cid"],
+            "votes": int(agreed["votes"]),
+            "aggregations": len(fed.log.of(r, "AggregationSubmitted")),
+        }
+
+
+def train_decentralized(
+    cfg: Config,
+    run: RunDir,
+    prepared: Prepared,
+    *,
+    resume: bool,
+    executor: Executor | None = None,
+    aggregator_setup: Callable[[AggregatorNode], None] | None = None,
+    trainer_setup: Callable[[Federation], None] | None = None,
+) -> None:
+    """Run every round on a freshly deployed contract (a resumed run deploys a new one whose
+    initial model is the checkpoint's); ``executor`` runs the trainers' local rounds."""
+    full = prepared.data.full
+    unet = seeded_unet(cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes)
+    owner = Owner(cfg, run, unet.to(resolve_device(cfg.train.device)))
+    if resume:
+        owner.resume()
+    config_text = tomli_w.dumps(config_to_dict(cfg))
+    pool = executor or default_executor(cfg)
+    work = partial(pool.submit, train_update, config_text, cfg.ledger.store, str(run.root / "store"))
+    try:
+        with federation(cfg, run, owner.weights(), work, aggregator_setup=aggregator_setup) as fed:
+            if owner.strategy_state is not None:
+                for a in fed.aggregators:
+                    a.strategy.load_state_dict(owner.strategy_state)
+            if trainer_setup is not None:
+                trainer_setup(fed)
+            _rounds(cfg, run, owner, fed)
+    finally:
+        if executor is None:
+            pool.shutdown(cancel_futures=True)
+    save_model(run, owner.unet, owner.ema, owner.scheduler)
+
+
+def _rounds(cfg: Config, run: RunDir, owner: Owner, fed: Federation) -> None:
+    total = cfg.federation.rounds
+    with progress_bar("decentralized " + cfg.strategy.name, total=total) as bar:
+        bar.advance(owner.round)
+        while owner.round < total:
+            record, agreed = owner.run_round(fed)
+            run.append_metrics(record)
+            if owner.round % cfg.federation.checkpoint_every == 0 or owner.round == total:
+                owner.checkpoint(fed, agreed)
+            bar.advance(1, record["train_loss"])
+    run.update_summary(
+        deploy_gas=fed.deploy_gas,
+        gas=fed.chain.gas_used,
+        transactions=fed.chain.transactions,
+        contract=fed.rounds.address,
+        chain=fed.chain.kind,
+    )

@@ -1,0 +1,283 @@
+"""Trainer and aggregator nodes driven by the round contract's events, and the feed that
+delivers those events.
+
+A node holds its own key and acts only through the contract and the content store:
+- a **trainer**, on ``RoundStarted`` naming it, fetches the model by CID, trains (its
+  ``work`` callable: a local process pool in simulation), stores its update and submits
+  the CID once; a node that restarts re-registers idempotently and catches up from the
+  contract's state (``catch_up``).
+- an **aggregator** records every ``UpdateSubmitted``; on ``UpdatesClosed`` it fetches the
+  round's updates (each verified against its CID; a bad one is skipped with its reason),
+  aggregates them deterministically (sorted by trainer address, the configured strategy),
+  stores the result and submits its CID. Honest aggregators produce byte-identical blobs
+  and therefore the same CID; the contract ends the round on a majority.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from eth_account.signers.local import LocalAccount
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedsynth.errors import FedsynthError
+from fedsynth.ledger.chain import LedgerError, RoundsContract
+from fedsynth.ledger.store import ContentStore, Weights
+
+log = logging.getLogger("fedsynth.ledger")
+
+Listener = Callable[[dict], None]
+
+
+class EventFeed:
+    """Delivers the contract's events, in chain order, to every listener on one thread.
+
+    After a local transaction the feed is woken at once (``notify``); events of other
+    machines' transactions arrive when the node's next block is seen (``idle_wait``
+    seconds at most, for JSON-RPC backends)."""
+
+    def __init__(self, rounds: RoundsContract, *, from_block: int = 0, idle_wait: float = 0.5) -> None:
+        self.rounds, self.next_block, self.idle_wait = rounds, from_block, idle_wait
+        self.listeners: list[Listener] = []
+        self.errors: list[BaseException] = []
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedsynth-event-feed", daemon=True)
+        rounds.chain.listeners.append(lambda _event: self._wake.set())
+
+    def start(self) -> EventFeed:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.idle_wait)
+            self._wake.clear()
+            try:
+                self._deliver()
+            except BaseException as exc:  # kept for the owner, which raises it in the main thread
+                log.exception("event feed failed")
+                self.errors.append(exc)
+                return
+
+    def _deliver(self) -> None:
+        with self.rounds.chain.lock:
+            latest = self.rounds.chain.w3.eth.block_number
+            if latest < self.next_block:
+                return
+            events = self.rounds.events_since(self.next_block)
+            self.next_block = latest + 1
+        for event in events:
+            for listener in list(self.listeners):
+                try:
+                    listener(event)
+                except FedsynthError as err:
+                    log.warning("node failed to react to %s: %s", event["event"], err)
+
+
+def join(rounds: RoundsContract, account: LocalAccount, role: str) -> None:
+    """Self-register as ``trainer`` or ``aggregator``; a node that is already registered
+    (e.g. restarting after a crash) just carries on."""
+    flag, call = {
+        "trainer": ("isTrainer", "registerTrainer"),
+        "aggregator": ("isAggregator", "registerAggregator"),
+    }[role]
+    if not rounds.view(flag, account.address):
+        rounds.send(account, call)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    cid: str
+    num_examples: int
+    num_steps: int
+    train_loss: float
+    compute_s: float
+    bytes_down: int
+    bytes_up: int
+
+
+Work = Callable[[int, int, str], "Future[TrainResult]"]  # (client id, round, model CID)
+
+
+@dataclass
+class TrainerNode:
+    pid: int
+    account: LocalAccount
+    rounds: RoundsContract
+    work: Work
+    crashed: bool = False
+    results: dict[int, TrainResult] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return self.account.address
+
+    def join(self) -> TrainerNode:
+        join(self.rounds, self.account, "trainer")
+        return self
+
+    def on_event(self, event: dict) -> None:
+        if event["event"] == "RoundStarted" and self.address in event["trainers"]:
+            self._start(int(event["round"]), event["model"])
+
+    def catch_up(self) -> None:
+        """After a restart: if this round wants our update and we have not sent it, train now."""
+        r = self.rounds.view("round")
+        if (
+            self.rounds.phase() == "WaitingForUpdates"
+            and self.rounds.view("isSelectedTrainer", r, self.address)
+            and not self.rounds.view("hasSubmittedUpdate", r, self.address)
+        ):
+            self._start(r, self.rounds.view("model"))
+
+    def _start(self, round_: int, model: str) -> None:
+        if self.crashed:
+            return
+        future = self.work(self.pid, round_, model)
+        future.add_done_callback(lambda f: self._submit(round_, f))
+
+    def _submit(self, round_: int, future: Future) -> None:
+        if self.crashed:
+            return
+        try:
+            result: TrainResult = future.result()
+        except Exception as exc:  # a failed local round: nothing is submitted, the deadline covers it
+            log.warning("trainer %d: local training failed in round %d: %s", self.pid, round_, exc)
+            return
+        metrics = json.dumps(
+            {
+                "pid": self.pid,
+                "loss": round(result.train_loss, 6),
+                "steps": result.num_steps,
+                "s": round(result.compute_s, 3),
+                "down": result.bytes_down,
+                "up": result.bytes_up,
+            },
+            separators=(",", ":"),
+        )
+        try:
+            self.rounds.send(self.account, "submitUpdate", result.cid, result.num_examples, metrics)
+            self.results[round_] = result
+        except LedgerError as err:
+            log.warning("trainer %d: update for round %d not accepted: %s", self.pid, round_, err)
+
+
+@dataclass(frozen=True)
+class Update:
+    trainer: str
+    cid: str
+    data_points: int
+    metrics: dict
+
+
+@dataclass
+class AggregatorNode:
+    """``strategy`` is a fedsynth/Flower strategy (``aggregate_train``); ``corrupt`` makes a
+    faulty node that submits a wrong result (tests)."""
+
+    index: int
+    account: LocalAccount
+    rounds: RoundsContract
+    store: ContentStore
+    strategy: Any
+    weight_key: str = "num-examples"
+    corrupt: bool = False
+    crashed: bool = False
+    models: dict[int, str] = field(default_factory=dict)
+    updates: dict[int, list[Update]] = field(default_factory=dict)
+    rejected: dict[int, list[dict]] = field(default_factory=dict)
+    submitted: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return self.account.address
+
+    def join(self) -> AggregatorNode:
+        join(self.rounds, self.account, "aggregator")
+        return self
+
+    def on_event(self, event: dict) -> None:
+        kind, r = event["event"], int(event.get("round", 0))
+        if kind == "RoundStarted" and self.address in event["aggregators"]:
+            self.models[r], self.updates[r] = event["model"], []
+        elif kind == "UpdateSubmitted" and r in self.updates:
+            metrics = json.loads(event["metrics"]) if event["metrics"] else {}
+            self.updates[r].append(Update(event["trainer"], event["cid"], int(event["dataPoints"]), metrics))
+        elif kind == "UpdatesClosed" and r in self.updates and not self.crashed:
+            self._aggregate(r)
+
+    def _aggregate(self, round_: int) -> None:
+        global_w = self.store.get_weights(self.models[round_])
+        replies, rejected = [], []
+        for i, update in enumerate(sorted(self.updates[round_], key=lambda u: u.trainer.lower())):
+            try:
+                weights = self.store.get_weights(update.cid)
+                _check_like(weights, global_w)
+            except FedsynthError as err:
+                rejected.append(
+                    {"trainer": update.trainer, "client": update.metrics.get("pid"), "reason": str(err)}
+                )
+                log.warning("aggregator %d: ignoring update of %s: %s", self.index, update.trainer, err)
+                continue
+            replies.append(_reply(i, weights, update, self.weight_key))
+        self.rejected[round_] = rejected
+        if not replies:
+            log.warning("aggregator %d: round %d has no usable update", self.index, round_)
+            return
+        self.strategy.begin_round(ArrayRecord(global_w))
+        aggregated, _ = self.strategy.aggregate_train(round_, replies)
+        result = {**global_w, **aggregated.to_torch_state_dict()}
+        if self.corrupt:
+            result = {k: v + 1.0 if v.is_floating_point() else v for k, v in result.items()}
+        cid = self.store.put_weights(result)
+        self.submitted[round_] = cid
+        self.rounds.send(self.account, "submitAggregation", cid)
+
+
+def _check_like(weights: Weights, reference: Weights) -> None:
+    if set(weights) != set(reference):
+        missing, extra = sorted(set(reference) - set(weights)), sorted(set(weights) - set(reference))
+        raise FedsynthError(f"keys differ from the model (missing {missing[:3]}, extra {extra[:3]})")
+    for k, v in weights.items():
+        if v.shape != reference[k].shape:
+            raise FedsynthError(f"{k}: shape {tuple(v.shape)} != {tuple(reference[k].shape)}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise FedsynthError(f"{k}: non-finite values")
+
+
+def _standalone_identity() -> None:
+    """Flower's Message needs a run identity; an aggregator node runs outside any Flower run,
+    so it takes a fixed one (used only to build the replies its strategy aggregates)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    if TaskIdentity._run_id is None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 0, 0, 0
+
+
+def _reply(i: int, weights: Weights, update: Update, weight_key: str) -> Message:
+    _standalone_identity()
+    metrics = MetricRecord(
+        {
+            "num-examples": update.data_points,
+            "num-steps": int(update.metrics.get("steps", 1)),
+            "train-loss": float(update.metrics.get("loss", 0.0)),
+        }
+    )
+    assert weight_key in metrics, f"unknown weighting key {weight_key}"
+    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": metrics})
+    return Message(content=content, dst_node_id=i + 1, message_type=MessageType.TRAIN)
