@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	# only for its dataset helpers, and a torchvision wheel built for another torch build
 	# (CUDA wheel over CPU torch) breaks `import diffusers`.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps torch-fidelity==0.4.0
+	# A standalone EVM node (anvil, shipped inside an npm package) for the test that runs a
+	# decentralized round over JSON-RPC; without npm that one test is skipped.
+	if command -v npm >/dev/null; then \
+	  npm install --silent --no-audit --no-fund --prefix $(VENV)/anvil @foundry-rs/anvil@1.7.1 \
+	  || echo "anvil not installed: the standalone-node test will be skipped"; \
+	else echo "npm not found: anvil not installed, the standalone-node test will be skipped"; fi
 	touch $(STAMP)
 
 install: $(STAMP)

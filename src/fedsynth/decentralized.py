@@ -159,6 +159,7 @@ def federation(
     initial: dict[str, torch.Tensor],
     work: Callable,
     *,
+    rounds_done: int = 0,
     aggregator_setup: Callable[[AggregatorNode], None] | None = None,
 ):
     """Deploy the contract, register every node and start the event feed."""
@@ -169,7 +170,7 @@ def federation(
     store_dir = run.root / "store"
     store = open_store(cfg.ledger.store, store_dir)
     owner = accounts[0]
-    rounds = RoundsContract.deploy(chain, owner, store.put_weights(initial))
+    rounds = RoundsContract.deploy(chain, owner, store.put_weights(initial), rounds_done)
     deploy_gas = chain.gas_used
     trainers = [TrainerNode(i, accounts[1 + i], rounds, work).join() for i in range(n)]
     aggregators = []
@@ -223,7 +224,7 @@ class Owner:
         self.strategy_state: dict | None = None
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.unet.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
 
     def resume(self) -> None:
         path = self.run.latest_checkpoint()
@@ -265,12 +266,14 @@ class Owner:
             math.ceil(led.aggregation_timeout),
         )
         r = self._chain_round(fed)
+        if r != round_:
+            raise DecentralizedError(f"the contract is at round {r}, the run at round {round_}")
         if fed.log.wait(r, "UpdatesClosed", led.update_timeout, fed.feed) is None:
             self._close_late(fed, r)
         closed = time.perf_counter()
         agreed = fed.log.wait(r, "AggregationAgreed", led.aggregation_timeout, fed.feed)
         if agreed is None:
-            fed.rounds.send(fed.owner, "cancelRound", "no majority of aggregators")
+            _after_deadline(fed, "cancelRound", "no majority of aggregators")
             raise DecentralizedError(
                 f"round {round_}: no majority of the {len(fed.aggregators)} aggregators agreed within "
                 f"ledger.aggregation_timeout = {led.aggregation_timeout} s; last checkpoint kept"
@@ -305,19 +308,12 @@ class Owner:
     def _close_late(self, fed: Federation, r: int) -> None:
         """The update deadline passed: proceed with what arrived, or cancel if nothing did."""
         if not fed.log.of(r, "UpdateSubmitted"):
-            fed.rounds.send(fed.owner, "cancelRound", "no update arrived")
+            _after_deadline(fed, "cancelRound", "no update arrived")
             raise DecentralizedError(
                 f"round {self.round + 1}: no trainer submitted an update within "
                 f"ledger.update_timeout = {self.cfg.ledger.update_timeout} s; last checkpoint kept"
             )
-        for attempt in range(10):  # the chain's clock may lag ours by a second or two
-            try:
-                fed.rounds.send(fed.owner, "closeUpdates")
-                break
-            except FedsynthError as err:
-                if "deadline" not in str(err) or attempt == 9:
-                    raise
-                time.sleep(1.0)
+        _after_deadline(fed, "closeUpdates")
         fed.log.wait(r, "UpdatesClosed", 30.0, fed.feed)
 
     def _record(self, fed: Federation, r: int, selected: list[int], agreed: dict) -> dict:
@@ -341,7 +337,6 @@ class Owner:
         ]
         return {
             "round": self.round,
-            "chain_round": r,
             "train_loss": sum(w * v for w, v in zip(weights, losses, strict=False)) / sum(weights),
             "train_loss_per_client": {int(m["pid"]): float(m["loss"]) for m in metrics},
             "client_compute_s": {int(m["pid"]): float(m["s"]) for m in metrics},
@@ -357,6 +352,18 @@ class Owner:
             "votes": int(agreed["votes"]),
             "aggregations": len(fed.log.of(r, "AggregationSubmitted")),
         }
+
+
+def _after_deadline(fed: Federation, call: str, *args) -> None:
+    """An owner call allowed once a deadline passed; the chain's clock may lag ours a little."""
+    for attempt in range(10):
+        try:
+            fed.rounds.send(fed.owner, call, *args)
+            return
+        except FedsynthError as err:
+            if "deadline not reached" not in str(err) or attempt == 9:
+                raise
+            time.sleep(1.0)
 
 
 def train_decentralized(
@@ -380,7 +387,9 @@ def train_decentralized(
     pool = executor or default_executor(cfg)
     work = partial(pool.submit, train_update, config_text, cfg.ledger.store, str(run.root / "store"))
     try:
-        with federation(cfg, run, owner.weights(), work, aggregator_setup=aggregator_setup) as fed:
+        with federation(
+            cfg, run, owner.weights(), work, rounds_done=owner.round, aggregator_setup=aggregator_setup
+        ) as fed:
             if owner.strategy_state is not None:
                 for a in fed.aggregators:
                     a.strategy.load_state_dict(owner.strategy_state)

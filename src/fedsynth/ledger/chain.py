@@ -190,10 +190,12 @@ class RoundsContract:
         self.contract = chain.w3.eth.contract(address=address, abi=compiled_contract().abi)
 
     @classmethod
-    def deploy(cls, chain: Chain, owner: LocalAccount, initial_model: str) -> RoundsContract:
+    def deploy(
+        cls, chain: Chain, owner: LocalAccount, initial_model: str, rounds_done: int = 0
+    ) -> RoundsContract:
         c = compiled_contract()
         factory = chain.w3.eth.contract(abi=c.abi, bytecode=c.bytecode)
-        receipt = chain.send(owner, factory.constructor(initial_model))
+        receipt = chain.send(owner, factory.constructor(initial_model, rounds_done))
         assert receipt.contract_address, "a deployment receipt names the new contract"
         return cls(chain, receipt.contract_address)
 

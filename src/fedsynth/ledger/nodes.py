@@ -246,6 +246,9 @@ class AggregatorNode:
             result = {k: v + 1.0 if v.is_floating_point() else v for k, v in result.items()}
         cid = self.store.put_weights(result)
         self.submitted[round_] = cid
+        if self.rounds.view("round") != round_ or self.rounds.phase() != "WaitingForAggregations":
+            log.info("aggregator %d: round %d already decided; not submitting", self.index, round_)
+            return
         self.rounds.send(self.account, "submitAggregation", cid)
 
 

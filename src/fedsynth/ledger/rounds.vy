@@ -76,6 +76,7 @@ trainers: public(DynArray[address, MAX_NODES])
 aggregators: public(DynArray[address, MAX_NODES])
 updatesDeadline: public(uint256)
 aggregationDeadline: public(uint256)
+aggregationSeconds: public(uint256)
 updateCount: public(uint256)
 aggregationCount: public(uint256)
 
@@ -89,9 +90,11 @@ votes: HashMap[uint256, HashMap[bytes32, uint256]]
 
 
 @deploy
-def __init__(initial_model: String[CID_BYTES]):
+def __init__(initial_model: String[CID_BYTES], rounds_done: uint256):
+    # rounds_done > 0 continues a run from a checkpoint: round numbers stay the run's own
     self.owner = msg.sender
     self.model = initial_model
+    self.round = rounds_done
 
 
 @external
@@ -135,6 +138,7 @@ def startRound(
     self.aggregationCount = 0
     self.agreed = ""
     self.updatesDeadline = block.timestamp + update_seconds
+    self.aggregationSeconds = aggregation_seconds
     self.aggregationDeadline = self.updatesDeadline + aggregation_seconds
     self.phase = WAITING_FOR_UPDATES
     log RoundStarted(
@@ -150,7 +154,7 @@ def startRound(
 @internal
 def _closeUpdates():
     self.phase = WAITING_FOR_AGGREGATIONS
-    self.aggregationDeadline = max(self.aggregationDeadline, block.timestamp)
+    self.aggregationDeadline = block.timestamp + self.aggregationSeconds  # the window starts now
     log UpdatesClosed(round=self.round, updates=self.updateCount)
 
 

@@ -1,0 +1,284 @@
+"""Decentralized rounds end to end: honest rounds, faults survived, resume, a standalone node.
+
+Most tests drive the real contract, store, event feed, nodes and owner with a fast fake
+trainer (``work``): each trainer returns the model plus 0.01·(client id + 1) with
+10·(client id + 1) data points, so FedAvg's result is known by hand.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_OVERRIDES
+from fedsynth.config import config_from_dict, load_config
+from fedsynth.decentralized import DecentralizedError, Owner, federation, train_decentralized
+from fedsynth.diffusion.unet import seeded_unet
+from fedsynth.errors import ConfigError
+from fedsynth.ledger.nodes import TrainerNode, TrainResult
+from fedsynth.ledger.store import open_store
+from fedsynth.pipeline import run_all
+from fedsynth.prepare import prepare
+from fedsynth.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(clients: int = 3, **ledger):
+    return config_from_dict(
+        {
+            "paradigm": "decentralized",
+            "model": {"preset": "tiny"},
+            "partition": {"scheme": "iid", "num_clients": clients},
+            "federation": {"rounds": 2, "clients_per_round": clients, "checkpoint_every": 1},
+            "strategy": {"name": "fedavg"},
+            "ledger": {"aggregators": 3, "update_timeout": 30.0, "aggregation_timeout": 30.0, **ledger},
+            "sample": {"per_class": 0},
+        }
+    )
+
+
+def _fake_work(pool, store_dir: Path, behaviour: dict[int, str]):
+    def work(pid: int, round_: int, model: str):
+        def job() -> TrainResult:
+            store = open_store("", store_dir)
+            weights = store.get_weights(model)
+            if behaviour.get(pid) == "nan":
+                weights = {k: torch.full_like(v, float("nan")) for k, v in weights.items()}
+            else:
+                weights = {k: v + 0.01 * (pid + 1) for k, v in weights.items()}
+            cid = store.put_weights(weights)
+            if behaviour.get(pid) == "tamper":
+                blob = store.backend._path(cid)
+                blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
+            return TrainResult(cid, 10 * (pid + 1), 1, 0.5, 0.0, store.bytes_out, store.bytes_in)
+
+        return pool.submit(job)
+
+    return work
+
+
+@contextmanager
+def harness(tmp_path, cfg, behaviour=None, aggregator_setup=None):
+    run = RunDir(tmp_path / "run").create()
+    owner = Owner(cfg, run, seeded_unet(cfg.model, cfg.seed, 16, 1, 10))
+    with ThreadPoolExecutor(4) as pool:
+        work = _fake_work(pool, run.root / "store", behaviour or {})
+        with federation(cfg, run, owner.weights(), work, aggregator_setup=aggregator_setup) as fed:
+            yield owner, fed
+
+
+def _expected(initial: dict, clients: list[int]) -> dict:
+    n = [10 * (p + 1) for p in clients]
+    shift = sum(0.01 * (p + 1) * w for p, w in zip(clients, n, strict=True)) / sum(n)
+    return {k: v + shift for k, v in initial.items()}
+
+
+def _close(weights: dict, expected: dict) -> bool:
+    return all(torch.allclose(weights[k], expected[k], atol=1e-6) for k in expected)
+
+
+def test_honest_round_aggregators_agree_byte_for_byte(tmp_path):
+    with harness(tmp_path, _cfg()) as (owner, fed):
+        initial = owner.weights()
+        record, agreed = owner.run_round(fed)
+        assert _close(owner.weights(), _expected(initial, [0, 1, 2]))
+        assert {a.submitted[1] for a in fed.aggregators} == {agreed}  # all three: same bytes, same CID
+        assert record["votes"] == 2 and record["clients"] == [0, 1, 2] and record["dropped"] == []
+        assert fed.rounds.phase() == "Stopped" and fed.rounds.view("model") == agreed
+        assert record["gas"] > 0 and record["transactions"] == 1 + 3 + 2 + 1  # start, 3 updates, 2 votes, end
+        assert set(record["phase_s"]) == {"updates", "aggregation", "termination"}
+        blob = len(fed.store.get(agreed))
+        # trainers: 3 downloads + 3 uploads; aggregators: each 1 model + 3 updates down, 1 up; owner: 1 down
+        assert record["bytes_up"] == 3 * blob + 3 * blob
+        assert record["bytes_down"] == 3 * blob + 3 * 4 * blob + blob
+        record2, _ = owner.run_round(fed)
+        assert record2["round"] == 2 == fed.rounds.view("round")
+
+
+def test_wrong_aggregator_is_outvoted(tmp_path):
+    def corrupt_first(node):
+        node.corrupt = node.index == 0
+
+    with harness(tmp_path, _cfg(), aggregator_setup=corrupt_first) as (owner, fed):
+        initial = owner.weights()
+        record, agreed = owner.run_round(fed)
+        assert fed.aggregators[0].submitted[1] != agreed
+        assert fed.aggregators[1].submitted[1] == fed.aggregators[2].submitted[1] == agreed
+        assert record["votes"] == 2
+        assert _close(owner.weights(), _expected(initial, [0, 1, 2]))
+
+
+def test_silent_trainer_does_not_block_and_a_crashed_trainer_rejoins(tmp_path):
+    with harness(tmp_path, _cfg(update_timeout=2.0)) as (owner, fed):
+        initial = owner.weights()
+        fed.trainers[1].crashed = True
+        start = time.monotonic()
+        record, _ = owner.run_round(fed)
+        assert time.monotonic() - start < 20
+        assert record["clients"] == [0, 2]
+        assert record["dropped"] == [{"client": 1, "reason": "no update before ledger.update_timeout"}]
+        assert _close(owner.weights(), _expected(initial, [0, 2]))
+        # the node comes back with the same key: registering again is a no-op, and it catches up
+        old = fed.trainers[1]
+        fed.feed.listeners.remove(old.on_event)
+        fresh = TrainerNode(1, old.account, fed.rounds, old.work).join()
+        fed.trainers[1] = fresh
+        fed.feed.listeners.append(fresh.on_event)
+        record, _ = owner.run_round(fed)
+        assert record["clients"] == [0, 1, 2] and record["dropped"] == []
+
+
+def test_restarted_trainer_catches_up_mid_round(tmp_path):
+    with harness(tmp_path, _cfg(update_timeout=60.0)) as (owner, fed):
+        fed.trainers[2].crashed = True
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(record=owner.run_round(fed)[0]))
+        thread.start()
+        while not fed.log.of(1, "UpdateSubmitted") or len(fed.log.of(1, "UpdateSubmitted")) < 2:
+            time.sleep(0.05)
+        fed.feed.listeners.remove(fed.trainers[2].on_event)
+        fresh = TrainerNode(2, fed.trainers[2].account, fed.rounds, fed.trainers[2].work).join()
+        fresh.catch_up()  # reads the contract: round 1 wants its update, none sent yet
+        thread.join(timeout=30)
+        assert result["record"]["clients"] == [0, 1, 2]
+        assert result["record"]["wall_s"] < 30  # closed by the last update, not by the 60 s deadline
+
+
+def test_tampered_and_nan_updates_are_ignored_with_reasons(tmp_path):
+    with harness(tmp_path, _cfg(), behaviour={1: "tamper", 2: "nan"}) as (owner, fed):
+        initial = owner.weights()
+        record, _ = owner.run_round(fed)
+        assert record["clients"] == [0]
+        reasons = {d["client"]: d["reason"] for d in record["dropped"]}
+        assert "does not match its CID" in reasons[1]
+        assert "non-finite" in reasons[2]
+        assert _close(owner.weights(), _expected(initial, [0]))
+
+
+def test_no_majority_cancels_the_round_with_a_clear_error(tmp_path):
+    def crash(node):
+        node.crashed = True
+
+    with harness(tmp_path, _cfg(aggregation_timeout=1.0), aggregator_setup=crash) as (owner, fed):
+        before = owner.weights()
+        with pytest.raises(DecentralizedError, match="no majority of the 3 aggregators"):
+            owner.run_round(fed)
+        assert fed.rounds.phase() == "Stopped"
+        assert _close(owner.weights(), before)
+
+
+def test_no_update_at_all_is_a_clear_error(tmp_path):
+    with harness(tmp_path, _cfg(update_timeout=1.0)) as (owner, fed):
+        for t in fed.trainers:
+            t.crashed = True
+        with pytest.raises(DecentralizedError, match="no trainer submitted an update"):
+            owner.run_round(fed)
+        assert fed.rounds.phase() == "Stopped"
+
+
+def test_unsupported_options_are_refused():
+    with pytest.raises(ConfigError, match=r"exchange\.codec = 'int8' is not available with paradigm"):
+        config_from_dict({"paradigm": "decentralized", "exchange": {"codec": "int8"}})
+    with pytest.raises(ConfigError, match="scaffold"):
+        config_from_dict({"paradigm": "decentralized", "strategy": {"name": "scaffold"}})
+
+
+# --------------------------------------------------------------------------- real training
+
+DECENTRAL = [*TINY_OVERRIDES, 'paradigm="decentralized"', "ledger.aggregators=2", "ledger.trainer_workers=2"]
+
+
+@pytest.mark.slow
+def test_fedsynth_run_decentralized_writes_the_usual_run_directory(tmp_path):
+    cfg = load_config(ROOT / "configs" / "digits-centralized.toml", DECENTRAL)
+    run = run_all(cfg, tmp_path / "run")
+    metrics = run.read_metrics()
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert all(m["gas"] > 0 and m["transactions"] == 1 + 2 + 2 + 1 for m in metrics)
+    summary = json.loads(run.summary.read_text())
+    assert summary["paradigm"] == "decentralized" and summary["deploy_gas"] > 0
+    assert {"fd", "cas_accuracy", "precision"} <= set(summary)
+    assert (run.model / "unet").is_dir() and (run.root / "ledger.json").is_file()
+    assert (run.root / "report.md").is_file() and list(run.synthetic.glob("*/*.png"))
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted(tmp_path):
+    base = [*DECENTRAL, "sample.per_class=0", 'strategy.name="fedavgm"']
+    full_cfg = load_config(ROOT / "configs" / "digits-centralized.toml", [*base, "federation.rounds=2"])
+    first_cfg = load_config(ROOT / "configs" / "digits-centralized.toml", [*base, "federation.rounds=1"])
+    with ThreadPoolExecutor(2) as pool:
+        full = RunDir(tmp_path / "full").create()
+        train_decentralized(full_cfg, full, prepare(full_cfg), resume=False, executor=pool)
+        part = RunDir(tmp_path / "part").create()
+        train_decentralized(first_cfg, part, prepare(first_cfg), resume=False, executor=pool)
+        train_decentralized(full_cfg, part, prepare(full_cfg), resume=True, executor=pool)
+    a = torch.load(full.latest_checkpoint() / "state.pt", weights_only=True)
+    b = torch.load(part.latest_checkpoint() / "state.pt", weights_only=True)
+    assert a["round"] == b["round"] == 2
+    ma = (full.latest_checkpoint() / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    mb = (part.latest_checkpoint() / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert ma == mb
+
+
+# --------------------------------------------------------------------------- a standalone node
+
+
+def _anvil() -> str | None:
+    local = ROOT / ".venv" / "anvil" / "node_modules" / ".bin" / "anvil"
+    return str(local) if local.exists() else shutil.which("anvil")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(_anvil() is None, reason="anvil is not installed (make install adds it when npm exists)")
+def test_round_on_a_standalone_anvil_node(tmp_path):
+    port = _free_port()
+    cfg = _cfg(rpc_url=f"http://127.0.0.1:{port}")
+    node = subprocess.Popen(
+        [
+            _anvil(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--accounts",
+            "10",
+            "--silent",
+            "--mnemonic",
+            cfg.ledger.mnemonic,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        with harness(tmp_path, cfg) as (owner, fed):
+            assert fed.chain.kind == "rpc"
+            initial = owner.weights()
+            record, _ = owner.run_round(fed)
+            assert _close(owner.weights(), _expected(initial, [0, 1, 2]))
+            assert record["votes"] == 2 and record["gas"] > 0
+    finally:
+        node.terminate()
+        node.wait(timeout=10)
