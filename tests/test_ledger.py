@@ -286,3 +286,60 @@ def test_events_since_replays_history_for_a_rejoining_node(deployed):
     kinds = [e["event"] for e in c.events_since(0)]
     assert kinds.count("Registered") == 6
     assert kinds[-3:] == ["RoundStarted", "UpdateSubmitted", "UpdatesClosed"]
+
+
+# --------------------------------------------------------------------------- flattened aggregation
+
+
+@pytest.mark.parametrize(
+    "name", ["fedavg", "fedavgm", "fedmedian", "fedtrimmedavg", "fedyogi", "krum", "multikrum", "bulyan"]
+)
+def test_flat_aggregation_equals_per_key_aggregation(name):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    try:
+        _check_flat_equals_per_key(name)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _check_flat_equals_per_key(name):
+    """Aggregators aggregate one flattened vector per update; for every strategy the
+    decentralized paradigm allows, that gives Flower's per-key result."""
+    from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsynth.config import config_from_dict
+    from fedsynth.ledger.nodes import FLAT, flatten, unflatten
+    from fedsynth.strategies import build_strategy
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    cfg = config_from_dict(
+        {"partition": {"num_clients": 7}, "federation": {"clients_per_round": 7}, "strategy": {"name": name}}
+    )
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a.weight": (3, 2), "b.bias": (4,), "c.weight": (2, 2, 2)}
+    global_w = {k: torch.randn(*s, generator=g) for k, s in sorted(shapes.items())}
+    updates = [
+        {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in global_w.items()} for _ in range(7)
+    ]
+
+    def reply(arrays, n):
+        content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": n})})
+        return Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
+
+    per_key, flat = build_strategy(cfg), build_strategy(cfg)
+    for round_ in (1, 2):  # two rounds: server momenta and moments carry over
+        per_key.begin_round(ArrayRecord(global_w))
+        a, _ = per_key.aggregate_train(round_, [reply(u, 10 + i) for i, u in enumerate(updates)])
+        flat.begin_round(ArrayRecord({FLAT: torch.from_numpy(flatten(global_w, global_w))}))
+        replies = [
+            reply({FLAT: torch.from_numpy(flatten(u, global_w))}, 10 + i) for i, u in enumerate(updates)
+        ]
+        b, _ = flat.aggregate_train(round_, replies)
+        expected, got = a.to_torch_state_dict(), unflatten(b[FLAT].numpy(), global_w)
+        for k in global_w:
+            assert torch.allclose(got[k], expected[k], atol=1e-6), (name, round_, k)
+        global_w = got
+        updates = [{k: v + 0.05 for k, v in u.items()} for u in updates]

@@ -28,6 +28,8 @@ from fedsynth.errors import FedsynthError
 
 EVM_VERSION = "cancun"
 FUNDING_WEI = 10**21  # in-process chain: each node account gets 1,000 ether for gas
+GAS_LIMIT = 8_000_000  # per transaction; startRound with 128 trainers and 128 aggregators needs ~6 M
+DEPLOY_GAS = 4_000_000
 
 
 class LedgerError(FedsynthError):
@@ -101,6 +103,17 @@ class Chain:
     transactions: int = 0
     listeners: list[Callable[[dict], None]] = field(default_factory=list)
 
+    @functools.cached_property
+    def chain_id(self) -> int:
+        return self.w3.eth.chain_id
+
+    def _replay_reason(self, call: Any, tx: dict, receipt: Any) -> str:
+        try:
+            call.call({"from": tx["from"]}, block_identifier=receipt.blockNumber - 1)
+        except Exception as exc:  # the revert, now with its reason
+            return _revert_reason(exc)
+        return f"transaction {receipt.transactionHash.hex()} reverted"
+
     def fund(self, accounts: list[LocalAccount]) -> None:
         """In-process chain only: give each account ether for gas from the pre-funded coinbase."""
         if self.kind != "in-process":
@@ -110,15 +123,19 @@ class Chain:
                 tx = {"from": self.w3.eth.accounts[0], "to": acct.address, "value": FUNDING_WEI}
                 self.w3.eth.wait_for_transaction_receipt(self.w3.eth.send_transaction(tx))
 
-    def send(self, account: LocalAccount, call: Any, contract: Any = None) -> Receipt:
-        """Sign ``call`` (a contract function or constructor) with ``account`` and wait for it."""
+    def send(self, account: LocalAccount, call: Any, contract: Any = None, gas: int = GAS_LIMIT) -> Receipt:
+        """Sign ``call`` (a contract function or constructor) with ``account`` and wait for it.
+
+        A fixed gas limit instead of ``eth_estimateGas`` (py-evm estimates by a binary search
+        of ~13 executions); only the gas used is paid. A revert is reported with its reason."""
         with self.lock:
+            tx = {"from": account.address, "gas": gas}
             try:
                 tx = call.build_transaction(
                     {
-                        "from": account.address,
+                        **tx,
                         "nonce": self.w3.eth.get_transaction_count(account.address, "pending"),
-                        "chainId": self.w3.eth.chain_id,
+                        "chainId": self.chain_id,
                     }
                 )
                 signed = account.sign_transaction(tx)
@@ -127,8 +144,8 @@ class Chain:
                 )
             except Exception as exc:  # web3 and eth-tester raise several types for a revert
                 raise LedgerError(_revert_reason(exc)) from exc
-            if receipt.status != 1:
-                raise LedgerError(f"transaction {receipt.transactionHash.hex()} reverted")
+            if receipt.status != 1:  # a JSON-RPC node mines reverted transactions: replay for the reason
+                raise LedgerError(self._replay_reason(call, tx, receipt))
             self.gas_used += receipt.gasUsed
             self.transactions += 1
             events = decode_events(contract, receipt.logs) if contract is not None else []
@@ -147,17 +164,26 @@ def _revert_reason(exc: Exception) -> str:
 
 
 def decode_events(contract: Any, logs: list) -> list[dict]:
-    """Logs of ``contract`` decoded into ``{"event": name, **args, "block": n}``."""
+    """Logs of ``contract`` decoded into ``{"event": name, **args, "block": n}`` (by topic)."""
+    by_topic = _events_by_topic(contract)
     out = []
     for log in logs:
-        for event in contract.events:
-            try:
-                decoded = event.process_log(log)
-            except Exception:  # not this event's signature
-                continue
-            out.append({"event": decoded.event, **dict(decoded.args), "block": decoded.blockNumber})
-            break
+        event = by_topic.get(bytes(log["topics"][0])) if log["topics"] else None
+        if event is None:
+            continue
+        decoded = event.process_log(log)
+        out.append({"event": decoded.event, **dict(decoded.args), "block": decoded.blockNumber})
     return out
+
+
+def _events_by_topic(contract: Any) -> dict[bytes, Any]:
+    from eth_utils import event_abi_to_log_topic
+
+    return {
+        bytes(event_abi_to_log_topic(abi)): getattr(contract.events, abi["name"])()
+        for abi in contract.abi
+        if abi["type"] == "event"
+    }
 
 
 def in_process_chain() -> Chain:
@@ -195,7 +221,7 @@ class RoundsContract:
     ) -> RoundsContract:
         c = compiled_contract()
         factory = chain.w3.eth.contract(abi=c.abi, bytecode=c.bytecode)
-        receipt = chain.send(owner, factory.constructor(initial_model, rounds_done))
+        receipt = chain.send(owner, factory.constructor(initial_model, rounds_done), gas=DEPLOY_GAS)
         assert receipt.contract_address, "a deployment receipt names the new contract"
         return cls(chain, receipt.contract_address)
 
