@@ -6,10 +6,10 @@ trainer (``work``): each trainer returns the model plus 0.01·(client id + 1) wi
 """
 
 import json
-import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -245,26 +245,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(_anvil() is None, reason="anvil is not installed (make install adds it when npm exists)")
-def test_round_on_a_standalone_anvil_node(tmp_path):
+MNEMONIC = "test test test test test test test test test test test junk"
+
+
+@contextmanager
+def anvil_node():
+    """A standalone EVM node on a free loopback port (the dev mnemonic's accounts funded);
+    yields its JSON-RPC URL and stops it afterwards."""
     port = _free_port()
-    cfg = _cfg(rpc_url=f"http://127.0.0.1:{port}")
+    cmd = [_anvil(), "--host", "127.0.0.1", "--port", str(port), "--accounts", "10", "--silent"]
     node = subprocess.Popen(
-        [
-            _anvil(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--accounts",
-            "10",
-            "--silent",
-            "--mnemonic",
-            cfg.ledger.mnemonic,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "NO_COLOR": "1"},
+        [*cmd, "--mnemonic", MNEMONIC], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         for _ in range(100):
@@ -273,12 +264,88 @@ def test_round_on_a_standalone_anvil_node(tmp_path):
                 break
             except OSError:
                 time.sleep(0.1)
-        with harness(tmp_path, cfg) as (owner, fed):
-            assert fed.chain.kind == "rpc"
-            initial = owner.weights()
-            record, _ = owner.run_round(fed)
-            assert _close(owner.weights(), _expected(initial, [0, 1, 2]))
-            assert record["votes"] == 2 and record["gas"] > 0
+        yield f"http://127.0.0.1:{port}"
     finally:
         node.terminate()
         node.wait(timeout=10)
+
+
+@pytest.mark.skipif(_anvil() is None, reason="anvil is not installed (make install adds it when npm exists)")
+def test_round_on_a_standalone_anvil_node(tmp_path):
+    with anvil_node() as url, harness(tmp_path, _cfg(rpc_url=url)) as (owner, fed):
+        assert fed.chain.kind == "rpc"
+        initial = owner.weights()
+        record, _ = owner.run_round(fed)
+        assert _close(owner.weights(), _expected(initial, [0, 1, 2]))
+        assert record["votes"] == 2 and record["gas"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_anvil() is None, reason="anvil is not installed (make install adds it when npm exists)")
+def test_owner_and_nodes_as_separate_processes_on_loopback(tmp_path):
+    """The multi-machine layout on one machine: anvil, the owner (`fedsynth run` with
+    ledger.nodes = "external") and three `fedsynth node` processes sharing a store folder."""
+    from fedsynth.ledger.chain import dev_accounts
+
+    fedsynth = str(Path(sys.executable).with_name("fedsynth"))
+    config = str(ROOT / "configs" / "digits-centralized.toml")
+    keys = dev_accounts(MNEMONIC, 4)  # key 0 is the owner's
+    procs: list[subprocess.Popen] = []
+
+    def start(*cmd: str) -> subprocess.Popen:
+        procs.append(
+            subprocess.Popen([fedsynth, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+        return procs[-1]
+
+    with anvil_node() as url:
+        sets = [
+            *TINY_OVERRIDES,
+            'paradigm="decentralized"',
+            'ledger.nodes="external"',
+            f'ledger.rpc_url="{url}"',
+            f'ledger.store="{tmp_path / "shared-store"}"',
+            "ledger.aggregators=1",
+            "ledger.join_timeout=120.0",
+            "federation.rounds=1",
+            "sample.per_class=0",
+        ]
+        args = [x for s in sets for x in ("--set", s)]
+        try:
+            owner = start("run", config, "--out", str(tmp_path / "run"), *args)
+            ledger = tmp_path / "run" / "ledger.json"
+            for _ in range(600):
+                if ledger.is_file() or owner.poll() is not None:
+                    break
+                time.sleep(0.1)
+            contract = json.loads(ledger.read_text())["contract"]
+            for n, (role, pid) in enumerate((("trainer", 0), ("trainer", 1), ("aggregator", 0))):
+                key = tmp_path / f"{role}{pid}.key"
+                key.write_text(keys[1 + n].key.hex())
+                start(
+                    "node",
+                    role,
+                    "--config",
+                    config,
+                    "--contract",
+                    contract,
+                    "--key-file",
+                    str(key),
+                    "--partition-id",
+                    str(pid),
+                    *args,
+                )
+            out, _ = owner.communicate(timeout=300)
+            assert owner.returncode == 0, out[-2000:]
+            for node in procs[1:]:
+                text, _ = node.communicate(timeout=60)
+                assert node.returncode == 0, text[-2000:]
+                assert "took part in 1 round(s)" in text
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(timeout=10)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["clients"] == [0, 1] and metrics[0]["votes"] == 1
+    assert (tmp_path / "run" / "model" / "unet").is_dir()

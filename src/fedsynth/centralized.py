@@ -15,7 +15,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from fedsynth.checkpoint import load_checkpoint, save_checkpoint, save_model
+from fedsynth.checkpoint import load_latest_checkpoint, save_checkpoint, save_model
 from fedsynth.config import Config
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.schedule import build_train_scheduler
@@ -27,7 +27,6 @@ from fedsynth.diffusion.training import (
     train_steps,
 )
 from fedsynth.diffusion.unet import seeded_unet
-from fedsynth.errors import RunDirError
 from fedsynth.prepare import Prepared
 from fedsynth.progress import progress_bar
 from fedsynth.rundir import RunDir
@@ -56,10 +55,7 @@ def _fresh_state(cfg: Config, data: ImageData, device: torch.device) -> CentralS
 
 
 def _resumed_state(cfg: Config, run: RunDir, device: torch.device) -> CentralState:
-    path = run.latest_checkpoint()
-    if path is None:
-        raise RunDirError(f"nothing to resume: no checkpoint in {run.checkpoints}")
-    ckpt = load_checkpoint(path, cfg.diffusion.ema_decay, device)
+    ckpt = load_latest_checkpoint(run, cfg.diffusion.ema_decay, device)
     optimizer = make_optimizer(ckpt.unet.parameters(), cfg.train)
     optimizer.load_state_dict(ckpt.state["optimizer"])
     generator = torch.Generator(device=device)

@@ -70,6 +70,14 @@ def load_checkpoint(path: Path, decay: float, device: torch.device) -> Checkpoin
     return Checkpoint(round=int(state.pop("round")), unet=unet, ema=ema, state=state)
 
 
+def load_latest_checkpoint(run: RunDir, ema_decay: float, device: torch.device) -> Checkpoint:
+    """The newest complete checkpoint of ``run``; a clear error when there is none."""
+    path = run.latest_checkpoint()
+    if path is None:
+        raise RunDirError(f"nothing to resume: no checkpoint in {run.checkpoints}")
+    return load_checkpoint(path, ema_decay, device)
+
+
 def save_model(run: RunDir, unet: UNet2DModel, ema: EMAModel, scheduler: DDPMScheduler) -> Path:
     def fill(tmp: Path) -> None:
         ema_unet(unet, ema).save_pretrained(tmp / "unet")

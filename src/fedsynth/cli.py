@@ -72,6 +72,40 @@ def run(
 
 
 @app.command()
+def node(
+    role: Annotated[str, typer.Argument(help="trainer | aggregator")],
+    config: Annotated[Path, typer.Option(help="the run's config TOML (same as the owner's)")],
+    contract: Annotated[str, typer.Option(help="address of the deployed round contract")],
+    key_file: Annotated[Path, typer.Option("--key-file", help="file holding this node's hex private key")],
+    partition_id: Annotated[int, typer.Option("--partition-id", help="trainer: its partition")] = 0,
+    data_path: Annotated[str, typer.Option("--data-path", help="trainer: its own image folder or .npz")] = "",
+    classes: Annotated[str, typer.Option(help="with --data-path: the federation's class names, a,b,c")] = "",
+    store_dir: Annotated[
+        Path, typer.Option("--store-dir", help="store directory if ledger.store is empty")
+    ] = Path("fedsynth-store"),
+    overrides: Overrides = None,
+) -> None:
+    """Run one decentralized node (trainer or aggregator) against a deployed contract."""
+    from fedsynth.config import load_config
+    from fedsynth.decentralized import run_node
+
+    cfg = load_config(config, overrides)
+    if not key_file.is_file():
+        raise FedsynthError(f"--key-file: {key_file} does not exist")
+    taken = run_node(
+        cfg,
+        role,
+        contract,
+        key_file.read_text().strip(),
+        partition_id=partition_id,
+        data_path=data_path,
+        class_names=tuple(c for c in classes.split(",") if c),
+        store_dir=store_dir,
+    )
+    print(f"{role} done: took part in {taken} round(s)")
+
+
+@app.command()
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     out: Annotated[Path, typer.Option(help="output directory")],

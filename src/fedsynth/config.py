@@ -179,6 +179,8 @@ class LedgerConfig:
     update_timeout: float = _at_least(600.0, 0.0, exclusive=True)  # s: owner closes with what arrived
     aggregation_timeout: float = _at_least(300.0, 0.0, exclusive=True)  # s: no majority → round cancelled
     trainer_workers: int = _at_least(0, 0)  # parallel training processes; 0 = cpus / client_cpus
+    nodes: str = _choice("simulated", ("simulated", "external"))  # external: `fedsynth node` processes
+    join_timeout: float = _at_least(600.0, 0.0, exclusive=True)  # s to wait for external nodes to register
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,10 @@ def _check_decentralized(cfg: Config) -> None:
             raise ConfigError(f"{key} = {value!r} is not available with paradigm = 'decentralized'")
     if cfg.strategy.name == "scaffold":
         raise ConfigError("strategy.name = 'scaffold' is not available with paradigm = 'decentralized'")
+    if cfg.ledger.nodes == "external" and not cfg.ledger.rpc_url:
+        raise ConfigError(
+            "ledger.nodes = 'external' needs ledger.rpc_url: outside nodes cannot reach the in-process chain"
+        )
 
 
 # --------------------------------------------------------------------------- parsing

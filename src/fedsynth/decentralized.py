@@ -33,12 +33,12 @@ import tomli_w
 import torch
 from diffusers import UNet2DModel
 
-from fedsynth.checkpoint import load_checkpoint, save_checkpoint, save_model
+from fedsynth.checkpoint import load_latest_checkpoint, save_checkpoint, save_model
 from fedsynth.config import Config, config_to_dict
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema, resolve_device
 from fedsynth.diffusion.unet import seeded_unet
-from fedsynth.errors import FedsynthError, RunDirError
+from fedsynth.errors import FedsynthError
 from fedsynth.ledger.chain import (
     Chain,
     RoundsContract,
@@ -52,6 +52,7 @@ from fedsynth.ledger.store import ContentStore, open_store
 from fedsynth.prepare import Prepared
 from fedsynth.progress import progress_bar
 from fedsynth.rundir import RunDir, write_json_atomic
+from fedsynth.server.loop import select_clients
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 
 
@@ -63,7 +64,14 @@ class DecentralizedError(FedsynthError):
 
 
 def train_update(
-    config_text: str, store_spec: str, store_dir: str, pid: int, round_: int, model: str
+    config_text: str,
+    store_spec: str,
+    store_dir: str,
+    pid: int,
+    round_: int,
+    model: str,
+    data_path: str = "",
+    class_names: tuple[str, ...] = (),
 ) -> TrainResult:
     """One trainer's local round: fetch the model by CID, train, store the update.
 
@@ -77,7 +85,8 @@ def train_update(
         torch.set_num_threads(threads)
     store = open_store(store_spec, Path(store_dir))
     weights = store.get_weights(model)
-    _, data = client_data(config_text, {"partition-id": pid}, ())
+    node_config = {"partition-id": pid, **({"data-path": data_path} if data_path else {})}
+    _, data = client_data(config_text, node_config, class_names)
     update = local_train(cfg, data, weights, round_=round_, client_id=pid, state={})
     cid = store.put_weights(update.weights)
     return TrainResult(
@@ -131,10 +140,15 @@ class RoundLog:
 
 @dataclass
 class Federation:
+    """What the owner works with. ``trainer_addresses[i]`` is client i; ``trainers`` and
+    ``aggregators`` hold the node objects when the nodes run in this process (simulation)."""
+
     chain: Chain
     rounds: RoundsContract
     store: ContentStore
     owner: object
+    trainer_addresses: list[str]
+    aggregator_addresses: list[str]
     trainers: list[TrainerNode]
     aggregators: list[AggregatorNode]
     feed: EventFeed
@@ -162,52 +176,90 @@ def federation(
     rounds_done: int = 0,
     aggregator_setup: Callable[[AggregatorNode], None] | None = None,
 ):
-    """Deploy the contract, register every node and start the event feed."""
+    """Deploy the contract, start the event feed and register the nodes: in this process
+    (``ledger.nodes = "simulated"``), or wait for outside nodes to register (``"external"``)."""
     n, m = cfg.partition.num_clients, cfg.ledger.aggregators
+    external = cfg.ledger.nodes == "external"
     chain = open_chain(cfg)
-    accounts = accounts_for(cfg, 1 + n + m)
+    accounts = accounts_for(cfg, 1 if external else 1 + n + m)
     chain.fund(accounts)
     store_dir = run.root / "store"
     store = open_store(cfg.ledger.store, store_dir)
     owner = accounts[0]
     rounds = RoundsContract.deploy(chain, owner, store.put_weights(initial), rounds_done)
     deploy_gas = chain.gas_used
-    trainers = [TrainerNode(i, accounts[1 + i], rounds, work).join() for i in range(n)]
-    aggregators = []
-    for j in range(m):
-        node = AggregatorNode(
-            j,
-            accounts[1 + n + j],
-            rounds,
-            open_store(cfg.ledger.store, store_dir),
-            build_strategy(cfg),
-            weight_key=WEIGHT_KEYS[cfg.federation.weighting],
-        )
-        if aggregator_setup is not None:
-            aggregator_setup(node)
-        aggregators.append(node.join())
     log = RoundLog()
-    feed = EventFeed(rounds, from_block=chain.w3.eth.block_number + 1)
-    feed.listeners += [log.on_event, *(t.on_event for t in trainers), *(a.on_event for a in aggregators)]
-    fed = Federation(chain, rounds, store, owner, trainers, aggregators, feed, log, deploy_gas)
-    write_json_atomic(
-        run.root / "ledger.json",
-        {
-            "backend": chain.kind,
-            "chain_id": chain.w3.eth.chain_id,
-            "contract": rounds.address,
-            "owner": owner.address,
-            "trainers": [t.address for t in trainers],
-            "aggregators": [a.address for a in aggregators],
-            "store": cfg.ledger.store or str(store_dir),
-            "deploy_gas": deploy_gas,
-        },
-    )
+    feed = EventFeed(rounds, from_block=chain.w3.eth.block_number)
+    feed.listeners.append(log.on_event)
+    trainers, aggregators = [], []
+    if not external:
+        trainers = [TrainerNode(i, accounts[1 + i], rounds, work).join() for i in range(n)]
+        for j in range(m):
+            node = AggregatorNode(
+                j,
+                accounts[1 + n + j],
+                rounds,
+                open_store(cfg.ledger.store, store_dir),
+                build_strategy(cfg),
+                weight_key=WEIGHT_KEYS[cfg.federation.weighting],
+            )
+            if aggregator_setup is not None:
+                aggregator_setup(node)
+            aggregators.append(node.join())
+        feed.listeners += [*(t.on_event for t in trainers), *(a.on_event for a in aggregators)]
     feed.start()
+    info = {
+        "backend": chain.kind,
+        "chain_id": chain.chain_id,
+        "contract": rounds.address,
+        "owner": owner.address,
+        "store": cfg.ledger.store or str(store_dir),
+        "deploy_gas": deploy_gas,
+    }
     try:
+        write_json_atomic(run.root / "ledger.json", info)  # node operators need the address now
+        if external:
+            announce(cfg, rounds)
+        t_addr, a_addr = registered(log, feed, n, m, timeout=cfg.ledger.join_timeout)
+        fed = Federation(
+            chain, rounds, store, owner, t_addr, a_addr, trainers, aggregators, feed, log, deploy_gas
+        )
+        write_json_atomic(run.root / "ledger.json", {**info, "trainers": t_addr, "aggregators": a_addr})
         yield fed
     finally:
         feed.stop()
+
+
+def announce(cfg: Config, rounds: RoundsContract) -> None:
+    import sys
+
+    print(
+        f"contract {rounds.address} deployed; waiting for {cfg.partition.num_clients} trainers and "
+        f"{cfg.ledger.aggregators} aggregators to register (fedsynth node trainer|aggregator "
+        f"--contract {rounds.address} ...)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def registered(log: RoundLog, feed: EventFeed, n: int, m: int, timeout: float) -> tuple[list[str], list[str]]:
+    """The first n trainers and m aggregators to register, in registration order."""
+    deadline = time.monotonic() + timeout
+    with log.cond:
+        while True:
+            events = log.of(0, "Registered")
+            trainers = [e["node"] for e in events if e["role"] == 1][:n]
+            aggregators = [e["node"] for e in events if e["role"] == 2][:m]
+            if len(trainers) == n and len(aggregators) == m:
+                return trainers, aggregators
+            if feed.errors:
+                raise feed.errors[0]
+            if time.monotonic() > deadline:
+                raise DecentralizedError(
+                    f"only {len(trainers)} of {n} trainers and {len(aggregators)} of {m} aggregators "
+                    f"registered within ledger.join_timeout = {timeout} s"
+                )
+            log.cond.wait(1.0)
 
 
 # ----------------------------------------------------------------- the owner
@@ -227,11 +279,8 @@ class Owner:
         return {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
 
     def resume(self) -> None:
-        path = self.run.latest_checkpoint()
-        if path is None:
-            raise RunDirError(f"nothing to resume: no checkpoint in {self.run.checkpoints}")
         device = next(self.unet.parameters()).device
-        ckpt = load_checkpoint(path, self.cfg.diffusion.ema_decay, device)
+        ckpt = load_latest_checkpoint(self.run, self.cfg.diffusion.ema_decay, device)
         self.unet, self.ema, self.round = ckpt.unet, ckpt.ema, ckpt.round
         self.strategy_state = ckpt.state.get("strategy")
         self.run.truncate_metrics(self.round)
@@ -248,8 +297,6 @@ class Owner:
 
     def run_round(self, fed: Federation) -> tuple[dict, str]:
         cfg, led = self.cfg, self.cfg.ledger
-        from fedsynth.server.loop import select_clients
-
         round_ = self.round + 1
         selected = select_clients(
             cfg.seed, round_, 0, cfg.partition.num_clients, cfg.federation.clients_per_round
@@ -260,8 +307,8 @@ class Owner:
         fed.rounds.send(
             fed.owner,
             "startRound",
-            [fed.trainers[p].address for p in selected],
-            [a.address for a in fed.aggregators],
+            [fed.trainer_addresses[p] for p in selected],
+            fed.aggregator_addresses,
             math.ceil(led.update_timeout),
             math.ceil(led.aggregation_timeout),
         )
@@ -275,8 +322,8 @@ class Owner:
         if agreed is None:
             _after_deadline(fed, "cancelRound", "no majority of aggregators")
             raise DecentralizedError(
-                f"round {round_}: no majority of the {len(fed.aggregators)} aggregators agreed within "
-                f"ledger.aggregation_timeout = {led.aggregation_timeout} s; last checkpoint kept"
+                f"round {round_}: no majority of the {len(fed.aggregator_addresses)} aggregators agreed "
+                f"within ledger.aggregation_timeout = {led.aggregation_timeout} s; last checkpoint kept"
             )
         aggregated = time.perf_counter()
         fed.rounds.send(fed.owner, "terminateRound")
@@ -317,37 +364,42 @@ class Owner:
         fed.log.wait(r, "UpdatesClosed", 30.0, fed.feed)
 
     def _record(self, fed: Federation, r: int, selected: list[int], agreed: dict) -> dict:
-        updates = fed.log.of(r, "UpdateSubmitted")
-        metrics = [json.loads(e["metrics"]) for e in updates]
-        sent = {int(m["pid"]) for m in metrics}
+        """The round's metrics line; client ids are the trainers' registration order. Rejection
+        reasons are known for aggregators in this process (external ones log their own)."""
+        client = {a.lower(): i for i, a in enumerate(fed.trainer_addresses)}
+        updates = [
+            (client[e["trainer"].lower()], e, json.loads(e["metrics"]))
+            for e in fed.log.of(r, "UpdateSubmitted")
+        ]
         honest = next((a for a in fed.aggregators if a.submitted.get(r) == agreed["cid"]), None)
-        rejected = honest.rejected.get(r, []) if honest else []
+        rejected = [
+            {
+                "client": client[x["trainer"].lower()],
+                "reason": f"update rejected by aggregators: {x['reason']}",
+            }
+            for x in (honest.rejected.get(r, []) if honest else [])
+        ]
         bad = {x["client"] for x in rejected}
-        used = [(e, m) for e, m in zip(updates, metrics, strict=True) if int(m["pid"]) not in bad]
-        weights = [int(e["dataPoints"]) for e, _ in used] or [1]
-        losses = [float(m["loss"]) for _, m in used] or [float("nan")]
+        used = [(c, e, m) for c, e, m in updates if c not in bad]
+        weights = [int(e["dataPoints"]) for _, e, _ in used] or [1]
+        losses = [float(m["loss"]) for _, _, m in used] or [float("nan")]
+        sent = {c for c, _, _ in updates}
         dropped = [
             {"client": p, "reason": "no update before ledger.update_timeout"}
             for p in selected
             if p not in sent
         ]
-        dropped += [
-            {"client": x["client"], "reason": f"update rejected by aggregators: {x['reason']}"}
-            for x in rejected
-        ]
         return {
             "round": self.round,
             "train_loss": sum(w * v for w, v in zip(weights, losses, strict=False)) / sum(weights),
-            "train_loss_per_client": {int(m["pid"]): float(m["loss"]) for m in metrics},
-            "client_compute_s": {int(m["pid"]): float(m["s"]) for m in metrics},
-            "examples_per_client": {
-                int(m["pid"]): int(e["dataPoints"]) for e, m in zip(updates, metrics, strict=True)
-            },
-            "bytes_up": sum(int(m["up"]) for m in metrics),
-            "bytes_down": sum(int(m["down"]) for m in metrics),
-            "clients": sorted(int(m["pid"]) for _, m in used),
+            "train_loss_per_client": {c: float(m["loss"]) for c, _, m in updates},
+            "client_compute_s": {c: float(m["s"]) for c, _, m in updates},
+            "examples_per_client": {c: int(e["dataPoints"]) for c, e, _ in updates},
+            "bytes_up": sum(int(m["up"]) for _, _, m in updates),
+            "bytes_down": sum(int(m["down"]) for _, _, m in updates),
+            "clients": sorted(c for c, _, _ in used),
             "selected": selected,
-            "dropped": dropped,
+            "dropped": dropped + rejected,
             "model_cid": agreed["cid"],
             "votes": int(agreed["votes"]),
             "aggregations": len(fed.log.of(r, "AggregationSubmitted")),
@@ -419,3 +471,67 @@ def _rounds(cfg: Config, run: RunDir, owner: Owner, fed: Federation) -> None:
         contract=fed.rounds.address,
         chain=fed.chain.kind,
     )
+
+
+# ----------------------------------------------------------------- a node on its own
+
+
+def run_node(
+    cfg: Config,
+    role: str,
+    contract: str,
+    key: str,
+    *,
+    partition_id: int = 0,
+    data_path: str = "",
+    class_names: tuple[str, ...] = (),
+    store_dir: Path = Path("fedsynth-store"),
+) -> int:
+    """Run one trainer or aggregator against a deployed contract until the run's last round
+    terminates; returns the rounds it took part in. Restarting it rejoins the run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eth_account import Account
+
+    from fedsynth.errors import ConfigError
+
+    if role not in ("trainer", "aggregator"):
+        raise ConfigError(f"node role {role!r} is not valid; choose: trainer, aggregator")
+    if not cfg.ledger.rpc_url:
+        raise ConfigError("a node needs ledger.rpc_url (the chain the owner deployed the contract on)")
+    if data_path and not class_names:
+        raise ConfigError("--data-path needs --classes: the federation's class names, in order")
+    rounds = RoundsContract(open_chain(cfg), contract)
+    account = Account.from_key(key)
+    done = threading.Event()
+    feed = EventFeed(rounds, from_block=0)  # replays history: a restarted node catches up
+    feed.listeners.append(
+        lambda e: (
+            done.set() if e["event"] == "RoundTerminated" and e["round"] >= cfg.federation.rounds else None
+        )
+    )
+    with ThreadPoolExecutor(1) as pool:
+        if role == "trainer":
+            text = tomli_w.dumps(config_to_dict(cfg))
+            job = partial(train_update, text, cfg.ledger.store, str(store_dir))
+            node = TrainerNode(
+                partition_id,
+                account,
+                rounds,
+                lambda pid, r, model: pool.submit(job, pid, r, model, data_path, class_names),
+            ).join()
+        else:
+            store = open_store(cfg.ledger.store, store_dir)
+            node = AggregatorNode(
+                0, account, rounds, store, build_strategy(cfg), WEIGHT_KEYS[cfg.federation.weighting]
+            )
+            node.join()
+        feed.listeners.append(node.on_event)
+        feed.start()
+        try:
+            while not done.wait(1.0):
+                if feed.errors:
+                    raise feed.errors[0]
+        finally:
+            feed.stop()
+    return len(node.results if role == "trainer" else node.submitted)

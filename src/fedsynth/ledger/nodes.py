@@ -90,6 +90,11 @@ class EventFeed:
                     log.warning("node failed to react to %s: %s", event["event"], err)
 
 
+def _stale(rounds: RoundsContract, event: dict) -> bool:
+    """An event of a finished round (a node replaying history after a restart)."""
+    return int(event["round"]) < int(rounds.view("round"))
+
+
 def join(rounds: RoundsContract, account: LocalAccount, role: str) -> None:
     """Self-register as ``trainer`` or ``aggregator``; a node that is already registered
     (e.g. restarting after a crash) just carries on."""
@@ -133,7 +138,11 @@ class TrainerNode:
         return self
 
     def on_event(self, event: dict) -> None:
-        if event["event"] == "RoundStarted" and self.address in event["trainers"]:
+        if (
+            event["event"] == "RoundStarted"
+            and self.address in event["trainers"]
+            and not _stale(self.rounds, event)
+        ):
             self._start(int(event["round"]), event["model"])
 
     def catch_up(self) -> None:
@@ -147,7 +156,7 @@ class TrainerNode:
             self._start(r, self.rounds.view("model"))
 
     def _start(self, round_: int, model: str) -> None:
-        if self.crashed:
+        if self.crashed or self.rounds.view("hasSubmittedUpdate", round_, self.address):
             return
         future = self.work(self.pid, round_, model)
         future.add_done_callback(lambda f: self._submit(round_, f))
@@ -219,7 +228,12 @@ class AggregatorNode:
         elif kind == "UpdateSubmitted" and r in self.updates:
             metrics = json.loads(event["metrics"]) if event["metrics"] else {}
             self.updates[r].append(Update(event["trainer"], event["cid"], int(event["dataPoints"]), metrics))
-        elif kind == "UpdatesClosed" and r in self.updates and not self.crashed:
+        elif (
+            kind == "UpdatesClosed"
+            and r in self.updates
+            and not self.crashed
+            and not _stale(self.rounds, event)
+        ):
             self._aggregate(r)
 
     def _aggregate(self, round_: int) -> None:

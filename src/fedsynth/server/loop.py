@@ -21,13 +21,19 @@ from diffusers import DDPMScheduler, UNet2DModel
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsynth.checkpoint import ema_unet, load_checkpoint, save_checkpoint, save_model, save_personal_model
+from fedsynth.checkpoint import (
+    ema_unet,
+    load_latest_checkpoint,
+    save_checkpoint,
+    save_model,
+    save_personal_model,
+)
 from fedsynth.client.app import CLASSES_KEY, CONFIG_KEY
 from fedsynth.config import Config, config_to_dict, dump_config
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema
-from fedsynth.errors import FedsynthError, RunDirError
+from fedsynth.errors import FedsynthError
 from fedsynth.exchange.codecs import CodecError
 from fedsynth.exchange.plans import UNITS, upload_groups
 from fedsynth.exchange.transfer import Layout, ServerExchange, has_personal_models
@@ -161,11 +167,8 @@ class RoundRunner:
 
     # ------------------------------------------------------------------ state
     def resume(self) -> None:
-        path = self.run.latest_checkpoint()
-        if path is None:
-            raise RunDirError(f"nothing to resume: no checkpoint in {self.run.checkpoints}")
         device = next(self.unet.parameters()).device
-        ckpt = load_checkpoint(path, self.cfg.diffusion.ema_decay, device)
+        ckpt = load_latest_checkpoint(self.run, self.cfg.diffusion.ema_decay, device)
         self.unet, self.ema, self.round = ckpt.unet, ckpt.ema, ckpt.round
         for name, strategy in self.strategies.items():
             strategy.load_state_dict(ckpt.state["strategies"][name])
