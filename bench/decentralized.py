@@ -95,9 +95,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
-            results[preset] = {
-                p: timed_run(p, preset, args, Path(tmp) / f"{preset}-{p}") for p in PARADIGMS
-            }
+            results[preset] = {p: timed_run(p, preset, args, Path(tmp) / f"{preset}-{p}") for p in PARADIGMS}
             print(table({preset: results[preset]}), flush=True)
     ratios = {
         preset: rows["decentralized"]["steady_round_s"] / rows["federated"]["steady_round_s"]

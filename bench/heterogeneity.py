@@ -4,7 +4,7 @@ threshold filtering, FedDDPM and FedDDPM+, plus IID federated and centralized wi
 same optimizer steps. Results: bench/results/heterogeneity.{json,md}.
 
     .venv/bin/python bench/heterogeneity.py [--rounds 10] [--local-steps 12] [--per-class 30]
-        [--only fedavg,fedddpm] [--runs-dir runs/bench-heterogeneity]
+        [--pretrain-steps 100] [--only fedavg,fedddpm] [--runs-dir runs/bench-heterogeneity]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _filter(mode: str) -> list[str]:
     ]
 
 
-CALIBRATION = ["calibration.pretrain_steps=100", "calibration.aux_size=500", "calibration.server_steps=20"]
+CALIBRATION = ["calibration.aux_size=500", "calibration.server_steps=20"]
 RUNS: dict[str, list[str]] = {
     "centralized": ['paradigm="centralized"'],
     "iid": ['partition.scheme="iid"'],
@@ -72,6 +72,7 @@ def base(args) -> list[str]:
         'sample.sampler="dpm"',
         "sample.steps=20",
         "eval.tsne_points=0",
+        f"calibration.pretrain_steps={args.pretrain_steps}",
     ]
 
 
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--local-steps", type=int, default=12)
     ap.add_argument("--per-class", type=int, default=30)
+    ap.add_argument("--pretrain-steps", type=int, default=100, help="FedDDPM's one-off local models")
     ap.add_argument("--only", default="")
     ap.add_argument("--runs-dir", default="runs/bench-heterogeneity")
     ap.add_argument("--collect", default="", help="rebuild the results from existing run directories")
@@ -131,6 +133,7 @@ def main() -> None:
         "preset": "small",
         "per_class": args.per_class,
         "sampler": "dpm-20",
+        "fedddpm_pretrain_steps": args.pretrain_steps,
     }
     write_result("heterogeneity", {"settings": settings, "rows": rows})
     render(settings, rows)
@@ -167,7 +170,7 @@ def render(settings: dict, rows: dict[str, dict]) -> None:
         "G, building the auxiliary set and calibration steps. Personal-layer rows are means over the "
         "clients' own models. Reproduce: `.venv/bin/python bench/heterogeneity.py "
         f"--rounds {settings['rounds']} --local-steps {settings['local_steps']} "
-        f"--per-class {settings['per_class']}`.",
+        f"--per-class {settings['per_class']} --pretrain-steps {settings['fedddpm_pretrain_steps']}`.",
     ]
     (RESULTS / "heterogeneity.md").write_text("\n".join(md) + "\n")
 
