@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	  npm install --silent --no-audit --no-fund --prefix $(VENV)/anvil @foundry-rs/anvil@1.7.1 \
 	  || echo "anvil not installed: the standalone-node test will be skipped"; \
 	else echo "npm not found: anvil not installed, the standalone-node test will be skipped"; fi
+	# Compile the round contract (ledger/rounds.vy) with vyper now rather than at first use.
+	$(BIN)/python -c "from fedsynth.ledger.chain import compiled_contract; compiled_contract()"
 	touch $(STAMP)
 
 install: $(STAMP)
