@@ -229,12 +229,15 @@ class RoundsContract:
         return self.chain.send(account, getattr(self.contract.functions, name)(*args), self.contract)
 
     def view(self, name: str, *args: Any) -> Any:
-        return getattr(self.contract.functions, name)(*args).call()
+        with self.chain.lock:  # nodes call from several threads; the in-process chain is not thread-safe
+            return getattr(self.contract.functions, name)(*args).call()
 
     def phase(self) -> str:
         return self.PHASES[self.view("phase")]
 
     def events_since(self, block: int) -> list[dict]:
         """Every event of this contract from ``block`` on (a rejoining node catches up with these)."""
-        logs = self.chain.w3.eth.get_logs({"fromBlock": block, "toBlock": "latest", "address": self.address})
+        with self.chain.lock:
+            query = {"fromBlock": block, "toBlock": "latest", "address": self.address}
+            logs = self.chain.w3.eth.get_logs(query)
         return decode_events(self.contract, logs)
