@@ -265,6 +265,35 @@ def registered(log: RoundLog, feed: EventFeed, n: int, m: int, timeout: float) -
 # ----------------------------------------------------------------- the owner
 
 
+@dataclass(frozen=True)
+class _Counters:
+    """Gas, transactions and store transfers seen in this process, to report per round."""
+
+    gas: int
+    transactions: int
+    owner_down: int
+    aggregators: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def read(cls, fed: Federation) -> _Counters:
+        stores = tuple((a.store.bytes_in, a.store.bytes_out) for a in fed.aggregators)
+        return cls(fed.chain.gas_used, fed.chain.transactions, fed.store.bytes_out, stores)
+
+    def since(self, fed: Federation, record: dict) -> dict:
+        """Round totals: trainers' transfers (reported on chain, in ``record``) plus the
+        aggregators' and the owner's measured here."""
+        now = _Counters.read(fed)
+        agg_up = sum(b[0] - a[0] for a, b in zip(self.aggregators, now.aggregators, strict=True))
+        agg_down = sum(b[1] - a[1] for a, b in zip(self.aggregators, now.aggregators, strict=True))
+        return {
+            "bytes_up": record["bytes_up"] + agg_up,
+            "bytes_down": record["bytes_down"] + agg_down + now.owner_down - self.owner_down,
+            "aggregator_bytes_down": agg_down,
+            "gas": now.gas - self.gas,
+            "transactions": now.transactions - self.transactions,
+        }
+
+
 class Owner:
     """The model owner: starts, closes and terminates rounds; keeps the run directory."""
 
@@ -296,14 +325,37 @@ class Owner:
         return int(fed.rounds.view("round"))
 
     def run_round(self, fed: Federation) -> tuple[dict, str]:
-        cfg, led = self.cfg, self.cfg.ledger
+        """One round through the contract; returns its metrics line and the agreed CID."""
+        cfg = self.cfg
         round_ = self.round + 1
         selected = select_clients(
             cfg.seed, round_, 0, cfg.partition.num_clients, cfg.federation.clients_per_round
         )
-        gas0, tx0 = fed.chain.gas_used, fed.chain.transactions
-        aggs0 = [(a.store.bytes_in, a.store.bytes_out) for a in fed.aggregators]
+        counters = _Counters.read(fed)
         start = time.perf_counter()
+        agreed, closed = self._start_and_wait(fed, round_, selected)
+        aggregated = time.perf_counter()
+        fed.rounds.send(fed.owner, "terminateRound")
+        new = fed.store.get_weights(agreed["cid"])
+        device = next(self.unet.parameters()).device
+        self.unet.load_state_dict({k: v.to(device) for k, v in new.items()}, strict=True)
+        self.ema.step(self.unet.parameters())
+        self.round = round_
+        end = time.perf_counter()
+        record = self._record(fed, round_, selected, agreed)
+        phases = {
+            "updates": closed - start,
+            "aggregation": aggregated - closed,
+            "termination": end - aggregated,
+        }
+        return {**record, "wall_s": end - start, "phase_s": phases, **counters.since(fed, record)}, agreed[
+            "cid"
+        ]
+
+    def _start_and_wait(self, fed: Federation, round_: int, selected: list[int]) -> tuple[dict, float]:
+        """Start the round, close it at the update deadline if needed, wait for a majority.
+        Returns the ``AggregationAgreed`` event and when updates closed."""
+        led = self.cfg.ledger
         fed.rounds.send(
             fed.owner,
             "startRound",
@@ -312,45 +364,19 @@ class Owner:
             math.ceil(led.update_timeout),
             math.ceil(led.aggregation_timeout),
         )
-        r = self._chain_round(fed)
-        if r != round_:
+        if (r := self._chain_round(fed)) != round_:
             raise DecentralizedError(f"the contract is at round {r}, the run at round {round_}")
-        if fed.log.wait(r, "UpdatesClosed", led.update_timeout, fed.feed) is None:
-            self._close_late(fed, r)
+        if fed.log.wait(round_, "UpdatesClosed", led.update_timeout, fed.feed) is None:
+            self._close_late(fed, round_)
         closed = time.perf_counter()
-        agreed = fed.log.wait(r, "AggregationAgreed", led.aggregation_timeout, fed.feed)
+        agreed = fed.log.wait(round_, "AggregationAgreed", led.aggregation_timeout, fed.feed)
         if agreed is None:
             _after_deadline(fed, "cancelRound", "no majority of aggregators")
             raise DecentralizedError(
                 f"round {round_}: no majority of the {len(fed.aggregator_addresses)} aggregators agreed "
                 f"within ledger.aggregation_timeout = {led.aggregation_timeout} s; last checkpoint kept"
             )
-        aggregated = time.perf_counter()
-        fed.rounds.send(fed.owner, "terminateRound")
-        owner_down0 = fed.store.bytes_out
-        new = fed.store.get_weights(agreed["cid"])
-        device = next(self.unet.parameters()).device
-        self.unet.load_state_dict({k: v.to(device) for k, v in new.items()}, strict=True)
-        self.ema.step(self.unet.parameters())
-        self.round = round_
-        end = time.perf_counter()
-        record = self._record(fed, r, selected, agreed)
-        agg_up = sum(a.store.bytes_in - b[0] for a, b in zip(fed.aggregators, aggs0, strict=True))
-        agg_down = sum(a.store.bytes_out - b[1] for a, b in zip(fed.aggregators, aggs0, strict=True))
-        record.update(
-            wall_s=end - start,
-            phase_s={
-                "updates": closed - start,
-                "aggregation": aggregated - closed,
-                "termination": end - aggregated,
-            },
-            bytes_up=record["bytes_up"] + agg_up,
-            bytes_down=record["bytes_down"] + agg_down + fed.store.bytes_out - owner_down0,
-            aggregator_bytes_down=agg_down,
-            gas=fed.chain.gas_used - gas0,
-            transactions=fed.chain.transactions - tx0,
-        )
-        return record, agreed["cid"]
+        return agreed, closed
 
     def _close_late(self, fed: Federation, r: int) -> None:
         """The update deadline passed: proceed with what arrived, or cancel if nothing did."""
