@@ -52,6 +52,8 @@ def _fake_work(pool, store_dir: Path, behaviour: dict[int, str]):
         def job() -> TrainResult:
             store = open_store("", store_dir)
             weights = store.get_weights(model)
+            if behaviour.get(pid) == "raise":
+                raise RuntimeError("out of memory")
             if behaviour.get(pid) == "nan":
                 weights = {k: torch.full_like(v, float("nan")) for k, v in weights.items()}
             else:
@@ -136,6 +138,15 @@ def test_silent_trainer_does_not_block_and_a_crashed_trainer_rejoins(tmp_path):
         fed.feed.listeners.append(fresh.on_event)
         record, _ = owner.run_round(fed)
         assert record["clients"] == [0, 1, 2] and record["dropped"] == []
+
+
+def test_trainer_whose_training_fails_is_dropped_at_the_deadline(tmp_path):
+    with harness(tmp_path, _cfg(update_timeout=2.0), behaviour={2: "raise"}) as (owner, fed):
+        initial = owner.weights()
+        record, _ = owner.run_round(fed)
+        assert record["clients"] == [0, 1]
+        assert record["dropped"] == [{"client": 2, "reason": "no update before ledger.update_timeout"}]
+        assert _close(owner.weights(), _expected(initial, [0, 1]))
 
 
 def test_restarted_trainer_catches_up_mid_round(tmp_path):
