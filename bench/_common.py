@@ -23,6 +23,16 @@ def fedsynth_run(config: str, out: Path, overrides: list[str]) -> subprocess.Com
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
+def timed_fedsynth_run(config: str, out: Path, overrides: list[str], label: str) -> tuple[float, list[dict]]:
+    """Run ``fedsynth run`` (a one-line exit on failure); its wall seconds and metrics lines."""
+    start = time.perf_counter()
+    res = fedsynth_run(config, out, overrides)
+    if res.returncode != 0:
+        raise SystemExit(f"{label} run failed: {res.stderr.strip().splitlines()[-3:]}")
+    total = time.perf_counter() - start
+    return total, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def machine() -> dict:
     return {
         "python": platform.python_version(),

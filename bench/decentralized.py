@@ -18,10 +18,9 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from _common import RESULTS, fedsynth_run, write_result
+from _common import RESULTS, timed_fedsynth_run, write_result
 
 PARADIGMS = ("centralized", "federated", "decentralized")
 
@@ -38,12 +37,7 @@ def timed_run(paradigm: str, preset: str, args, out: Path) -> dict:
         "eval.enabled=false",
         f"federation.checkpoint_every={args.rounds}",
     ]
-    start = time.perf_counter()
-    res = fedsynth_run("configs/digits-federated.toml", out, sets)
-    if res.returncode != 0:
-        raise SystemExit(f"{paradigm}/{preset} run failed: {res.stderr.strip().splitlines()[-3:]}")
-    total = time.perf_counter() - start
-    rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    total, rounds = timed_fedsynth_run("configs/digits-federated.toml", out, sets, f"{paradigm}/{preset}")
     steady = rounds[1:]
     row = {
         "process_wall_s": total,

@@ -13,10 +13,9 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from _common import fedsynth_run, write_result
+from _common import timed_fedsynth_run, write_result
 
 
 def timed_run(paradigm: str, args, out: Path) -> dict:
@@ -29,12 +28,7 @@ def timed_run(paradigm: str, args, out: Path) -> dict:
         "eval.enabled=false",
         f"federation.checkpoint_every={args.rounds}",
     ]
-    start = time.perf_counter()
-    res = fedsynth_run("configs/digits-federated.toml", out, sets)
-    if res.returncode != 0:
-        raise SystemExit(f"{paradigm} run failed: {res.stderr.strip().splitlines()[-1:]}")
-    total = time.perf_counter() - start
-    rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    total, rounds = timed_fedsynth_run("configs/digits-federated.toml", out, sets, paradigm)
     walls = [r["wall_s"] for r in rounds]
     return {
         "process_wall_s": total,
