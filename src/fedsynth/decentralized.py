@@ -315,7 +315,7 @@ class Owner:
         self.run.truncate_metrics(self.round)
 
     def checkpoint(self, fed: Federation, agreed: str) -> None:
-        honest = next((a for a in fed.aggregators if a.submitted.get(self._chain_round(fed)) == agreed), None)
+        honest = next((a for a in fed.aggregators if a.submitted.get(self.round) == agreed), None)
         state = {"strategy": honest.strategy.state_dict() if honest else None}
         meta = {"model_cid": agreed, "contract": fed.rounds.address}
         save_checkpoint(self.run, self.round, self.unet, self.ema, self.scheduler, state, meta)
