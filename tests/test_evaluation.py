@@ -10,6 +10,7 @@ from fedsynth.config import DataConfig, DiffusionConfig, ModelConfig, config_fro
 from fedsynth.data.datasets import load_dataset, load_images
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.unet import seeded_unet
+from fedsynth.evaluation.classifier import train_classifier
 from fedsynth.evaluation.domain import domain_classifier
 from fedsynth.evaluation.evaluate import evaluate_synthetic
 from fedsynth.synthesize import SampleSpec, synthesize
@@ -28,6 +29,23 @@ def test_domain_classifier_is_trained_once_and_cached(tmp_path):
         train.subset(np.arange(100)), epochs=1, device=torch.device("cpu"), cache_dir=str(tmp_path)
     )
     assert len(list(tmp_path.glob("domain-*.pt"))) == 2  # a different split is a different key
+
+
+def test_classifier_training_ignores_the_global_rng():
+    """Same data and seed, different global RNG state (dropout used to draw from it): same CAS
+    model, and the caller's RNG stream is left where it was."""
+    train = load_dataset(DataConfig()).train.subset(np.arange(128))
+    models = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        models.append(train_classifier(train, epochs=1, seed=7, device=torch.device("cpu")))
+        after = torch.rand(1)
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1))  # as if no training had happened
+    a, b = (m.state_dict() for m in models)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = train_classifier(train, epochs=1, seed=8, device=torch.device("cpu")).state_dict()
+    assert not all(torch.equal(a[k], other[k]) for k in a)
 
 
 def test_cas_on_real_data_is_high_and_metrics_are_complete(tmp_path):

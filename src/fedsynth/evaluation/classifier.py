@@ -48,10 +48,19 @@ def train_classifier(
     batch_size: int = 64,
     lr: float = 3e-3,
 ) -> SmallCNN:
-    with torch.random.fork_rng(devices=[]):
+    """Train the CNN on `data`; a function of (data, epochs, seed) only: initialisation, batch
+    order, shifts and dropout all draw from `seed`, never from the caller's global RNG."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model = SmallCNN(data.shape[0], data.num_classes).to(device)
-    generator = torch.Generator().manual_seed(seed)
+        _fit(model, data, epochs, torch.Generator().manual_seed(seed), batch_size, lr)
+    return model.eval()
+
+
+def _fit(
+    model: SmallCNN, data: ImageData, epochs: int, generator: torch.Generator, batch_size: int, lr: float
+) -> None:
+    device = next(model.parameters()).device
     steps_per_epoch = max(1, len(data) // min(batch_size, len(data)))
     total = epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -66,7 +75,6 @@ def train_classifier(
         loss.backward()
         optimizer.step()
         schedule.step()
-    return model.eval()
 
 
 @torch.no_grad()
