@@ -26,6 +26,31 @@ def test_frechet_full_covariance_matches_formula():
     assert frechet_distance(np.zeros(2), s1, np.array([3.0, 4.0]), s1) == pytest.approx(25.0)
 
 
+def test_frechet_non_commuting_covariances_by_hand():
+    # Σ1 = I, Σ2 = [[2, 1], [1, 2]] (eigenvalues 3, 1): Tr((Σ1Σ2)^½) = √3 + 1,
+    # FD = 0 + 2 + 4 − 2(√3 + 1) = 2 − 2√3 + 2 = 4 − 2√3
+    s2 = np.array([[2.0, 1.0], [1.0, 2.0]])
+    assert frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), s2) == pytest.approx(4 - 2 * np.sqrt(3))
+    # Σ1 = diag(1, 4), Σ2 = [[1, 1], [1, 4]]: Σ1Σ2 = [[1, 1], [4, 16]], trace 17, det 12,
+    # λ = (17 ± √241) / 2, so Tr((Σ1Σ2)^½) = √(λ₊) + √(λ₋) = √(17 + 2√12)
+    s1, s2 = np.diag([1.0, 4.0]), np.array([[1.0, 1.0], [1.0, 4.0]])
+    expected = 5 + 5 - 2 * np.sqrt(17 + 2 * np.sqrt(12))
+    assert frechet_distance(np.zeros(2), s1, np.zeros(2), s2) == pytest.approx(expected)
+
+
+def test_frechet_rank_deficient_high_dimensional_matches_sqrtm(rng):
+    """Fewer samples than dimensions (singular covariances), as with 2048-d features of a
+    small set: agrees with the matrix-square-root formula."""
+    from scipy import linalg
+
+    a, b = rng.normal(size=(12, 64)), rng.normal(size=(12, 64)) * 1.5 + 0.2
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    mu1, mu2 = a.mean(0), b.mean(0)
+    root = np.real(linalg.sqrtm(s1 @ s2))
+    expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+
+
 def test_fd_of_a_set_with_itself_is_zero(rng):
     x = rng.normal(size=(500, 8))
     assert fd_between(x, x) == pytest.approx(0.0, abs=1e-8)

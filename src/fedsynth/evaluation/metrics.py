@@ -15,13 +15,14 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((Σ₁Σ₂)^½) = Σᵢ √λᵢ(Σ₁Σ₂): the product of two PSD matrices has real, non-negative
+    eigenvalues, so one eigenvalue solve replaces a matrix square root (as torchmetrics
+    does; ~5× faster than scipy's sqrtm at 2048 dimensions). Round-off can leave tiny
+    negative or complex eigenvalues; their complex square roots contribute ~0 real part."""
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise (as pytorch-fid)
-        eps = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    eigenvalues = linalg.eigvals(sigma1 @ sigma2)
+    trace_covmean = np.sqrt(eigenvalues.astype(np.complex128)).real.sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
