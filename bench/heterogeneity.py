@@ -5,6 +5,7 @@ same optimizer steps. Results: bench/results/heterogeneity.{json,md}.
 
     .venv/bin/python bench/heterogeneity.py [--rounds 10] [--local-steps 12] [--per-class 30]
         [--pretrain-steps 100] [--only fedavg,fedddpm] [--runs-dir runs/bench-heterogeneity]
+        [--collect RUNS_DIR/STAMP] [--result heterogeneity]
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--runs-dir", default="runs/bench-heterogeneity")
     ap.add_argument("--collect", default="", help="rebuild the results from existing run directories")
+    ap.add_argument("--result", default="heterogeneity", help="bench/results/RESULT.{json,md}")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n] or list(RUNS)
     rows: dict[str, dict] = {}
@@ -135,24 +137,24 @@ def main() -> None:
         "sampler": "dpm-20",
         "fedddpm_pretrain_steps": args.pretrain_steps,
     }
-    write_result("heterogeneity", {"settings": settings, "rows": rows})
-    render(settings, rows)
+    write_result(args.result, {"settings": settings, "rows": rows})
+    render(settings, rows, args.result)
 
 
 def _row(name: str, r: dict, gap: tuple[float, float] | None) -> str:
     if "error" in r:
-        return f"| {name} | error: {r['error']} |" + " |" * 8
+        return f"| {name} | error: {r['error']} |" + " |" * 9
     closed = "–"
     if gap and gap[1] != gap[0]:
         closed = f"{(r['cas_accuracy'] - gap[0]) / (gap[1] - gap[0]):.0%}"
     return (
         f"| {name} | {r['fd']:.3f} | {r['precision']:.2f} | {r['recall']:.2f} | {r['cas_accuracy']:.1%} "
         f"| {closed} | {r['class_tv_from_uniform']:.3f} | {r['extra_bytes'] / 1e6:.1f} | {r['server_s']:.0f} "
-        f"| {(r['bytes_up'] + r['bytes_down']) / 1e6:.0f} |"
+        f"| {r['corrections']} | {(r['bytes_up'] + r['bytes_down']) / 1e6:.0f} |"
     )
 
 
-def render(settings: dict, rows: dict[str, dict]) -> None:
+def render(settings: dict, rows: dict[str, dict], result: str) -> None:
     ok = all(k in rows and "error" not in rows[k] for k in ("fedavg", "centralized"))
     gap = (rows["fedavg"]["cas_accuracy"], rows["centralized"]["cas_accuracy"]) if ok else None
     md = [
@@ -161,18 +163,21 @@ def render(settings: dict, rows: dict[str, dict]) -> None:
         "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()),
         "",
         "| run | FD ↓ | precision ↑ | recall ↑ | CAS ↑ | CAS gap closed | class TV from uniform ↓ "
-        "| extra MB | server s | MB exchanged |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| extra MB | server s | corrections | MB exchanged |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *[_row(name, r, gap) for name, r in rows.items()],
         "",
         "CAS gap closed = (CAS − CAS_fedavg) / (CAS_centralized − CAS_fedavg); goal ≥ 80% for the best "
         "method. Extra MB: FedDDPM's one-off local-model upload (and its download). Server s: warm-up on "
-        "G, building the auxiliary set and calibration steps. Personal-layer rows are means over the "
+        "G, building the auxiliary set and calibration steps. Corrections: rounds in which the server "
+        "calibrated the global model (FedDDPM: every round). Personal-layer rows are means over the "
         "clients' own models. Reproduce: `.venv/bin/python bench/heterogeneity.py "
         f"--rounds {settings['rounds']} --local-steps {settings['local_steps']} "
-        f"--per-class {settings['per_class']} --pretrain-steps {settings['fedddpm_pretrain_steps']}`.",
+        f"--per-class {settings['per_class']} --pretrain-steps {settings['fedddpm_pretrain_steps']}"
+        + ("" if result == "heterogeneity" else f" --result {result}")
+        + "` (add `--only NAME,...` for a subset of rows).",
     ]
-    (RESULTS / "heterogeneity.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{result}.md").write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

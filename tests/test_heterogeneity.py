@@ -66,7 +66,7 @@ def test_feddpm_plus_fires_only_when_progress_stalls():
 
 
 def test_threshold_filtering_two_strikes_with_a_scripted_sequence():
-    from fedsynth.server.filtering import excluded, strikes_after, warned
+    from fedsynth.server.filtering import exclusions, strikes_after, warned
 
     rounds = [  # client -> self-measured precision, per round (client 2 not selected in round 2)
         {0: 0.9, 1: 0.2, 2: 0.5},
@@ -77,13 +77,30 @@ def test_threshold_filtering_two_strikes_with_a_scripted_sequence():
     assert warned(rounds[0], "lowest", 0.0) == {1}
     assert warned(rounds[0], "threshold", 0.6) == {1, 2}
     assert warned({3: 0.4, 1: 0.4}, "lowest", 0.0) == {1}  # ties: the lower id, deterministically
-    strikes, history = {}, []
+    strikes, out, history = {}, set(), []
     for precision in rounds:
         strikes = strikes_after(strikes, set(precision), warned(precision, "threshold", 0.6))
-        history.append(sorted(excluded(strikes)))
+        out, spared = exclusions(out, strikes, precision, num_clients=10, floor=3)
+        history.append(sorted(out))
+        assert spared == []
     # client 1: warned, then fine (reset), then warned twice -> out after round 4;
     # client 2: warned in rounds 1 and 3 (its two consecutive reports) -> out after round 3
     assert history == [[], [], [2], [1, 2]]
+
+
+def test_exclusion_never_leaves_fewer_eligible_clients_than_a_round_selects():
+    from fedsynth.server.filtering import exclusions
+
+    strikes = {0: 2, 1: 2, 2: 2, 3: 1, 4: 2}
+    precision = {0: 0.20, 1: 0.05, 2: 0.10, 3: 0.9, 4: 0.30}
+    # 6 clients, 3 per round: room for 3 exclusions; the lowest precisions go (1, 2, 0); 4 is spared
+    out, spared = exclusions(set(), strikes, precision, num_clients=6, floor=3)
+    assert out == {0, 1, 2} and spared == [4]
+    # already excluded clients count against the room and are never re-decided
+    out, spared = exclusions({5}, strikes, precision, num_clients=6, floor=3)
+    assert out == {1, 2, 5} and spared == [0, 4]
+    # no room left: everyone with two strikes is spared, the excluded set is unchanged
+    assert exclusions({0, 1, 2}, {4: 3}, {4: 0.0}, num_clients=6, floor=3) == ({0, 1, 2}, [4])
 
 
 @pytest.mark.slow
@@ -148,7 +165,10 @@ def test_phoenix_and_feddpm_plus_end_to_end(tmp_path):
     assert json.loads((run.root / "summary.json").read_text())["clients_exported"]
     assert "filter_warned" not in rows[0] and rows[1]["filter_warned"] == rows[1]["clients"]
     twice = sorted(set(rows[1]["clients"]) & set(rows[2]["clients"]))
-    assert rows[2]["filter_excluded"] == twice and twice
+    assert twice  # warned in both of their reports; 3 clients, 2 per round: room to exclude one
+    first = min(twice, key=lambda pid: (rows[2]["filter_precision"][str(pid)], pid))
+    assert rows[2]["filter_excluded"] == [first]
+    assert rows[2]["filter_spared"] == [pid for pid in twice if pid != first]
 
 
 def test_excluded_clients_are_never_selected():

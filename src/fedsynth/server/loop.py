@@ -49,7 +49,7 @@ from fedsynth.server.calibration import (
     server_train,
     stalled,
 )
-from fedsynth.server.filtering import excluded, strikes_after, warned
+from fedsynth.server.filtering import exclusions, strikes_after, warned
 from fedsynth.server.validate import Expected, check_arrays, check_metrics
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 from fedsynth.strategies.scaffold import CONTROL_KEY
@@ -83,6 +83,22 @@ def select_clients(
     if not pool:
         raise FederationError("every client has been excluded by threshold filtering")
     return sorted(int(c) for c in rng.choice(pool, size=min(k, len(pool)), replace=False))
+
+
+def _log_filtering(
+    round_: int, precision: dict[int, float], warned_now: set[int], newly: list[int], spared: list[int]
+) -> None:
+    for pid in sorted(warned_now):
+        log.warning("round %d: client %s warned (precision %.3f)", round_, pid, precision[pid])
+    for pid in newly:
+        log.warning("round %d: client %s excluded after two consecutive warnings", round_, pid)
+    if spared:
+        log.warning(
+            "round %d: clients %s warned twice but spared: excluding them would leave fewer than "
+            "federation.clients_per_round eligible clients",
+            round_,
+            spared,
+        )
 
 
 def discover_nodes(
@@ -158,6 +174,7 @@ class RoundRunner:
         self.aux_history: list[float] = []
         self.last_fire = 0
         self.strikes: dict[int, int] = {}  # Phoenix threshold filtering
+        self.excluded: set[int] = set()
         self.base_config = ConfigRecord(
             {
                 CONFIG_KEY: tomli_w.dumps(config_to_dict(cfg)),
@@ -176,6 +193,8 @@ class RoundRunner:
         self.aux_history = [float(x) for x in calibration.get("history", [])]
         self.last_fire = int(calibration.get("last_fire", 0))
         self.strikes = {int(k): int(v) for k, v in ckpt.state.get("strikes", {}).items()}
+        twice = [pid for pid, n in self.strikes.items() if n >= 2]  # checkpoints without the list
+        self.excluded = {int(pid) for pid in ckpt.state.get("excluded", twice)}
         self.run.truncate_metrics(self.round)
 
     def checkpoint(self) -> None:
@@ -189,6 +208,7 @@ class RoundRunner:
                 "strategies": {name: s.state_dict() for name, s in self.strategies.items()},
                 "calibration": {"history": list(self.aux_history), "last_fire": self.last_fire},
                 "strikes": dict(self.strikes),
+                "excluded": sorted(self.excluded),
             },
         )
 
@@ -270,7 +290,7 @@ class RoundRunner:
 
     def _attempt(self, grid: Grid, nodes: dict[int, int], round_: int, attempt: int):
         fed, cfg = self.cfg.federation, self.cfg
-        out = frozenset(excluded(self.strikes))
+        out = frozenset(self.excluded)
         selected = select_clients(
             cfg.seed, round_, attempt, cfg.partition.num_clients, fed.clients_per_round, out
         )
@@ -332,18 +352,18 @@ class RoundRunner:
             if "filter-precision" in v.reply.content["metrics"]
         }
         warned_now = warned(precision, ph.filter_mode, ph.precision_threshold)
-        before = excluded(self.strikes)
+        before, num_clients = self.excluded, self.cfg.partition.num_clients
         self.strikes = strikes_after(self.strikes, set(precision), warned_now)
-        newly = sorted(excluded(self.strikes) - before)
-        for pid in sorted(warned_now):
-            log.warning("round %d: client %s warned (precision %.3f)", round_, pid, precision[pid])
-        for pid in newly:
-            log.warning("round %d: client %s excluded after two consecutive warnings", round_, pid)
+        floor = self.cfg.federation.clients_per_round
+        self.excluded, spared = exclusions(before, self.strikes, precision, num_clients, floor)
+        newly = sorted(self.excluded - before)
+        _log_filtering(round_, precision, warned_now, newly, spared)
         return {
             "filter_precision": precision,
             "filter_warned": sorted(warned_now),
             "filter_excluded_now": newly,
-            "filter_excluded": sorted(excluded(self.strikes)),
+            "filter_spared": spared,
+            "filter_excluded": sorted(self.excluded),
         }
 
     # ------------------------------------------------------------- FedDDPM
