@@ -68,6 +68,7 @@ def test_training_lowers_loss_on_fixed_batch():
     diff = DiffusionConfig(num_train_timesteps=100, cfg_dropout=0.0)
     opt = make_optimizer(unet.parameters(), train)
 
+    @torch.no_grad()
     def eval_loss():
         return float(diffusion_loss(unet, sched, data.images, data.labels, torch.Generator().manual_seed(1)))
 
