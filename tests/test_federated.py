@@ -61,7 +61,7 @@ def faulty_train(msg: Message, context: Context) -> Message:
     if pid == 0:
         raise RuntimeError("disk on fire")
     if pid == 4:
-        time.sleep(20)  # past federation.round_timeout
+        time.sleep(45)  # past federation.round_timeout
     reply = handle_train(msg, context)
     return _corrupt(reply, {1: "nan", 2: "shape", 3: "missing"}.get(pid, "none"))
 
@@ -75,7 +75,7 @@ def _run(tmp_path, raw, client_app=None, resume=False, name="run"):
 
 
 def test_faulty_clients_are_dropped_with_reasons(tmp_path):
-    raw = tiny_federated(num_clients=6, clients_per_round=6, rounds=1, min_clients=1, round_timeout=12.0)
+    raw = tiny_federated(num_clients=6, clients_per_round=6, rounds=1, min_clients=1, round_timeout=20.0)
     run = _run(tmp_path, raw, client_app=faulty)
     (record,) = run.read_metrics()
     reasons = {d["client"]: d["reason"] for d in record["dropped"]}
