@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Tr((Σ₁Σ₂)^½) = Σᵢ √λᵢ(Σ₁Σ₂): the product of two PSD matrices has real, non-negative
     eigenvalues, so one eigenvalue solve replaces a matrix square root (as torchmetrics
-    does; ~5× faster than scipy's sqrtm at 2048 dimensions). Round-off can leave tiny
+    does; ~3× faster than scipy's sqrtm at 2048 dimensions, bench/frechet.py). Round-off can leave tiny
     negative or complex eigenvalues; their complex square roots contribute ~0 real part."""
     diff = mu1 - mu2
     eigenvalues = linalg.eigvals(sigma1 @ sigma2)
