@@ -5,8 +5,9 @@ precision. Mode ``lowest`` warns the client with the lowest precision; mode
 ``threshold`` warns every client below ``phoenix.precision_threshold``. A client warned
 in two consecutive reports (two strikes) is excluded from all later rounds — unless that
 would leave fewer eligible clients than a round selects (``federation.clients_per_round``):
-then the lowest-precision candidates go first and the others are spared, staying on notice
-(a degenerate threshold would otherwise shut the federation down to one client).
+then the lowest-precision candidates go first and the others are spared; from then on the
+floor is reached and nobody else is excluded (a degenerate threshold would otherwise shut the
+federation down to one client).
 """
 
 from __future__ import annotations
