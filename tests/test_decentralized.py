@@ -21,13 +21,18 @@ import torch
 
 from conftest import TINY_OVERRIDES
 from fedsynth.config import config_from_dict, load_config
-from fedsynth.decentralized import DecentralizedError, Owner, federation, train_decentralized
+from fedsynth.decentralized import DecentralizedDriver, train_decentralized
+from fedsynth.diffusion.schedule import build_train_scheduler
+from fedsynth.diffusion.training import make_ema
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.errors import ConfigError
+from fedsynth.ledger.federation import DecentralizedError
 from fedsynth.ledger.nodes import TrainerNode, TrainResult
 from fedsynth.ledger.store import open_store
 from fedsynth.pipeline import run_all
 from fedsynth.prepare import prepare
+from fedsynth.protocol import UpdateInfo
+from fedsynth.rounds import Model
 from fedsynth.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +67,10 @@ def _fake_work(pool, store_dir: Path, behaviour: dict[int, str]):
             if behaviour.get(pid) == "tamper":
                 blob = store.backend._path(cid)
                 blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
-            return TrainResult(cid, 10 * (pid + 1), 1, 0.5, 0.0, store.bytes_out, store.bytes_in)
+            info = UpdateInfo(
+                pid, 10 * (pid + 1), 1, 0.5, 0.0, bytes_down=store.bytes_out, bytes_up=store.bytes_in
+            )
+            return TrainResult(cid, info)
 
         return pool.submit(job)
 
@@ -72,11 +80,19 @@ def _fake_work(pool, store_dir: Path, behaviour: dict[int, str]):
 @contextmanager
 def harness(tmp_path, cfg, behaviour=None, aggregator_setup=None):
     run = RunDir(tmp_path / "run").create()
-    owner = Owner(cfg, run, seeded_unet(cfg.model, cfg.seed, 16, 1, 10))
+    unet = seeded_unet(cfg.model, cfg.seed, 16, 1, 10)
+    model = Model(unet, make_ema(unet, cfg.diffusion.ema_decay), build_train_scheduler(cfg.diffusion))
     with ThreadPoolExecutor(4) as pool:
         work = _fake_work(pool, run.root / "store", behaviour or {})
-        with federation(cfg, run, owner.weights(), work, aggregator_setup=aggregator_setup) as fed:
-            yield owner, fed
+        owner = DecentralizedDriver(cfg, run, model, work, aggregator_setup)
+        with owner.session():
+            yield owner, owner.fed
+
+
+def one_round(owner: DecentralizedDriver) -> tuple[dict, str]:
+    """(the round's metrics line, the agreed model CID)."""
+    record = owner.run_round(lambda n, loss: None).to_json()
+    return record, record["model_cid"]
 
 
 def _expected(initial: dict, clients: list[int]) -> dict:
@@ -92,7 +108,7 @@ def _close(weights: dict, expected: dict) -> bool:
 def test_honest_round_aggregators_agree_byte_for_byte(tmp_path):
     with harness(tmp_path, _cfg()) as (owner, fed):
         initial = owner.weights()
-        record, agreed = owner.run_round(fed)
+        record, agreed = one_round(owner)
         assert _close(owner.weights(), _expected(initial, [0, 1, 2]))
         assert {a.submitted[1] for a in fed.aggregators} == {agreed}  # all three: same bytes, same CID
         assert record["votes"] == 2 and record["clients"] == [0, 1, 2] and record["dropped"] == []
@@ -103,7 +119,7 @@ def test_honest_round_aggregators_agree_byte_for_byte(tmp_path):
         # trainers: 3 downloads + 3 uploads; aggregators: each 1 model + 3 updates down, 1 up; owner: 1 down
         assert record["bytes_up"] == 3 * blob + 3 * blob
         assert record["bytes_down"] == 3 * blob + 3 * 4 * blob + blob
-        record2, _ = owner.run_round(fed)
+        record2, _ = one_round(owner)
         assert record2["round"] == 2 == fed.rounds.view("round")
 
 
@@ -113,7 +129,7 @@ def test_wrong_aggregator_is_outvoted(tmp_path):
 
     with harness(tmp_path, _cfg(), aggregator_setup=corrupt_first) as (owner, fed):
         initial = owner.weights()
-        record, agreed = owner.run_round(fed)
+        record, agreed = one_round(owner)
         assert fed.aggregators[0].submitted[1] != agreed
         assert fed.aggregators[1].submitted[1] == fed.aggregators[2].submitted[1] == agreed
         assert record["votes"] == 2
@@ -125,7 +141,7 @@ def test_silent_trainer_does_not_block_and_a_crashed_trainer_rejoins(tmp_path):
         initial = owner.weights()
         fed.trainers[1].crashed = True
         start = time.monotonic()
-        record, _ = owner.run_round(fed)
+        record, _ = one_round(owner)
         assert time.monotonic() - start < 20
         assert record["clients"] == [0, 2]
         assert record["dropped"] == [{"client": 1, "reason": "no update before ledger.update_timeout"}]
@@ -136,14 +152,14 @@ def test_silent_trainer_does_not_block_and_a_crashed_trainer_rejoins(tmp_path):
         fresh = TrainerNode(1, old.account, fed.rounds, old.work).join()
         fed.trainers[1] = fresh
         fed.feed.listeners.append(fresh.on_event)
-        record, _ = owner.run_round(fed)
+        record, _ = one_round(owner)
         assert record["clients"] == [0, 1, 2] and record["dropped"] == []
 
 
 def test_trainer_whose_training_fails_is_dropped_at_the_deadline(tmp_path):
-    with harness(tmp_path, _cfg(update_timeout=2.0), behaviour={2: "raise"}) as (owner, fed):
+    with harness(tmp_path, _cfg(update_timeout=2.0), behaviour={2: "raise"}) as (owner, _fed):
         initial = owner.weights()
-        record, _ = owner.run_round(fed)
+        record, _ = one_round(owner)
         assert record["clients"] == [0, 1]
         assert record["dropped"] == [{"client": 2, "reason": "no update before ledger.update_timeout"}]
         assert _close(owner.weights(), _expected(initial, [0, 1]))
@@ -153,7 +169,7 @@ def test_restarted_trainer_catches_up_mid_round(tmp_path):
     with harness(tmp_path, _cfg(update_timeout=60.0)) as (owner, fed):
         fed.trainers[2].crashed = True
         result = {}
-        thread = threading.Thread(target=lambda: result.update(record=owner.run_round(fed)[0]))
+        thread = threading.Thread(target=lambda: result.update(record=one_round(owner)[0]))
         thread.start()
         while not fed.log.of(1, "UpdateSubmitted") or len(fed.log.of(1, "UpdateSubmitted")) < 2:
             time.sleep(0.05)
@@ -166,9 +182,9 @@ def test_restarted_trainer_catches_up_mid_round(tmp_path):
 
 
 def test_tampered_and_nan_updates_are_ignored_with_reasons(tmp_path):
-    with harness(tmp_path, _cfg(), behaviour={1: "tamper", 2: "nan"}) as (owner, fed):
+    with harness(tmp_path, _cfg(), behaviour={1: "tamper", 2: "nan"}) as (owner, _fed):
         initial = owner.weights()
-        record, _ = owner.run_round(fed)
+        record, _ = one_round(owner)
         assert record["clients"] == [0]
         reasons = {d["client"]: d["reason"] for d in record["dropped"]}
         assert "does not match its CID" in reasons[1]
@@ -183,7 +199,7 @@ def test_no_majority_cancels_the_round_with_a_clear_error(tmp_path):
     with harness(tmp_path, _cfg(aggregation_timeout=1.0), aggregator_setup=crash) as (owner, fed):
         before = owner.weights()
         with pytest.raises(DecentralizedError, match="no majority of the 3 aggregators"):
-            owner.run_round(fed)
+            one_round(owner)
         assert fed.rounds.phase() == "Stopped"
         assert _close(owner.weights(), before)
 
@@ -193,7 +209,7 @@ def test_no_update_at_all_is_a_clear_error(tmp_path):
         for t in fed.trainers:
             t.crashed = True
         with pytest.raises(DecentralizedError, match="no trainer submitted an update"):
-            owner.run_round(fed)
+            one_round(owner)
         assert fed.rounds.phase() == "Stopped"
 
 
@@ -286,7 +302,7 @@ def test_round_on_a_standalone_anvil_node(tmp_path):
     with anvil_node() as url, harness(tmp_path, _cfg(rpc_url=url)) as (owner, fed):
         assert fed.chain.kind == "rpc"
         initial = owner.weights()
-        record, _ = owner.run_round(fed)
+        record, _ = one_round(owner)
         assert _close(owner.weights(), _expected(initial, [0, 1, 2]))
         assert record["votes"] == 2 and record["gas"] > 0
 

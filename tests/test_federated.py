@@ -15,7 +15,7 @@ from fedsynth.config import config_from_dict
 from fedsynth.federated import train_federated
 from fedsynth.prepare import prepare
 from fedsynth.rundir import RunDir
-from fedsynth.server.loop import FederationError
+from fedsynth.server.messages import FederationError
 
 pytestmark = pytest.mark.slow
 

@@ -172,11 +172,11 @@ def test_phoenix_and_feddpm_plus_end_to_end(tmp_path):
 
 
 def test_excluded_clients_are_never_selected():
-    from fedsynth.server.loop import FederationError, select_clients
+    from fedsynth.rounds import RoundError, select_clients
 
     for round_ in range(1, 30):
         chosen = select_clients(0, round_, 0, 10, 5, frozenset({1, 4}))
         assert len(chosen) == 5 and not {1, 4} & set(chosen)
     assert select_clients(0, 1, 0, 3, 3, frozenset({0})) == [1, 2]  # fewer remain than asked
-    with pytest.raises(FederationError, match="every client has been excluded"):
+    with pytest.raises(RoundError, match="every client has been excluded"):
         select_clients(0, 1, 0, 2, 2, frozenset({0, 1}))

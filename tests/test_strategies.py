@@ -6,19 +6,16 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsynth.config import STRATEGY_NAMES, config_from_dict
 from fedsynth.strategies import STRATEGIES, build_strategy
+from fedsynth.strategies.adapter import ensure_run_identity
 from fedsynth.strategies.scaffold import CONTROL_KEY, client_control_update, server_update
 
 
 @pytest.fixture(autouse=True)
 def _run_identity():
-    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+    ensure_run_identity()  # messages built outside a Flower run, as aggregator nodes do
 
 
 def _record(values: dict) -> ArrayRecord:
@@ -29,7 +26,9 @@ def reply(values: dict, n: int = 1, control: dict | None = None) -> Message:
     content = RecordDict(
         {
             "arrays": _record(values),
-            "metrics": MetricRecord({"num-examples": n, "num-steps": 5, "train-loss": 0.5}),
+            "metrics": MetricRecord(
+                {"num-examples": n, "num-steps": 5, "train-loss": 0.5, "partition-id": 0, "compute-s": 0.0}
+            ),
         }
     )
     if control is not None:
@@ -262,8 +261,8 @@ def test_per_key_aggregation_over_the_clients_that_sent_each_group(tmp_path):
     a group nobody sent keeps its global value."""
     from fedsynth.diffusion.unet import seeded_unet
     from fedsynth.exchange.groups import group_of
-    from fedsynth.rundir import RunDir
-    from fedsynth.server.loop import RoundRunner, Valid
+    from fedsynth.protocol import UpdateInfo
+    from fedsynth.strategies.adapter import Update
 
     cfg = config_from_dict(
         {
@@ -275,19 +274,29 @@ def test_per_key_aggregation_over_the_clients_that_sent_each_group(tmp_path):
         }
     )
     unet = seeded_unet(cfg.model, 0, 16, 1, 10)
-    runner = RoundRunner(cfg, RunDir(tmp_path), unet, [str(i) for i in range(10)])
+    driver = _driver(cfg, unet, tmp_path)
     g = {k: v.clone() for k, v in unet.state_dict().items()}
-    runner._extras(g)
+    driver.begin_round(g)
 
-    def sent(groups, shift, n):
+    def sent(client, groups, shift, n):
         weights = {k: v + shift for k, v in g.items() if group_of(k) in groups}
-        return Valid(reply({"unused": [0.0]}, n=n), 0, weights)  # the reply carries the metrics
+        return Update(UpdateInfo(client, n, 5, 0.5, 0.0), weights)
 
-    runner._aggregate(1, [sent(("up",), 1.0, 1), sent(("up", "mid"), 3.0, 3)])
-    new = unet.state_dict()
+    new = driver.aggregate_units(1, [sent(0, ("up",), 1.0, 1), sent(1, ("up", "mid"), 3.0, 3)])
     for k in new:
         expected = {"up": (1 * 1.0 + 3 * 3.0) / 4, "mid": 3.0, "down": 0.0}[group_of(k)]
         torch.testing.assert_close(new[k], g[k] + expected, rtol=0, atol=1e-5)
+
+
+def _driver(cfg, unet, tmp_path):
+    from fedsynth.diffusion.schedule import build_train_scheduler
+    from fedsynth.diffusion.training import make_ema
+    from fedsynth.rounds import Model
+    from fedsynth.rundir import RunDir
+    from fedsynth.server.driver import FederatedDriver
+
+    model = Model(unet, make_ema(unet, 0.9), build_train_scheduler(cfg.diffusion))
+    return FederatedDriver(cfg, RunDir(tmp_path), model, tuple(str(i) for i in range(10)), grid=None)
 
 
 def test_malformed_or_nan_compressed_updates_are_dropped_with_reasons(tmp_path):
@@ -295,14 +304,21 @@ def test_malformed_or_nan_compressed_updates_are_dropped_with_reasons(tmp_path):
 
     from fedsynth.diffusion.unet import seeded_unet
     from fedsynth.exchange.groups import GROUPS
-    from fedsynth.rundir import RunDir
-    from fedsynth.server.loop import RoundRunner
+    from fedsynth.exchange.transfer import Layout, ServerExchange
+    from fedsynth.server.messages import decode_reply
 
     cfg = config_from_dict(
         {"paradigm": "federated", "model": {"preset": "tiny"}, "exchange": {"codec": "int8"}}
     )
     unet = seeded_unet(cfg.model, 0, 16, 1, 10)
-    runner = RoundRunner(cfg, RunDir(tmp_path), unet, [str(i) for i in range(10)])
+    layout = Layout.of(unet.state_dict())
+    exchange = ServerExchange(cfg.exchange, layout)
+    keys, global_w = layout.keys(GROUPS), unet.state_dict()
+
+    def decode(msg):
+        result = decode_reply(msg, keys, layout, exchange, global_w, "num-examples")
+        return None if not isinstance(result, str) else result
+
     n = sum(v.numel() for v in unet.state_dict().values())
     tensors = len(unet.state_dict())
 
@@ -314,6 +330,6 @@ def test_malformed_or_nan_compressed_updates_are_dropped_with_reasons(tmp_path):
     good = reply_with(np.zeros(n, np.int8), np.ones(tensors, np.float32))
     short = reply_with(np.zeros(n - 1, np.int8), np.ones(tensors, np.float32))
     nan = reply_with(np.ones(n, np.int8), np.full(tensors, np.nan, np.float32))
-    assert runner._decode(good, GROUPS)[1] is None
-    assert "undecodable update: int8 payload has" in runner._decode(short, GROUPS)[1]
-    assert "non-finite" in runner._decode(nan, GROUPS)[1]
+    assert decode(good) is None
+    assert "undecodable update: int8 payload has" in decode(short)
+    assert "non-finite" in decode(nan)

@@ -2,33 +2,27 @@
 
 Compute is counted as in Senden 2025: one centralized "round" does the optimizer
 steps that ``clients_per_round`` clients would do in one federated round, so runs of
-the three paradigms with the same config do the same work.
+the three paradigms with the same config do the same work. The EMA of the weights is
+stepped after every optimizer step (``diffusion.ema_decay``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 
-from fedsynth.checkpoint import load_latest_checkpoint, save_checkpoint, save_model
+from fedsynth.checkpoint import Checkpoint
 from fedsynth.config import Config
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.training import (
-    make_ema,
-    make_optimizer,
-    resolve_device,
-    steps_for,
-    train_steps,
-)
+from fedsynth.diffusion.training import make_ema, make_optimizer, resolve_device, steps_for, train_steps
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.prepare import Prepared
-from fedsynth.progress import progress_bar
+from fedsynth.rounds import Model, RoundRecord, Tick, run_rounds
 from fedsynth.rundir import RunDir
 
 
@@ -37,83 +31,61 @@ def steps_per_round(cfg: Config, prepared: Prepared) -> int:
     return cfg.federation.clients_per_round * steps_for(cfg.train, round(mean_client))
 
 
-@dataclass
-class CentralState:
-    unet: UNet2DModel
-    ema: EMAModel
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator
-    round: int = 0
+class CentralDriver:
+    """One model, one optimizer, one generator for the batches and noise."""
+
+    label = "centralized training"
+
+    def __init__(self, cfg: Config, data: ImageData, steps: int) -> None:
+        device = resolve_device(cfg.train.device)
+        self.cfg, self.data, self.units_per_round = cfg, data, steps
+        self.ema_decay = cfg.diffusion.ema_decay
+        unet = seeded_unet(cfg.model, cfg.seed, data.shape[1], data.shape[0], data.num_classes).to(device)
+        self.model = Model(unet, make_ema(unet, self.ema_decay), build_train_scheduler(cfg.diffusion))
+        self.optimizer = make_optimizer(unet.parameters(), cfg.train)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.round = 0
+
+    def resume(self, checkpoint: Checkpoint) -> None:
+        self.model.unet, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round
+        self.optimizer = make_optimizer(checkpoint.unet.parameters(), self.cfg.train)
+        self.optimizer.load_state_dict(checkpoint.state["optimizer"])
+        self.generator = torch.Generator(device=self.model.device)
+        self.generator.set_state(checkpoint.state["generator"].cpu())
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def run_round(self, tick: Tick) -> RoundRecord:
+        start = time.perf_counter()
+        losses = train_steps(
+            self.model.unet,
+            self.optimizer,
+            self.model.scheduler,
+            self.data,
+            steps=self.units_per_round,
+            train=self.cfg.train,
+            diffusion=self.cfg.diffusion,
+            generator=self.generator,
+            ema=self.model.ema,
+            on_step=lambda loss: tick(1, loss),
+        )
+        self.round += 1
+        wall = time.perf_counter() - start
+        extra = {"client_compute_s": wall, "steps": self.units_per_round}
+        return RoundRecord(self.round, float(np.mean(losses)), wall, 0, 0, ["central"], extra=extra)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {}
+
+    def finish(self) -> None:
+        pass
 
 
-def _fresh_state(cfg: Config, data: ImageData, device: torch.device) -> CentralState:
-    unet = seeded_unet(cfg.model, cfg.seed, data.shape[1], data.shape[0], data.num_classes).to(device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    return CentralState(
-        unet, make_ema(unet, cfg.diffusion.ema_decay), make_optimizer(unet.parameters(), cfg.train), generator
-    )
-
-
-def _resumed_state(cfg: Config, run: RunDir, device: torch.device) -> CentralState:
-    ckpt = load_latest_checkpoint(run, cfg.diffusion.ema_decay, device)
-    optimizer = make_optimizer(ckpt.unet.parameters(), cfg.train)
-    optimizer.load_state_dict(ckpt.state["optimizer"])
-    generator = torch.Generator(device=device)
-    generator.set_state(ckpt.state["generator"].cpu())
-    run.truncate_metrics(ckpt.round)
-    return CentralState(ckpt.unet, ckpt.ema, optimizer, generator, ckpt.round)
-
-
-def train_centralized(
-    cfg: Config, run: RunDir, prepared: Prepared, *, resume: bool = False
-) -> tuple[UNet2DModel, EMAModel, DDPMScheduler]:
-    device = resolve_device(cfg.train.device)
+def train_centralized(cfg: Config, run: RunDir, prepared: Prepared, *, resume: bool = False) -> None:
     data = prepared.data.full.subset(np.concatenate([*prepared.clients, prepared.shared]))
-    scheduler = build_train_scheduler(cfg.diffusion)
-    state = _resumed_state(cfg, run, device) if resume else _fresh_state(cfg, data, device)
-    steps = steps_per_round(cfg, prepared)
-    rounds = cfg.federation.rounds
-    with progress_bar("centralized training", total=rounds * steps) as bar:
-        bar.advance(state.round * steps)
-        for r in range(state.round + 1, rounds + 1):
-            start = time.perf_counter()
-            losses = train_steps(
-                state.unet,
-                state.optimizer,
-                scheduler,
-                data,
-                steps=steps,
-                train=cfg.train,
-                diffusion=cfg.diffusion,
-                generator=state.generator,
-                ema=state.ema,
-                on_step=lambda loss: bar.advance(1, loss),
-            )
-            wall = time.perf_counter() - start
-            run.append_metrics(
-                {
-                    "round": r,
-                    "train_loss": float(np.mean(losses)),
-                    "wall_s": wall,
-                    "client_compute_s": wall,
-                    "steps": steps,
-                    "bytes_up": 0,
-                    "bytes_down": 0,
-                    "clients": ["central"],
-                    "dropped": [],
-                }
-            )
-            if r % cfg.federation.checkpoint_every == 0 or r == rounds:
-                save_checkpoint(
-                    run,
-                    r,
-                    state.unet,
-                    state.ema,
-                    scheduler,
-                    {
-                        "optimizer": state.optimizer.state_dict(),
-                        "generator": state.generator.get_state(),
-                    },
-                )
-    save_model(run, state.unet, state.ema, scheduler)
-    return state.unet, state.ema, scheduler
+    driver = CentralDriver(cfg, data, steps_per_round(cfg, prepared))
+    run_rounds(driver, run, cfg, resume=resume)

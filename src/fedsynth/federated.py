@@ -1,19 +1,27 @@
 """Stage 2 (federated paradigm): train over Flower's simulation engine, or over a
-given Grid (a real SuperLink). The round loop itself lives in ``server/loop.py``."""
+given Grid (a real SuperLink). One round is ``server/driver.py``; the loop around the
+rounds is :func:`fedsynth.rounds.run_rounds`."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
+from flwr.app import Context
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
+from flwr.serverapp import Grid, ServerApp
 
+from fedsynth.client.app import app as default_client_app
 from fedsynth.config import Config
-from fedsynth.diffusion.training import resolve_device
+from fedsynth.diffusion.schedule import build_train_scheduler
+from fedsynth.diffusion.training import make_ema, resolve_device
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.prepare import Prepared
+from fedsynth.rounds import Model, run_rounds
 from fedsynth.rundir import RunDir
+from fedsynth.server.calibration import server_train
+from fedsynth.server.driver import FederatedDriver
 
 
 def train_federated(
@@ -25,16 +33,16 @@ def train_federated(
     grid: Grid | None = None,
     client_app: ClientApp | None = None,
 ) -> None:
-    from fedsynth.server.loop import serve
-
     full = prepared.data.full
     unet = seeded_unet(cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes)
     unet = unet.to(resolve_device(cfg.train.device))
+    scheduler = build_train_scheduler(cfg.diffusion)
     if not resume and cfg.phoenix.warmup_steps > 0:
-        warm_up(cfg, run, unet, prepared)
+        warm_up(cfg, run, unet, scheduler, prepared)
+    model = Model(unet, make_ema(unet, cfg.diffusion.ema_decay), scheduler)
 
     def body(g: Grid) -> None:
-        serve(g, cfg, run, unet, list(full.class_names), resume=resume)
+        run_rounds(FederatedDriver(cfg, run, model, tuple(full.class_names), g), run, cfg, resume=resume)
 
     if grid is not None:
         body(grid)
@@ -42,25 +50,27 @@ def train_federated(
         simulate(cfg, body, client_app)
 
 
-def warm_up(cfg: Config, run: RunDir, unet, prepared: Prepared) -> None:
+def warm_up(cfg: Config, run: RunDir, unet, scheduler, prepared: Prepared) -> None:
     """Phoenix: the initial global model is trained on the shared set G first."""
-    from fedsynth.diffusion.schedule import build_train_scheduler
-    from fedsynth.server.calibration import server_train
-
     shared = prepared.shared_data()
     assert shared is not None, "config validation guarantees phoenix.beta > 0 with a warm-up"
-    loss, seconds = server_train(
-        cfg, unet, build_train_scheduler(cfg.diffusion), shared, cfg.phoenix.warmup_steps, tag=0
-    )
+    loss, seconds = server_train(cfg, unet, scheduler, shared, cfg.phoenix.warmup_steps, tag=0)
     run.update_summary(shared_images=len(shared), warmup_loss=loss, warmup_s=seconds)
 
 
-def simulate(cfg: Config, body, client_app: ClientApp | None = None) -> None:
-    """Run ``body(grid)`` as the ServerApp of a Flower simulation with one SuperNode per client."""
-    from flwr.simulation import run_simulation
+def make_server_app(body: Callable[[Grid], None]) -> ServerApp:
+    app = ServerApp()
 
-    from fedsynth.client.app import app as default_client_app
-    from fedsynth.server.app import make_server_app
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        body(grid)
+
+    return app
+
+
+def simulate(cfg: Config, body: Callable[[Grid], None], client_app: ClientApp | None = None) -> None:
+    """Run ``body(grid)`` as the ServerApp of a Flower simulation with one SuperNode per client."""
+    from flwr.simulation import run_simulation  # starts Ray: imported only when simulating
 
     fed = cfg.federation
     errors: list[BaseException] = []

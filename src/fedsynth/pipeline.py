@@ -16,8 +16,12 @@ from fedsynth.checkpoint import load_model
 from fedsynth.config import Config, dump_config
 from fedsynth.diffusion.training import resolve_device
 from fedsynth.errors import ConfigError, RunDirError
+from fedsynth.evaluation.evaluate import evaluate_run
+from fedsynth.evaluation.inception import check_weights_file
 from fedsynth.exchange.transfer import has_personal_models
+from fedsynth.federated import train_federated
 from fedsynth.prepare import check_partitions, prepare
+from fedsynth.report.markdown import write_report
 from fedsynth.rundir import RunDir
 from fedsynth.synthesize import SampleSpec, synthesize
 
@@ -68,11 +72,9 @@ def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None) -> Non
     if cfg.paradigm == "centralized":
         train_centralized(cfg, run, prepared, resume=resume)
     elif cfg.paradigm == "federated":
-        from fedsynth.federated import train_federated
-
         train_federated(cfg, run, prepared, resume=resume, grid=grid)
     elif cfg.paradigm == "decentralized":
-        from fedsynth.decentralized import train_decentralized
+        from fedsynth.decentralized import train_decentralized  # web3 and the chain: only when used
 
         train_decentralized(cfg, run, prepared, resume=resume)
     else:
@@ -81,8 +83,6 @@ def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None) -> Non
 
 def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None) -> RunDir:
     if cfg.eval.enabled and cfg.eval.inception_weights:
-        from fedsynth.evaluation.inception import check_weights_file
-
         check_weights_file(cfg.eval.inception_weights)  # before hours of training, not after
     run = RunDir(Path(out)).create()
     start = time.perf_counter()
@@ -103,16 +103,12 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None) -> RunDi
         bytes_up=sum(r.get("bytes_up", 0) for r in metrics),
         bytes_down=sum(r.get("bytes_down", 0) for r in metrics),
     )
-    from fedsynth.report.markdown import write_report
-
     names = list(prepared.data.full.class_names)
     personal = has_personal_models(cfg.exchange) and cfg.paradigm == "federated"
     for target in run.client_runs() if personal else [run]:
         unet, scheduler = load_model(target, resolve_device(cfg.train.device))
         sample_run(cfg, target, unet, scheduler, names)
     if cfg.eval.enabled and cfg.sample.per_class > 0:
-        from fedsynth.evaluation.evaluate import evaluate_run
-
         evaluate_run(cfg, run)
     for client in run.client_runs() if personal else []:
         write_report(client)

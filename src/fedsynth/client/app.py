@@ -10,40 +10,47 @@ SuperNode, its own folder / ``.npz`` given by ``data-path`` in the node config.
 from __future__ import annotations
 
 import functools
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsynth.client.local import local_train
 from fedsynth.client.selfcheck import self_check
-from fedsynth.config import Config, DataConfig, config_from_dict
+from fedsynth.config import Config, DataConfig
 from fedsynth.data.datasets import ImageData, load_images
 from fedsynth.diffusion.unet import build_unet
 from fedsynth.errors import DataError
 from fedsynth.exchange.codecs import CodecError
 from fedsynth.exchange.groups import GROUPS
 from fedsynth.exchange.transfer import WEIGHTS, Layout, client_reply, client_start
+from fedsynth.prepare import prepare
+from fedsynth.protocol import (
+    ARRAYS,
+    CLASSES_KEY,
+    CONFIG,
+    CONFIG_KEY,
+    DATA_PATH,
+    INFO,
+    METRICS,
+    MODE_KEY,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    ROUND_KEY,
+    STATE_KEY,
+    TASK_KEY,
+    UPLOAD_KEY,
+    UpdateInfo,
+    parse_config,
+)
 from fedsynth.records import numpy_record, record_numpy, record_torch
 from fedsynth.strategies.scaffold import CONTROL_KEY
-
-CONFIG_KEY = "fedsynth-config"
-CLASSES_KEY = "class-names"
-STATE_KEY = "fedsynth-state"
-
-
-@functools.lru_cache(maxsize=4)
-def parse_config(text: str) -> Config:
-    return config_from_dict(tomllib.loads(text))
 
 
 @functools.lru_cache(maxsize=8)
 def _partition_data(config_text: str, partition_id: int) -> ImageData:
-    from fedsynth.prepare import prepare
-
     cfg = parse_config(config_text)
     return prepare(cfg).client_data(partition_id)
 
@@ -64,8 +71,8 @@ def _local_data(config_text: str, path: str, class_names: tuple[str, ...]) -> Im
 
 def client_data(config_text: str, node_config: dict, class_names: tuple[str, ...]) -> tuple[int, ImageData]:
     """(client id, this client's training data)."""
-    partition_id = int(node_config.get("partition-id", 0))
-    path = node_config.get("data-path")
+    partition_id = int(node_config.get(PARTITION_ID, 0))
+    path = node_config.get(DATA_PATH)
     if path:
         return partition_id, _local_data(config_text, str(Path(str(path)).expanduser()), class_names)
     return partition_id, _partition_data(config_text, partition_id)
@@ -103,56 +110,60 @@ def _layout(config_text: str, image_size: int, channels: int, classes: int) -> L
     return Layout.of(build_unet(cfg.model, image_size, channels, classes).state_dict(), cfg.exchange.personal)
 
 
-def _metrics(update, client_id: int) -> MetricRecord:
-    return MetricRecord(
-        {
-            "num-examples": update.num_examples,
-            "num-steps": update.num_steps,
-            "train-loss": update.train_loss,
-            "compute-s": update.compute_s,
-            "partition-id": client_id,
-        }
+def update_info(update, client_id: int, **extra) -> UpdateInfo:
+    """What a client reports with its weights (both transports)."""
+    return UpdateInfo(
+        client=client_id,
+        num_examples=update.num_examples,
+        num_steps=update.num_steps,
+        train_loss=update.train_loss,
+        compute_s=update.compute_s,
+        **extra,
     )
 
 
 def handle_pretrain(msg: Message, cfg: Config, client_id: int, data: ImageData) -> Message:
     """FedDDPM: a local model trained from the received weights, uploaded once; the
     client's exchange state is left untouched."""
-    weights = msg.content["arrays"].to_torch_state_dict()
+    weights = msg.content[ARRAYS].to_torch_state_dict()
     update = local_train(
         cfg, data, weights, round_=0, client_id=client_id, state={}, steps=cfg.calibration.pretrain_steps
     )
-    content = RecordDict({"arrays": ArrayRecord(update.weights), "metrics": _metrics(update, client_id)})
+    content = RecordDict(
+        {ARRAYS: ArrayRecord(update.weights), METRICS: update_info(update, client_id).to_record()}
+    )
     return Message(content=content, reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
+    config = msg.content[CONFIG]
     text = str(config[CONFIG_KEY])
     cfg = parse_config(text)
     _set_threads(cfg)
     client_id, data = client_data(text, dict(context.node_config), tuple(config[CLASSES_KEY]))
-    if str(config.get("task", "train")) == "pretrain":
+    if str(config.get(TASK_KEY, "train")) == "pretrain":
         return handle_pretrain(msg, cfg, client_id, data)
     layout = _layout(text, data.shape[1], data.shape[0], data.num_classes)
-    upload = tuple(str(g) for g in config.get("upload-groups", GROUPS))
+    upload = tuple(str(g) for g in config.get(UPLOAD_KEY, GROUPS))
     state = _load_state(context)
-    mode = str(config.get("exchange-mode", WEIGHTS))
-    start = client_start(cfg.exchange, layout, record_numpy(msg.content["arrays"]), mode, state)
+    mode = str(config.get(MODE_KEY, WEIGHTS))
+    start = client_start(cfg.exchange, layout, record_numpy(msg.content[ARRAYS]), mode, state)
     control = None
     if CONTROL_KEY in msg.content:
         sent = set(layout.keys(upload))
         control = {k: v for k, v in record_torch(msg.content[CONTROL_KEY]).items() if k in sent}
-    round_ = int(config["server-round"])
+    round_ = int(config[ROUND_KEY])
     update = local_train(cfg, data, start, round_=round_, client_id=client_id, state=state, control=control)
     arrays = client_reply(cfg.exchange, layout, start, update.weights, upload, state)
     _save_state(context, state)
-    metrics = _metrics(update, client_id)
+    check = {}
     if cfg.phoenix.filter_from and round_ >= cfg.phoenix.filter_from:
         unet = build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes)
         unet.load_state_dict(update.weights)
-        metrics["filter-precision"], metrics["filter-recall"] = self_check(cfg, unet, data, round_, client_id)
-    content = RecordDict({"arrays": numpy_record(arrays), "metrics": metrics})
+        precision, recall = self_check(cfg, unet, data, round_, client_id)
+        check = {"filter_precision": precision, "filter_recall": recall}
+    metrics = update_info(update, client_id, **check).to_record()
+    content = RecordDict({ARRAYS: numpy_record(arrays), METRICS: metrics})
     if update.control_delta is not None:
         content[CONTROL_KEY] = ArrayRecord(update.control_delta)
     return Message(content=content, reply_to=msg)
@@ -164,18 +175,18 @@ def handle_export(msg: Message, context: Context) -> Message:
     state = _load_state(context)
     if not state.get("local"):
         raise CodecError("this client holds no personal weights (never trained in this run)")
-    return Message(content=RecordDict({"arrays": ArrayRecord(state["local"])}), reply_to=msg)
+    return Message(content=RecordDict({ARRAYS: ArrayRecord(state["local"])}), reply_to=msg)
 
 
 def handle_query(msg: Message, context: Context) -> Message:
     """Who am I: partition id, sample count and class histogram (no images leave)."""
-    config = msg.content["config"]
+    config = msg.content[CONFIG]
     text = str(config[CONFIG_KEY])
     names = tuple(config[CLASSES_KEY])
     client_id, data = client_data(text, dict(context.node_config), names)
     hist = np.bincount(data.labels.numpy(), minlength=len(names)).tolist()
-    reply = ConfigRecord({"partition-id": client_id, "num-examples": len(data), "histogram": hist})
-    return Message(content=RecordDict({"info": reply}), reply_to=msg)
+    reply = ConfigRecord({PARTITION_ID: client_id, NUM_EXAMPLES: len(data), "histogram": hist})
+    return Message(content=RecordDict({INFO: reply}), reply_to=msg)
 
 
 app = ClientApp()

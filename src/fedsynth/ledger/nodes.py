@@ -8,29 +8,32 @@ A node holds its own key and acts only through the contract and the content stor
   contract's state (``catch_up``).
 - an **aggregator** records every ``UpdateSubmitted``; on ``UpdatesClosed`` it fetches the
   round's updates (each verified against its CID; a bad one is skipped with its reason),
-  aggregates them deterministically (sorted by trainer address, the configured strategy),
+  aggregates them deterministically (through ``strategies/adapter.py``, in client-id
+  order, with the configured strategy),
   stores the result and submits its CID. Honest aggregators produce byte-identical blobs
   and therefore the same CID; the contract ends the round on a majority.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from eth_account.signers.local import LocalAccount
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord
 
 from fedsynth.errors import FedsynthError
 from fedsynth.ledger.chain import LedgerError, RoundsContract
 from fedsynth.ledger.store import ContentStore, Weights
+from fedsynth.protocol import UpdateInfo
+from fedsynth.strategies.adapter import Update, aggregate
+from fedsynth.validate import Expected, check_arrays
 
 log = logging.getLogger("fedsynth.ledger")
 
@@ -40,7 +43,7 @@ Listener = Callable[[dict], None]
 class EventFeed:
     """Delivers the contract's events, in chain order, to every listener on one thread.
 
-    After a local transaction the feed is woken at once (``notify``); events of other
+    After a local transaction the feed is woken at once; events of other
     machines' transactions arrive when the node's next block is seen (``idle_wait``
     seconds at most, for JSON-RPC backends)."""
 
@@ -60,9 +63,6 @@ class EventFeed:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
-
-    def notify(self) -> None:
-        self._wake.set()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -108,13 +108,10 @@ def join(rounds: RoundsContract, account: LocalAccount, role: str) -> None:
 
 @dataclass(frozen=True)
 class TrainResult:
+    """A trainer's stored update: its CID and the report submitted with it."""
+
     cid: str
-    num_examples: int
-    num_steps: int
-    train_loss: float
-    compute_s: float
-    bytes_down: int
-    bytes_up: int
+    info: UpdateInfo
 
 
 Work = Callable[[int, int, str], "Future[TrainResult]"]  # (client id, round, model CID)
@@ -169,30 +166,22 @@ class TrainerNode:
         except Exception as exc:  # a failed local round: nothing is submitted, the deadline covers it
             log.warning("trainer %d: local training failed in round %d: %s", self.pid, round_, exc)
             return
-        metrics = json.dumps(
-            {
-                "pid": self.pid,
-                "loss": round(result.train_loss, 6),
-                "steps": result.num_steps,
-                "s": round(result.compute_s, 3),
-                "down": result.bytes_down,
-                "up": result.bytes_up,
-            },
-            separators=(",", ":"),
-        )
         try:
-            self.rounds.send(self.account, "submitUpdate", result.cid, result.num_examples, metrics)
+            info = result.info
+            self.rounds.send(self.account, "submitUpdate", result.cid, info.num_examples, info.to_json())
             self.results[round_] = result
         except LedgerError as err:
             log.warning("trainer %d: update for round %d not accepted: %s", self.pid, round_, err)
 
 
 @dataclass(frozen=True)
-class Update:
+class Submitted:
+    """An ``UpdateSubmitted`` event: who, the update's CID, its example count on chain, its report."""
+
     trainer: str
     cid: str
     data_points: int
-    metrics: dict
+    metrics: str
 
 
 @dataclass
@@ -209,7 +198,7 @@ class AggregatorNode:
     corrupt: bool = False
     crashed: bool = False
     models: dict[int, str] = field(default_factory=dict)
-    updates: dict[int, list[Update]] = field(default_factory=dict)
+    updates: dict[int, list[Submitted]] = field(default_factory=dict)
     rejected: dict[int, list[dict]] = field(default_factory=dict)
     submitted: dict[int, str] = field(default_factory=dict)
 
@@ -226,8 +215,9 @@ class AggregatorNode:
         if kind == "RoundStarted" and self.address in event["aggregators"]:
             self.models[r], self.updates[r] = event["model"], []
         elif kind == "UpdateSubmitted" and r in self.updates:
-            metrics = json.loads(event["metrics"]) if event["metrics"] else {}
-            self.updates[r].append(Update(event["trainer"], event["cid"], int(event["dataPoints"]), metrics))
+            self.updates[r].append(
+                Submitted(event["trainer"], event["cid"], int(event["dataPoints"]), event["metrics"])
+            )
         elif (
             kind == "UpdatesClosed"
             and r in self.updates
@@ -238,25 +228,19 @@ class AggregatorNode:
 
     def _aggregate(self, round_: int) -> None:
         global_w = self.store.get_weights(self.models[round_])
-        replies, rejected = [], []
-        for i, update in enumerate(sorted(self.updates[round_], key=lambda u: u.trainer.lower())):
+        updates, rejected = [], []
+        for sub in sorted(self.updates[round_], key=lambda u: u.trainer.lower()):
             try:
-                weights = self.store.get_weights(update.cid)
-                flat = flatten(weights, global_w)
+                updates.append(self._usable(sub, global_w))
             except FedsynthError as err:
-                rejected.append(
-                    {"trainer": update.trainer, "client": update.metrics.get("pid"), "reason": str(err)}
-                )
-                log.warning("aggregator %d: ignoring update of %s: %s", self.index, update.trainer, err)
-                continue
-            replies.append(_reply(i, flat, update, self.weight_key))
+                rejected.append({"trainer": sub.trainer, "reason": str(err)})
+                log.warning("aggregator %d: ignoring update of %s: %s", self.index, sub.trainer, err)
         self.rejected[round_] = rejected
-        if not replies:
+        if not updates:
             log.warning("aggregator %d: round %d has no usable update", self.index, round_)
             return
         self.strategy.begin_round(ArrayRecord({FLAT: torch.from_numpy(flatten(global_w, global_w))}))
-        aggregated, _ = self.strategy.aggregate_train(round_, replies)
-        result = unflatten(aggregated[FLAT].numpy(), global_w)
+        result = unflatten(aggregate(self.strategy, round_, updates, [FLAT])[FLAT].numpy(), global_w)
         if self.corrupt:
             result = {k: v + 1.0 if v.is_floating_point() else v for k, v in result.items()}
         cid = self.store.put_weights(result)
@@ -265,6 +249,19 @@ class AggregatorNode:
             log.info("aggregator %d: round %d already decided; not submitting", self.index, round_)
             return
         self.rounds.send(self.account, "submitAggregation", cid)
+
+    def _usable(self, sub: Submitted, global_w: Weights) -> Update:
+        """The submitted update, fetched (CID-verified), validated and flattened; raises with
+        the reason when it cannot be used. The example count is the one recorded on chain."""
+        try:
+            info = UpdateInfo.from_json(sub.metrics)
+        except (KeyError, TypeError, ValueError) as err:
+            raise FedsynthError(f"malformed update metrics: {err}") from err
+        info = replace(info, num_examples=sub.data_points)
+        if info.num_examples <= 0:
+            raise FedsynthError(f"invalid num-examples: {info.num_examples}")
+        flat = flatten(self.store.get_weights(sub.cid), global_w)
+        return Update(info, {FLAT: torch.from_numpy(flat)})
 
 
 FLAT = "flat"
@@ -278,19 +275,10 @@ def flatten(weights: Weights, reference: Weights) -> np.ndarray:
     FedMedian, FedTrimmedAvg, FedAdam/Yogi/Adagrad, FedProx's server side) or use distances
     over all parameters (Krum, MultiKrum, Bulyan), so aggregating one vector gives the same
     numbers as aggregating per key — and one array instead of hundreds per message."""
-    if set(weights) != set(reference):
-        missing, extra = sorted(set(reference) - set(weights)), sorted(set(weights) - set(reference))
-        raise FedsynthError(f"keys differ from the model (missing {missing[:3]}, extra {extra[:3]})")
-    for k, v in weights.items():
-        if v.shape != reference[k].shape:
-            raise FedsynthError(f"{k}: shape {tuple(v.shape)} != {tuple(reference[k].shape)}")
-        if not v.is_floating_point():
-            raise FedsynthError(f"{k}: dtype {v.dtype} is not a floating-point parameter")
-    flat = torch.cat([weights[k].reshape(-1).to(torch.float32) for k in reference]).numpy()
-    if not np.isfinite(flat).all():
-        bad = next(k for k in reference if not torch.isfinite(weights[k]).all())
-        raise FedsynthError(f"{bad}: non-finite values")
-    return flat
+    expected = Expected({k: tuple(v.shape) for k, v in reference.items()})
+    if reason := check_arrays({k: v.numpy() for k, v in weights.items()}, expected):
+        raise FedsynthError(reason)
+    return torch.cat([weights[k].reshape(-1).to(torch.float32) for k in reference]).numpy()
 
 
 def unflatten(flat: np.ndarray, reference: Weights) -> Weights:
@@ -301,26 +289,3 @@ def unflatten(flat: np.ndarray, reference: Weights) -> Weights:
     if start != flat.size:
         raise FedsynthError(f"aggregate has {flat.size} values, the model {start}")
     return out
-
-
-def _standalone_identity() -> None:
-    """Flower's Message needs a run identity; an aggregator node runs outside any Flower run,
-    so it takes a fixed one (used only to build the replies its strategy aggregates)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    if TaskIdentity._run_id is None:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 0, 0, 0
-
-
-def _reply(i: int, flat: np.ndarray, update: Update, weight_key: str) -> Message:
-    _standalone_identity()
-    metrics = MetricRecord(
-        {
-            "num-examples": update.data_points,
-            "num-steps": int(update.metrics.get("steps", 1)),
-            "train-loss": float(update.metrics.get("loss", 0.0)),
-        }
-    )
-    assert weight_key in metrics, f"unknown weighting key {weight_key}"
-    content = RecordDict({"arrays": ArrayRecord({FLAT: torch.from_numpy(flat)}), "metrics": metrics})
-    return Message(content=content, dst_node_id=i + 1, message_type=MessageType.TRAIN)

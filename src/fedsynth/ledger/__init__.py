@@ -1,0 +1,1 @@
+"""Decentralized paradigm, chain side: round contract, content store, nodes, federation set-up."""
