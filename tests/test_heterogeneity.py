@@ -180,3 +180,19 @@ def test_excluded_clients_are_never_selected():
     assert select_clients(0, 1, 0, 3, 3, frozenset({0})) == [1, 2]  # fewer remain than asked
     with pytest.raises(RoundError, match="every client has been excluded"):
         select_clients(0, 1, 0, 2, 2, frozenset({0, 1}))
+
+
+def test_hook_state_reads_todays_layout_and_checkpoints_written_before_hooks():
+    from fedsynth.config import config_from_dict
+    from fedsynth.server.hooks import ThresholdFilter, hook_state
+
+    legacy = {"calibration": {"history": [1.0], "last_fire": 1}, "strikes": {3: 2, 4: 1}, "excluded": [3]}
+    assert hook_state(legacy, "calibration") == {"history": [1.0], "last_fire": 1}
+    assert hook_state(legacy, "filtering") == {"strikes": {3: 2, 4: 1}, "excluded": [3]}
+    today = {"hooks": {"filtering": {"strikes": {5: 2}, "excluded": [5]}}}
+    assert hook_state(today, "filtering") == {"strikes": {5: 2}, "excluded": [5]}
+    assert hook_state(today, "calibration") is None
+    cfg = config_from_dict({"paradigm": "federated", "phoenix": {"filter_from": 2}})
+    hook = ThresholdFilter(cfg)
+    hook.load_state_dict({"strikes": {"3": 2, "4": 1}})  # oldest layout: no list, two strikes = out
+    assert hook.excluded == {3} and hook.state_dict() == {"strikes": {3: 2, 4: 1}, "excluded": [3]}

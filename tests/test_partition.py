@@ -123,3 +123,18 @@ def test_quantity_is_label_iid_but_sizes_skewed(labels):
 def test_too_many_clients():
     with pytest.raises(ConfigError, match="only 3 training samples"):
         partition(np.array([0, 1, 0]), _cfg("iid", num_clients=4), seed=0)
+
+
+def test_one_seed_derivation_is_seedsequence_of_seed_purpose_and_ids():
+    import zlib
+
+    from fedsynth.seeding import derive, numpy_rng, torch_generator
+
+    entropy = [7, zlib.crc32(b"select"), 3, 1]
+    expected = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
+    assert derive(7, "select", 3, 1) == expected < 2**63
+    assert len({derive(7, "select", 3, 1), derive(7, "select", 1, 3), derive(7, "usplit", 3, 1)}) == 3
+    assert numpy_rng(7, "x", 1).integers(1 << 30) == numpy_rng(7, "x", 1).integers(1 << 30)
+    assert torch_generator(7, "x", 1).initial_seed() == derive(7, "x", 1)
+    with pytest.raises(ValueError, match="non-negative"):
+        derive(7, "select", -1)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import UNet2DModel
+from diffusers.training_utils import EMAModel
 
 from fedsynth.checkpoint import Checkpoint
 from fedsynth.config import Config
@@ -39,12 +41,19 @@ class CentralDriver:
     def __init__(self, cfg: Config, data: ImageData, steps: int) -> None:
         device = resolve_device(cfg.train.device)
         self.cfg, self.data, self.units_per_round = cfg, data, steps
-        self.ema_decay = cfg.diffusion.ema_decay
+        self.ema_info = {
+            "stepped": "per optimizer step",
+            "decay": cfg.diffusion.ema_decay,
+            "warm_up": "diffusers",
+        }
         unet = seeded_unet(cfg.model, cfg.seed, data.shape[1], data.shape[0], data.num_classes).to(device)
-        self.model = Model(unet, make_ema(unet, self.ema_decay), build_train_scheduler(cfg.diffusion))
+        self.model = Model(unet, self.make_ema(unet), build_train_scheduler(cfg.diffusion))
         self.optimizer = make_optimizer(unet.parameters(), cfg.train)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.round = 0
+
+    def make_ema(self, unet: UNet2DModel) -> EMAModel:
+        return make_ema(unet, self.cfg.diffusion.ema_decay)
 
     def resume(self, checkpoint: Checkpoint) -> None:
         self.model.unet, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round

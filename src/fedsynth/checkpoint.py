@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,29 +60,41 @@ def save_checkpoint(
     return target
 
 
-def load_checkpoint(path: Path, decay: float, device: torch.device) -> Checkpoint:
+EmaFactory = Callable[[UNet2DModel], EMAModel]
+
+
+def load_checkpoint(path: Path, make_ema: EmaFactory, device: torch.device) -> Checkpoint:
+    """The checkpoint at ``path``; its EMA is the configured one (``make_ema``: its decay
+    schedule) carrying the saved shadow weights and step count."""
     if not (path / "meta.json").is_file():
         raise RunDirError(f"incomplete checkpoint (no meta.json): {path}")
     unet = UNet2DModel.from_pretrained(path / "unet", low_cpu_mem_usage=False).to(device)
     state = torch.load(path / "state.pt", map_location=device, weights_only=True)
-    ema = EMAModel(unet.parameters(), decay=decay)
-    ema.load_state_dict(state.pop("ema"))
+    ema = make_ema(unet)
+    schedule = {"decay": ema.decay, "min_decay": ema.min_decay}
+    ema.load_state_dict({**state.pop("ema"), **schedule})
     ema.to(device)
     return Checkpoint(round=int(state.pop("round")), unet=unet, ema=ema, state=state)
 
 
-def load_latest_checkpoint(run: RunDir, ema_decay: float, device: torch.device) -> Checkpoint:
+def load_latest_checkpoint(run: RunDir, make_ema: EmaFactory, device: torch.device) -> Checkpoint:
     """The newest complete checkpoint of ``run``; a clear error when there is none."""
     path = run.latest_checkpoint()
     if path is None:
         raise RunDirError(f"nothing to resume: no checkpoint in {run.checkpoints}")
-    return load_checkpoint(path, ema_decay, device)
+    return load_checkpoint(path, make_ema, device)
 
 
-def save_model(run: RunDir, unet: UNet2DModel, ema: EMAModel, scheduler: DDPMScheduler) -> Path:
+def save_model(
+    run: RunDir, unet: UNet2DModel, ema: EMAModel, scheduler: DDPMScheduler, ema_info: dict | None = None
+) -> Path:
+    """``model/``: the EMA weights and the noise schedule; ``model/ema.json`` says which EMA."""
+
     def fill(tmp: Path) -> None:
         ema_unet(unet, ema).save_pretrained(tmp / "unet")
         scheduler.save_pretrained(tmp / "scheduler")
+        if ema_info is not None:
+            (tmp / "ema.json").write_text(json.dumps(ema_info, indent=2) + "\n")
 
     write_dir_atomic(run.model, fill)
     return run.model

@@ -114,6 +114,7 @@ class FederationConfig:
     weighting: str = _choice("examples", WEIGHTINGS)
     client_cpus: float = _at_least(1.0, 0.0, exclusive=True)
     client_gpus: float = _at_least(0.0, 0.0)
+    server_ema_decay: float = _at_least(0.9, 0.0)  # per round; 0: the saved model is the last global model
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,12 @@ class Config:
             raise ConfigError("phoenix.beta and phoenix.alpha are percentages in [0, 100]")
         if self.phoenix.warmup_steps and not self.phoenix.beta:
             raise ConfigError("phoenix.warmup_steps needs a shared set: set phoenix.beta > 0")
+        for name, decay in (
+            ("diffusion.ema_decay", self.diffusion.ema_decay),
+            ("federation.server_ema_decay", fed.server_ema_decay),
+        ):
+            if decay >= 1:
+                raise ConfigError(f"{name} = {decay} must be in [0, 1)")
         if self.exchange.topk_ratio > 1:
             raise ConfigError(f"exchange.topk_ratio = {self.exchange.topk_ratio} must be in (0, 1]")
         if self.paradigm == "decentralized":

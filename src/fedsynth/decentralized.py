@@ -37,7 +37,7 @@ from fedsynth.client.app import client_data, update_info
 from fedsynth.client.local import local_train
 from fedsynth.config import Config
 from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.training import make_ema, resolve_device
+from fedsynth.diffusion.training import make_server_ema, resolve_device
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.errors import ConfigError
 from fedsynth.ledger.chain import RoundsContract
@@ -46,7 +46,7 @@ from fedsynth.ledger.nodes import AggregatorNode, EventFeed, TrainerNode, TrainR
 from fedsynth.ledger.store import open_store
 from fedsynth.prepare import Prepared
 from fedsynth.protocol import DATA_PATH, PARTITION_ID, UpdateInfo, config_text, parse_config
-from fedsynth.rounds import Dropped, Model, RoundRecord, Tick, run_rounds, select_clients
+from fedsynth.rounds import Dropped, Model, RoundRecord, ServerEma, Tick, run_rounds, select_clients
 from fedsynth.rundir import RunDir
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 
@@ -117,7 +117,7 @@ class _Counters:
         }
 
 
-class DecentralizedDriver:
+class DecentralizedDriver(ServerEma):
     """The model owner: starts, closes and terminates rounds through the contract."""
 
     units_per_round = 1
@@ -132,7 +132,7 @@ class DecentralizedDriver:
         trainer_setup: Callable[[Federation], None] | None = None,
     ) -> None:
         self.cfg, self.run, self.model, self.work = cfg, run, model, work
-        self.label, self.ema_decay = "decentralized " + cfg.strategy.name, cfg.diffusion.ema_decay
+        self.label = "decentralized " + cfg.strategy.name
         self.aggregator_setup, self.trainer_setup = aggregator_setup, trainer_setup
         self.round = 0
         self.strategy_state: dict | None = None
@@ -326,7 +326,9 @@ def train_decentralized(
     full = prepared.data.full
     unet = seeded_unet(cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes)
     unet = unet.to(resolve_device(cfg.train.device))
-    model = Model(unet, make_ema(unet, cfg.diffusion.ema_decay), build_train_scheduler(cfg.diffusion))
+    model = Model(
+        unet, make_server_ema(unet, cfg.federation.server_ema_decay), build_train_scheduler(cfg.diffusion)
+    )
     pool = executor or default_executor(cfg)
     work = partial(pool.submit, train_update, config_text(cfg), cfg.ledger.store, str(run.root / "store"))
     try:

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsynth.client.app import app as default_client_app
 from fedsynth.config import Config
 from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.training import make_ema, resolve_device
+from fedsynth.diffusion.training import make_server_ema, resolve_device
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.prepare import Prepared
 from fedsynth.rounds import Model, run_rounds
@@ -39,7 +39,7 @@ def train_federated(
     scheduler = build_train_scheduler(cfg.diffusion)
     if not resume and cfg.phoenix.warmup_steps > 0:
         warm_up(cfg, run, unet, scheduler, prepared)
-    model = Model(unet, make_ema(unet, cfg.diffusion.ema_decay), scheduler)
+    model = Model(unet, make_server_ema(unet, cfg.federation.server_ema_decay), scheduler)
 
     def body(g: Grid) -> None:
         run_rounds(FederatedDriver(cfg, run, model, tuple(full.class_names), g), run, cfg, resume=resume)

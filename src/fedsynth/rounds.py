@@ -21,16 +21,17 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from fedsynth.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_model
 from fedsynth.config import Config
+from fedsynth.diffusion.training import make_server_ema
 from fedsynth.errors import FedsynthError
 from fedsynth.progress import progress_bar
 from fedsynth.rundir import RunDir
+from fedsynth.seeding import numpy_rng
 
 
 class RoundError(FedsynthError):
@@ -100,9 +101,11 @@ class Model:
 class RoundDriver(Protocol):
     label: str  # progress bar description
     units_per_round: int  # progress units per round (optimizer steps centrally, else 1)
-    ema_decay: float  # the EMA a checkpoint's weights are restored into
     round: int  # rounds completed
     model: Model
+    ema_info: dict[str, Any]  # which EMA the saved model holds (model/ema.json)
+
+    def make_ema(self, unet: UNet2DModel) -> EMAModel: ...
 
     def resume(self, checkpoint: Checkpoint) -> None: ...
 
@@ -117,11 +120,25 @@ class RoundDriver(Protocol):
     def finish(self) -> None: ...
 
 
+class ServerEma:
+    """The federated and decentralized drivers' EMA: of the global model, once per round."""
+
+    cfg: Config
+
+    def make_ema(self, unet: UNet2DModel) -> EMAModel:
+        return make_server_ema(unet, self.cfg.federation.server_ema_decay)
+
+    @property
+    def ema_info(self) -> dict[str, Any]:
+        decay = self.cfg.federation.server_ema_decay
+        return {"stepped": "per round", "decay": decay, "warm_up": "first round copied"}
+
+
 def select_clients(
     seed: int, round_: int, attempt: int, num_clients: int, k: int, exclude: frozenset[int] = frozenset()
 ) -> list[int]:
     """k clients (fewer if fewer remain), seeded by (seed, round, attempt), never an excluded one."""
-    rng = np.random.default_rng([seed, round_, attempt])
+    rng = numpy_rng(seed, "select", round_, attempt)
     if not exclude:
         return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
     pool = [c for c in range(num_clients) if c not in exclude]
@@ -133,7 +150,7 @@ def select_clients(
 def run_rounds(driver: RoundDriver, run: RunDir, cfg: Config, *, resume: bool) -> None:
     """Run ``driver`` to ``federation.rounds`` (from the newest checkpoint when resuming)."""
     if resume:
-        checkpoint = load_latest_checkpoint(run, driver.ema_decay, driver.model.device)
+        checkpoint = load_latest_checkpoint(run, driver.make_ema, driver.model.device)
         driver.resume(checkpoint)
         run.truncate_metrics(checkpoint.round)
     total, every = cfg.federation.rounds, cfg.federation.checkpoint_every
@@ -154,4 +171,4 @@ def run_rounds(driver: RoundDriver, run: RunDir, cfg: Config, *, resume: bool) -
                     driver.checkpoint_meta(),
                 )
         driver.finish()
-    save_model(run, driver.model.unet, driver.model.ema, driver.model.scheduler)
+    save_model(run, driver.model.unet, driver.model.ema, driver.model.scheduler, driver.ema_info)

@@ -28,5 +28,7 @@ def numpy_rng(seed: int, purpose: str, *ids: int) -> np.random.Generator:
     return np.random.default_rng(derive(seed, purpose, *ids))
 
 
-def torch_generator(seed: int, purpose: str, *ids: int, device: torch.device | str = "cpu") -> torch.Generator:
+def torch_generator(
+    seed: int, purpose: str, *ids: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive(seed, purpose, *ids))

@@ -19,6 +19,7 @@ from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_optimizer, resolve_device, steps_for, train_steps
 from fedsynth.diffusion.unet import build_unet
+from fedsynth.seeding import torch_generator
 from fedsynth.strategies.scaffold import client_control_update, corrected_gradient
 
 Weights = dict[str, torch.Tensor]
@@ -35,7 +36,7 @@ class ClientUpdate:
 
 
 def round_generator(seed: int, round_: int, client_id: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + round_ * 10_007 + client_id)
+    return torch_generator(seed, "local-train", round_, client_id, device=device)
 
 
 def proximal_penalty(mu: float, anchor: Weights):

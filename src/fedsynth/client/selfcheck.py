@@ -19,6 +19,7 @@ from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler, build_train_scheduler
 from fedsynth.evaluation.classifier import SmallCNN
 from fedsynth.evaluation.metrics import precision_recall
+from fedsynth.seeding import torch_generator
 
 
 def shared_features(seed: int, channels: int) -> SmallCNN:
@@ -32,13 +33,13 @@ def self_check(
     cfg: Config, unet: UNet2DModel, data: ImageData, round_: int, client_id: int
 ) -> tuple[float, float]:
     n = min(cfg.phoenix.filter_samples, len(data))
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_ * 10_007 + client_id + 17)
+    g = torch_generator(cfg.seed, "self-check-data", round_, client_id)
     real = data.images[torch.randperm(len(data), generator=g)[:n]]
     labels = data.labels[torch.randint(len(data), (n,), generator=g)]
     device = next(unet.parameters()).device
     sampler = build_sampler("dpm", build_train_scheduler(cfg.diffusion), 20)
     cond = labels.to(device) if unet.config.num_class_embeds is not None else None
-    gen = torch.Generator(device=device).manual_seed(int(g.initial_seed()) + 1)
+    gen = torch_generator(cfg.seed, "self-check-noise", round_, client_id, device=device)
     fake = generate(unet.eval(), sampler, cond, num_images=n, generator=gen).cpu()
     features = shared_features(cfg.seed, data.shape[0]).features
     return precision_recall(features(real).numpy(), features(fake).numpy(), k=3)

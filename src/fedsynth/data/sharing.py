@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedsynth.seeding import numpy_rng
+
 
 @dataclass(frozen=True)
 class Shared:
@@ -32,7 +34,7 @@ def _balanced_take(pools: list[np.ndarray], size: int, rng: np.random.Generator)
 
 def share(clients: list[np.ndarray], labels: np.ndarray, beta: float, alpha: float, seed: int) -> Shared:
     """``labels`` are the full dataset's labels (indexed by the client indices)."""
-    rng = np.random.default_rng([seed, 0x5A7E])
+    rng = numpy_rng(seed, "shared-set")
     own = np.concatenate(clients)
     size = round(beta / 100 * len(own))
     if size == 0:
@@ -43,7 +45,7 @@ def share(clients: list[np.ndarray], labels: np.ndarray, beta: float, alpha: flo
     rest = [np.array([i for i in c if i not in taken], dtype=int) for c in clients]
     per_client = round(alpha / 100 * size)
     merged = [
-        np.sort(np.random.default_rng([seed, 0x5A7E, k]).choice(shared, size=per_client, replace=False))
+        np.sort(numpy_rng(seed, "shared-set", k).choice(shared, size=per_client, replace=False))
         for k in range(len(clients))
     ]
     return Shared(shared, rest, merged)

@@ -30,7 +30,16 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_ema(unet: UNet2DModel, decay: float) -> EMAModel:
+    """EMA stepped after every optimizer step (``diffusion.ema_decay``), with diffusers'
+    warm-up: step n uses min(decay, (1 + n) / (10 + n)); the first step copies."""
     return EMAModel(unet.parameters(), decay=decay)
+
+
+def make_server_ema(unet: UNet2DModel, decay: float) -> EMAModel:
+    """EMA of the global model stepped once per round (``federation.server_ema_decay``): the
+    first round's model is copied, then w_ema ← d·w_ema + (1 − d)·w every round (no warm-up
+    ramp: ``min_decay = decay``). ``decay = 0`` keeps the last global model."""
+    return EMAModel(unet.parameters(), decay=decay, min_decay=decay)
 
 
 def steps_for(cfg: TrainConfig, num_samples: int) -> int:

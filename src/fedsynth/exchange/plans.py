@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedsynth.exchange.groups import GROUPS
+from fedsynth.seeding import numpy_rng
 
 Groups = tuple[str, ...]
 DOWNLOAD: dict[str, Groups] = {"full": GROUPS, "usplit": GROUPS, "udec": ("up",), "ulatdec": ("mid", "up")}
@@ -47,5 +48,5 @@ def usplit_assignment(selected: list[int], rng: np.random.Generator) -> dict[int
 def upload_groups(plan: str, selected: list[int], seed: int, round_: int, attempt: int) -> dict[int, Groups]:
     """Client id → groups it uploads this round (seeded by seed, round and attempt)."""
     if plan == "usplit":
-        return usplit_assignment(selected, np.random.default_rng([seed, round_, attempt, 0x5E1]))
+        return usplit_assignment(selected, numpy_rng(seed, "usplit", round_, attempt))
     return {c: DOWNLOAD[plan] for c in selected}

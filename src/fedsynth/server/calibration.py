@@ -29,6 +29,7 @@ from fedsynth.diffusion.objective import diffusion_loss
 from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler
 from fedsynth.diffusion.training import make_optimizer, train_steps
+from fedsynth.seeding import torch_generator
 
 
 def server_train(
@@ -37,7 +38,7 @@ def server_train(
     """``steps`` optimizer steps on ``data`` (fresh optimizer); (mean loss, seconds)."""
     start = time.perf_counter()
     device = next(unet.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 7_919 * tag + 1)
+    generator = torch_generator(cfg.seed, "server-train", tag, device=device)
     losses = train_steps(
         unet,
         make_optimizer(unet.parameters(), cfg.train),
@@ -76,8 +77,8 @@ def aux_loss(
 ) -> float:
     """The diffusion loss on (up to ``limit``) auxiliary images with fixed noise and timesteps."""
     device = next(unet.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    idx = torch.randperm(len(aux), generator=torch.Generator().manual_seed(seed))[:limit]
+    generator = torch_generator(seed, "aux-loss-noise", device=device)
+    idx = torch.randperm(len(aux), generator=torch_generator(seed, "aux-loss-subset"))[:limit]
     x, y = aux.images[idx].to(device), aux.labels[idx].to(device)
     was_training = unet.training
     unet.eval()
@@ -105,7 +106,7 @@ def generate_auxiliary(
     for pid in sorted(models):
         unet.load_state_dict({k: v.to(device) for k, v in models[pid].items()})
         wanted = torch.repeat_interleave(torch.arange(len(class_names)), torch.as_tensor(counts[pid]))
-        generator = torch.Generator(device=device).manual_seed(seed * 10_007 + pid)
+        generator = torch_generator(seed, "auxiliary", pid, device=device)
         for start in range(0, len(wanted), batch_size):
             batch = wanted[start : start + batch_size].to(device)
             sampler = build_sampler("dpm", scheduler, steps)

@@ -28,7 +28,7 @@ from fedsynth.config import Config, dump_config
 from fedsynth.exchange.plans import UNITS, upload_groups
 from fedsynth.exchange.transfer import Layout, ServerExchange, has_personal_models
 from fedsynth.protocol import ARRAYS, CLASSES_KEY, CONFIG, CONFIG_KEY, NUM_EXAMPLES, config_text
-from fedsynth.rounds import Model, RoundRecord, Tick, select_clients
+from fedsynth.rounds import Model, RoundRecord, ServerEma, Tick, select_clients
 from fedsynth.rundir import RunDir
 from fedsynth.server.hooks import Calibration, RoundHook, ThresholdFilter, build_auxiliary, hook_state
 from fedsynth.server.messages import (
@@ -54,7 +54,7 @@ def base_config(cfg: Config, class_names: tuple[str, ...]) -> ConfigRecord:
     return ConfigRecord({CONFIG_KEY: config_text(cfg), CLASSES_KEY: list(class_names)})
 
 
-class FederatedDriver:
+class FederatedDriver(ServerEma):
     """Holds the global model, one strategy per aggregation unit and the round hooks."""
 
     units_per_round = 1
@@ -63,7 +63,7 @@ class FederatedDriver:
         self, cfg: Config, run: RunDir, model: Model, class_names: tuple[str, ...], grid: Grid
     ) -> None:
         self.cfg, self.run, self.model, self.grid = cfg, run, model, grid
-        self.label, self.ema_decay = f"federated {cfg.strategy.name}", cfg.diffusion.ema_decay
+        self.label = f"federated {cfg.strategy.name}"
         self.layout = Layout.of(model.unet.state_dict(), cfg.exchange.personal)
         self.exchange = ServerExchange(cfg.exchange, self.layout)
         # one strategy per aggregation unit (groups always uploaded together)

@@ -1,0 +1,103 @@
+"""Server EMA of federated runs: which per-round decay (``federation.server_ema_decay``) gives
+the best synthetic data. Trains the demo once (``make demo``'s config, a checkpoint every
+round), then for each decay rebuilds the server EMA from the per-round global weights with
+the code the server runs (``make_server_ema``), samples and evaluates it. ``legacy`` is the
+EMA before the key existed: ``diffusion.ema_decay = 0.999`` stepped per round with diffusers'
+warm-up, i.e. decay (1 + n) / (10 + n) at round n. Results: bench/results/server-ema.{json,md}.
+
+    .venv/bin/python bench/server_ema.py [--decays 0,0.5,0.8,0.9,0.95,legacy] [--seed 0]
+        [--runs-dir runs/bench-server-ema] [--result server-ema]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.training_utils import EMAModel
+
+from _common import RESULTS, timed_fedsynth_run, write_result
+from fedsynth.checkpoint import save_model
+from fedsynth.config import load_config
+from fedsynth.data.datasets import load_dataset
+from fedsynth.diffusion.schedule import build_train_scheduler
+from fedsynth.diffusion.training import make_ema, make_server_ema
+from fedsynth.evaluation.evaluate import evaluate_run
+from fedsynth.pipeline import sample_run
+from fedsynth.rundir import RunDir, read_json
+
+CONFIG = "configs/digits-federated.toml"
+KEYS = ("fd", "precision", "recall", "cas_accuracy", "class_tv_from_uniform")
+
+
+def ema_model(trained: RunDir, decay: str) -> tuple[UNet2DModel, EMAModel, int]:
+    """The server EMA over every round's global weights (checkpoints/round-NNNN/unet)."""
+    rounds = sorted(trained.checkpoints.glob("round-*"))
+    unet = UNet2DModel.from_pretrained(rounds[0] / "unet")
+    ema = make_ema(unet, 0.999) if decay == "legacy" else make_server_ema(unet, float(decay))
+    for path in rounds:
+        unet.load_state_dict(UNet2DModel.from_pretrained(path / "unet").state_dict())
+        ema.step(unet.parameters())
+    return unet, ema, len(rounds)
+
+
+def judge(trained: RunDir, decay: str, out: Path) -> dict:
+    target = RunDir(out / f"ema-{decay}")
+    shutil.rmtree(target.root, ignore_errors=True)
+    target.root.mkdir(parents=True)
+    for name in ("config.toml", "partitions.json", "metrics.jsonl"):
+        shutil.copy(trained.root / name, target.root / name)
+    cfg = load_config(target.config, [])
+    unet, ema, rounds = ema_model(trained, decay)
+    scheduler = build_train_scheduler(cfg.diffusion)
+    save_model(target, unet, ema, scheduler)  # writes the EMA weights; sampled from what it wrote
+    model = UNet2DModel.from_pretrained(target.model / "unet").eval()
+    names = list(load_dataset(cfg.data).full.class_names)
+    sample_run(cfg, target, model, scheduler, names)
+    evaluate_run(cfg, target)
+    summary = read_json(target.summary)
+    return {"decay": decay, "rounds": rounds, **{k: summary[k] for k in KEYS}}
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| server EMA decay | FD | precision | recall | CAS | class TV |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['decay']} | {r['fd']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
+            f"{100 * r['cas_accuracy']:.1f}% | {r['class_tv_from_uniform']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--decays", default="0,0.5,0.8,0.9,0.95,legacy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/bench-server-ema"))
+    p.add_argument("--result", default="server-ema")
+    args = p.parse_args()
+    trained = RunDir(args.runs_dir / f"train-seed{args.seed}")
+    if not (trained.model / "unet").is_dir():
+        shutil.rmtree(trained.root, ignore_errors=True)
+        overrides = [f"seed={args.seed}", "federation.checkpoint_every=1", "sample.per_class=0"]
+        timed_fedsynth_run(CONFIG, trained.root, overrides, "demo training")
+    rows = []
+    for decay in args.decays.split(","):
+        rows.append(judge(trained, decay, args.runs_dir / f"seed{args.seed}"))
+        print(rows[-1], flush=True)
+        write_result(args.result, {"config": CONFIG, "seed": args.seed, "rows": rows})
+        (RESULTS / f"{args.result}.md").write_text(
+            f"Server EMA decay on the demo (`{CONFIG}`, seed {args.seed}, one training run, "
+            "EMA rebuilt from every round's global weights)\n\n" + table(rows)
+        )
+
+
+if __name__ == "__main__":
+    with torch.inference_mode(False):
+        main()
