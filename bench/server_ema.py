@@ -19,7 +19,7 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from _common import RESULTS, timed_fedsynth_run, write_result
+from _common import RESULTS, ROOT, timed_fedsynth_run, write_result
 from fedsynth.checkpoint import save_model
 from fedsynth.config import load_config
 from fedsynth.data.datasets import load_dataset
@@ -50,7 +50,8 @@ def judge(trained: RunDir, decay: str, out: Path) -> dict:
     target.root.mkdir(parents=True)
     for name in ("config.toml", "partitions.json", "metrics.jsonl"):
         shutil.copy(trained.root / name, target.root / name)
-    cfg = load_config(target.config, [])
+    per_class = load_config(ROOT / CONFIG).sample.per_class  # training ran without sampling
+    cfg = load_config(target.config, [f"sample.per_class={per_class}"])
     unet, ema, rounds = ema_model(trained, decay)
     scheduler = build_train_scheduler(cfg.diffusion)
     save_model(target, unet, ema, scheduler)  # writes the EMA weights; sampled from what it wrote

@@ -172,3 +172,66 @@ def test_resume_without_checkpoint_is_clear(tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"error: nothing to resume: no checkpoint in {run.checkpoints}"
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupted_run_exits_non_zero_says_how_to_resume_and_resumes(tmp_path, sig, code):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    long_run = ["model.preset=tiny", "federation.rounds=400", "federation.checkpoint_every=1"]
+    long_run += ["train.local_steps=2", "train.batch_size=8", "sample.per_class=0", "eval.enabled=false"]
+    exe = Path(sys.executable).with_name("fedsynth")
+    args = [str(exe), "run", str(CENTRAL), "--out", str(out), *_sets(long_run)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "round-0002").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-2000:]
+    assert "interrupted: completed checkpoints are kept; continue with `fedsynth run --resume" in err
+    assert "Traceback" not in err
+    done = len(list((out / "checkpoints").glob("round-*")))
+    res = _cli("run", "--resume", str(out), "--set", "train.lr=0.01")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: --resume cannot change train.lr (the run was trained with 0.001); start a new run with "
+        "--out for that"
+    ], res.stderr[-2000:]
+    res = _cli("run", "--resume", str(out), "--set", f"federation.rounds={done + 1}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"rounds = {done + 1}\n" in (out / "config.toml").read_text()  # the change is recorded
+
+
+def test_a_new_run_never_goes_into_a_foreign_folder_or_a_file(tmp_path):
+    from fedsynth.errors import RunDirError
+
+    cfg = load_config(CENTRAL, TINY_OVERRIDES)
+    foreign = tmp_path / "project"
+    (foreign / "synthetic").mkdir(parents=True)
+    (foreign / "config.toml").write_text("mine = true\n")
+    (foreign / "eval.json").write_text("{}")
+    with pytest.raises(
+        RunDirError, match=r"project is not empty and holds no fedsynth run: choose a new --out"
+    ):
+        run_all(cfg, foreign)
+    assert (foreign / "config.toml").read_text() == "mine = true\n" and (foreign / "synthetic").is_dir()
+    with pytest.raises(RunDirError, match=r"--out .*eval\.json is a file, not a folder"):
+        run_all(cfg, foreign / "eval.json")
+
+
+def test_too_few_images_to_evaluate_fail_before_training(tmp_path):
+    import numpy as np
+
+    from fedsynth.errors import ConfigError
+
+    path = tmp_path / "small.npz"
+    np.savez(path, images=np.zeros((6, 8, 8), np.uint8), labels=np.array([0, 0, 0, 1, 1, 1]))
+    small = ["data.dataset=npz", f"data.path={json.dumps(str(path))}", "partition.num_clients=2"]
+    small += ["federation.clients_per_round=2", "sample.per_class=1", 'partition.scheme="iid"']
+    cfg = load_config(CENTRAL, [*TINY_OVERRIDES, *small])
+    with pytest.raises(ConfigError, match=r"would have 2 \(sample.per_class\) and 2 \(data.test_fraction\)"):
+        run_all(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

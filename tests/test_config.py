@@ -94,3 +94,31 @@ def test_shipped_configs_parse():
 
     for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml")):
         load_config(path)
+
+
+def test_resume_may_change_how_long_a_run_goes_but_not_what_it_trained(tmp_path):
+    from fedsynth.config import check_resume_changes
+
+    saved = config_from_dict({"federation": {"rounds": 6}})
+    longer = config_from_dict({"federation": {"rounds": 8}, "sample": {"per_class": 5}})
+    assert check_resume_changes(saved, longer) == ["federation.rounds", "sample.per_class"]
+    for key, value in (("train", {"lr": 0.01}), ("model", {"preset": "tiny"}), ("seed", 3)):
+        with pytest.raises(ConfigError, match=rf"--resume cannot change {key}"):
+            check_resume_changes(saved, config_from_dict({key: value}))
+
+
+def test_non_utf8_config_is_one_line(tmp_path):
+    from fedsynth.config import load_config
+
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'seed = 1\nparadigm = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"c\.toml: not UTF-8 text \(byte 21\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("channels", [2, 5])
+def test_channels_other_than_gray_or_rgb_fail_before_training(channels):
+    with pytest.raises(
+        ConfigError, match=rf"data.channels = {channels} is not valid; choose 0 \(as stored\), 1 or 3"
+    ):
+        config_from_dict({"data": {"channels": channels}})

@@ -113,3 +113,41 @@ def test_npz_float_out_of_range(tmp_path):
     np.savez(path, images=np.full((2, 4, 4), 3.0, dtype=np.float32), labels=np.array([0, 1]))
     with pytest.raises(DataError, match=r"f\.npz: float 'images' must be finite and in \[0, 1\]"):
         load_images(DataConfig(dataset="npz", path=str(path)))
+
+
+def _npz(path, labels, names):
+    np.savez(path, images=np.zeros((len(labels), 8, 8), np.uint8), labels=np.array(labels), class_names=names)
+    return DataConfig(dataset="npz", path=str(path), image_size=8)
+
+
+@pytest.mark.parametrize(
+    ("names", "labels", "message"),
+    [
+        (["a", "a"], [0, 1], r"class names 'a' and 'a' would share one folder"),
+        (["Cat", "cat"], [0, 1], r"class names 'Cat' and 'cat' would share one folder"),
+        (["a/b", "a:b"], [0, 1], r"class names 'a/b' and 'a:b' would share one folder"),
+        (["", "b"], [0, 1], r"class name '' gives no usable folder name"),
+        (["..", "b"], [0, 1], r"class name '\.\.' gives no usable folder name"),
+        (["a", "b", "c"], [0, 2, 0], r"classes \['b'\] have no images \(labels must be 0\.\.K-1, no gaps\)"),
+    ],
+)
+def test_npz_class_names_and_labels_are_checked_up_front(tmp_path, names, labels, message):
+    with pytest.raises(DataError, match=message) as err:
+        load_images(_npz(tmp_path / "d.npz", labels, np.array(names)))
+    assert "\n" not in str(err.value)
+
+
+def test_class_names_become_safe_folders_inside_the_output(tmp_path):
+    from fedsynth.data.datasets import folder_name
+    from fedsynth.evaluation.evaluate import load_synthetic
+    from fedsynth.synthesize import write_imagefolder
+
+    names = ["../escape", "/abs/olute", "T-shirt/top", ".hidden", "ok"]
+    assert [folder_name(n) for n in names] == ["_escape", "_abs_olute", "T-shirt_top", "hidden", "ok"]
+    real = load_images(_npz(tmp_path / "d.npz", [0, 1, 2, 3, 4], np.array(names)))
+    out = tmp_path / "run" / "synthetic"
+    write_imagefolder(real.images, real.labels, list(real.class_names), out)
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
+    assert all(p.parts[:2] == ("run", "synthetic") and len(p.parts) == 4 for p in written), written
+    fake = load_synthetic(out, real, image_size=8)  # read back under the real class names
+    assert torch.equal(fake.labels.sort().values, real.labels)

@@ -1,6 +1,7 @@
 """Evaluation pipeline pieces: the cached domain classifier, CAS, synthetic folders."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,55 @@ def test_inception_weights_missing_or_wrong_is_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="is not Inception-v3 weights") as err:
         load_inception(bad, torch.device("cpu"))
     assert "\n" not in str(err.value)
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def test_inception_weights_that_are_a_code_pickle_are_refused_without_running_it(tmp_path, monkeypatch):
+    import pickle
+
+    from fedsynth.errors import ConfigError
+    from fedsynth.evaluation.inception import load_inception
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "inception.pth"
+    evil.write_bytes(pickle.dumps({"fc.weight": _Payload(marker)}))
+    with pytest.raises(ConfigError, match="is not Inception-v3 weights"):
+        load_inception(evil, torch.device("cpu"))
+    assert not marker.exists()
+    weights = _random_inception_weights(tmp_path / "good.pth", monkeypatch)  # tensors: still loads
+    from safetensors.torch import save_file
+
+    save_file(torch.load(weights, weights_only=True), tmp_path / "good.safetensors")
+    assert load_inception(tmp_path / "good.safetensors", torch.device("cpu")) is not None
+
+
+def test_sampling_again_replaces_the_set_and_never_writes_into_a_foreign_folder(tmp_path):
+    from fedsynth.errors import ConfigError, RunDirError
+
+    unet = seeded_unet(ModelConfig(preset="tiny"), 0, 8, 1, 3).eval()
+    sched = build_train_scheduler(DiffusionConfig(num_train_timesteps=20))
+    names = ["cat", "dog", "eel"]
+    out = tmp_path / "set"
+    synthesize(unet, sched, names, SampleSpec(per_class=5, sampler="ddim", steps=2), out)
+    manifest = synthesize(unet, sched, names, SampleSpec(per_class=2, sampler="ddim", steps=2), out)
+    assert len(list(out.rglob("*.png"))) == manifest["total"] == 6  # no stale images from the first set
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    spec = SampleSpec(per_class=1, sampler="ddim", steps=2)
+    with pytest.raises(RunDirError, match="is not empty and holds no synthetic set"):
+        synthesize(unet, sched, names, spec, foreign)
+    with pytest.raises(RunDirError, match="is a file"):
+        synthesize(unet, sched, names, spec, foreign / "thesis.tex")
+    with pytest.raises(ConfigError, match="format 'jpg' is not valid; choose one of: png, npz"):
+        synthesize(unet, sched, names, spec, tmp_path / "new", fmt="jpg")
+    assert (foreign / "thesis.tex").read_text() == "keep me" and not (tmp_path / "new").exists()

@@ -112,3 +112,10 @@ def test_nearest_distances_and_memorisation():
     assert copies["near_copy_fraction"] == 1.0  # 0.1·√2 / 2 ≈ 0.07 < 0.5
     far = memorisation(train + 5.0, train, ratio=0.5)
     assert far["near_copy_fraction"] == 0.0
+
+
+def test_precision_recall_with_too_few_images_is_a_clear_error():
+    from fedsynth.errors import DataError
+
+    with pytest.raises(DataError, match=r"need more than 3 images in each set; got 3 real and 10 generated"):
+        precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)

@@ -333,3 +333,54 @@ def test_malformed_or_nan_compressed_updates_are_dropped_with_reasons(tmp_path):
     assert decode(good) is None
     assert "undecodable update: int8 payload has" in decode(short)
     assert "non-finite" in decode(nan)
+
+
+def test_screen_keeps_valid_updates_and_drops_errors_rejections_and_silence_with_reasons():
+    from flwr.app import ConfigRecord, Error
+
+    from fedsynth.protocol import UpdateInfo
+    from fedsynth.server.messages import screen
+    from fedsynth.strategies.adapter import Update
+
+    def sent(node):
+        return Message(
+            RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN
+        )
+
+    nodes = {0: 10, 1: 11, 2: 12, 3: 13}  # partition id → node id
+    ok = reply({"w": [1.0, 2.0]}, n=4)
+    replies = [
+        Message(ok.content, reply_to=sent(10)),
+        Message(Error(code=0, reason="disk on fire"), reply_to=sent(11)),
+        Message(ok.content, reply_to=sent(12)),
+    ]
+
+    def decode(pid, msg):
+        if pid == 2:
+            return "non-finite values (NaN/Inf) in w"
+        return Update(UpdateInfo(pid, 4, 5, 0.5, 0.0), {"w": torch.tensor([1.0, 2.0])})
+
+    out = screen(replies, nodes, expected={0, 1, 2, 3}, timeout=30.0, decode=decode)
+    assert [u.info.client for u in out.valid] == [0] and out.params_up == 2
+    assert {d.client: d.reason for d in out.dropped} == {
+        1: "client error: disk on fire",
+        2: "non-finite values (NaN/Inf) in w",
+        3: "no reply within federation.round_timeout = 30.0 s",
+    }
+    assert set(out.bytes_up) == {0, 2} and out.bytes_up[0] > 0  # bytes counted as received
+
+
+def test_aggregation_does_not_depend_on_the_order_updates_arrived_in():
+    from fedsynth.protocol import UpdateInfo
+    from fedsynth.strategies.adapter import Update, aggregate
+
+    g = torch.Generator().manual_seed(0)
+    updates = [
+        Update(UpdateInfo(c, 10 + c, 5, 0.5, 0.0), {"w": torch.randn(1000, generator=g)}) for c in range(5)
+    ]
+    results = []
+    for order in (updates, updates[::-1], updates[2:] + updates[:2]):
+        s = strategy("fedavg")
+        s.begin_round(ArrayRecord({"w": torch.zeros(1000)}))
+        results.append(aggregate(s, 1, order, ["w"])["w"])
+    assert all(torch.equal(results[0], r) for r in results[1:])

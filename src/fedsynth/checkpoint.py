@@ -9,7 +9,10 @@ round) and ``meta.json`` (written last). ``model/``: ``unet/`` holds the EMA wei
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +22,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from fedsynth.errors import RunDirError
+from fedsynth.errors import RunDirError, first_line
 from fedsynth.rundir import RunDir, write_dir_atomic
+
+log = logging.getLogger("fedsynth.checkpoint")
 
 
 def ema_unet(unet: UNet2DModel, ema: EMAModel) -> UNet2DModel:
@@ -54,7 +59,10 @@ def save_checkpoint(
         ema_unet(unet, ema).save_pretrained(tmp / "ema")
         scheduler.save_pretrained(tmp / "scheduler")
         torch.save({"round": round_, "ema": ema.state_dict(), **state}, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"round": round_, **(meta or {})}, indent=2))
+        files = {str(f.relative_to(tmp)): _digest(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / "meta.json").write_text(
+            json.dumps({"round": round_, **(meta or {}), "files": files}, indent=2)
+        )
 
     write_dir_atomic(target, fill)
     return target
@@ -77,12 +85,51 @@ def load_checkpoint(path: Path, make_ema: EmaFactory, device: torch.device) -> C
     return Checkpoint(round=int(state.pop("round")), unet=unet, ema=ema, state=state)
 
 
+def _digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Every file ``meta.json`` lists (written last, with sizes and SHA-256) is there and
+    unchanged; raises ``RunDirError`` naming the first that is not. Checkpoints written
+    before the list existed are checked when loaded."""
+    try:
+        files = json.loads((path / "meta.json").read_text()).get("files", {})
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{path}/meta.json is unreadable ({err})") from None
+    for name, expected in files.items():
+        f = path / name
+        if not f.is_file() or _digest(f) != expected:
+            raise RunDirError(f"{f} is missing or changed since it was written")
+
+
 def load_latest_checkpoint(run: RunDir, make_ema: EmaFactory, device: torch.device) -> Checkpoint:
-    """The newest complete checkpoint of ``run``; a clear error when there is none."""
-    path = run.latest_checkpoint()
-    if path is None:
+    """The newest intact checkpoint of ``run``: a damaged one (verification or loading fails)
+    is skipped with a warning for the one before; a clear error when none is intact."""
+    paths = run.checkpoints_newest_first()
+    if not paths:
         raise RunDirError(f"nothing to resume: no checkpoint in {run.checkpoints}")
-    return load_checkpoint(path, make_ema, device)
+    for path in paths:
+        try:
+            verify_checkpoint(path)
+            return load_checkpoint(path, make_ema, device)
+        except (
+            RunDirError,
+            OSError,
+            RuntimeError,
+            ValueError,
+            KeyError,
+            EOFError,
+            pickle.UnpicklingError,
+        ) as err:
+            log.warning(
+                "checkpoint %s is damaged, resuming from the one before: %s", path.name, first_line(err)
+            )
+    raise RunDirError(f"nothing to resume: every checkpoint in {run.checkpoints} is damaged")
 
 
 def save_model(

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from fedsynth.errors import FedsynthError
+from fedsynth.errors import FedsynthError, first_line
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -87,7 +90,7 @@ def node(
 ) -> None:
     """Run one decentralized node (trainer or aggregator) against a deployed contract."""
     from fedsynth.config import load_config
-    from fedsynth.decentralized import run_node
+    from fedsynth.node import run_node
 
     cfg = load_config(config, overrides)
     if not key_file.is_file():
@@ -126,8 +129,9 @@ def sample(
     from fedsynth.diffusion.training import resolve_device
     from fedsynth.errors import RunDirError
     from fedsynth.rundir import RunDir, read_json
-    from fedsynth.synthesize import SampleSpec, synthesize
+    from fedsynth.synthesize import SampleSpec, check_output, synthesize
 
+    check_output(out, fmt)  # before loading anything
     rd = RunDir(run_dir)
     cfg = load_config(rd.config)
     _set_threads(cfg.train.threads)
@@ -183,25 +187,64 @@ def compare(
     print(f"comparison: {out}")
 
 
-def main() -> None:
-    try:
-        app(standalone_mode=False)
-    except FedsynthError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print(
-            "[yellow]interrupted[/yellow]: completed checkpoints are kept; "
-            "continue with `fedsynth run --resume RUN_DIR`"
-        )
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the run stops like on Ctrl-C."""
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted(code: int) -> None:
+    console.print(
+        "[yellow]interrupted[/yellow]: completed checkpoints are kept; "
+        "continue with `fedsynth run --resume RUN_DIR`",
+        highlight=False,
+        soft_wrap=True,
+    )
+    # os._exit: threads still running (a simulation's server thread waiting on workers that
+    # the interrupt stopped) would keep the process alive; checkpoints are written atomically
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _fail(message: str, code: int) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Run the CLI: errors a user can fix are one line (exit 2); anything else is one line
+    naming the exception (exit 1) unless FEDSYNTH_DEBUG=1 asks for the traceback; Ctrl-C
+    (exit 130) and SIGTERM (exit 143) say how to resume."""
+    import click
+
+    signal.signal(signal.SIGTERM, _terminate)
+    debug = os.environ.get("FEDSYNTH_DEBUG", "") not in ("", "0")
+    try:
+        code = app(standalone_mode=False)
+    except FedsynthError as exc:
+        _fail(str(exc), 2)
+    except (typer.Abort, KeyboardInterrupt):
+        _interrupted(130)
+    except Terminated:
+        _interrupted(143)
+    except click.ClickException as exc:  # usage errors
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (OSError, UnicodeDecodeError, Image.DecompressionBombError) as exc:
+        if debug:
+            raise
+        _fail(first_line(exc), 2)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(f"{type(exc).__name__}: {first_line(exc)} (FEDSYNTH_DEBUG=1 shows the traceback)", 1)
+    if code == 130:  # typer turns Ctrl-C into this return value
+        _interrupted(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

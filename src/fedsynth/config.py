@@ -235,6 +235,10 @@ class Config:
                 f"federation.min_clients ({fed.min_clients}) exceeds "
                 f"federation.clients_per_round ({fed.clients_per_round})"
             )
+        if self.data.channels not in (0, 1, 3):
+            raise ConfigError(
+                f"data.channels = {self.data.channels} is not valid; choose 0 (as stored), 1 or 3"
+            )
         if self.data.dataset != "digits" and not self.data.path:
             raise ConfigError(f"data.path is required for data.dataset = {self.data.dataset!r}")
         if self.phoenix.beta > 100 or self.phoenix.alpha > 100:
@@ -371,10 +375,58 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+# Keys a resumed run may change: how long it runs and how it is run, sampled and judged —
+# never what defines the training so far (data, model, optimiser, strategy, seed, …).
+RESUMABLE = (
+    "federation.rounds",
+    "federation.checkpoint_every",
+    "federation.round_timeout",
+    "federation.min_clients",
+    "federation.max_retries",
+    "federation.client_cpus",
+    "federation.client_gpus",
+    "train.device",
+    "train.threads",
+    "ledger.rpc_url",
+    "ledger.join_timeout",
+    "ledger.update_timeout",
+    "ledger.aggregation_timeout",
+    "ledger.trainer_workers",
+    "sample.",
+    "eval.",
+)
+
+
+def flat_items(cfg: Config) -> dict[str, Any]:
+    """``section.key`` → value for every setting."""
+    out: dict[str, Any] = {}
+    for key, value in config_to_dict(cfg).items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def check_resume_changes(saved: Config, wanted: Config) -> list[str]:
+    """The keys ``wanted`` changes; a one-line error when one of them may not change on resume."""
+    old, new = flat_items(saved), flat_items(wanted)
+    changed = [k for k in new if new[k] != old.get(k)]
+    for key in changed:
+        if not any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE):
+            raise ConfigError(
+                f"--resume cannot change {key} (the run was trained with {old.get(key)!r}); "
+                "start a new run with --out for that"
+            )
+    return changed
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -383,11 +435,6 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def dump_config(cfg: Config, path: Path) -> None:
     path.write_text(tomli_w.dumps(config_to_dict(cfg)))
-
-
-def replace(cfg: Config, **sections: Any) -> Config:
-    """A copy of ``cfg`` with whole sections or top-level fields replaced."""
-    return dataclasses.replace(cfg, **sections)
 
 
 __all__ = [
@@ -399,5 +446,4 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_override",
-    "replace",
 ]

@@ -19,102 +19,28 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Executor
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedsynth.checkpoint import Checkpoint
-from fedsynth.client.app import client_data, update_info
-from fedsynth.client.local import local_train
 from fedsynth.config import Config
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_server_ema, resolve_device
 from fedsynth.diffusion.unet import seeded_unet
-from fedsynth.errors import ConfigError
-from fedsynth.ledger.chain import RoundsContract
-from fedsynth.ledger.federation import DecentralizedError, Federation, after_deadline, federation, open_chain
-from fedsynth.ledger.nodes import AggregatorNode, EventFeed, TrainerNode, TrainResult
-from fedsynth.ledger.store import open_store
+from fedsynth.ledger.federation import Counters, DecentralizedError, Federation, after_deadline, federation
+from fedsynth.ledger.nodes import AggregatorNode
+from fedsynth.node import default_executor, train_update
 from fedsynth.prepare import Prepared
-from fedsynth.protocol import DATA_PATH, PARTITION_ID, UpdateInfo, config_text, parse_config
+from fedsynth.protocol import UpdateInfo, config_text
 from fedsynth.rounds import Dropped, Model, RoundRecord, ServerEma, Tick, run_rounds, select_clients
 from fedsynth.rundir import RunDir
-from fedsynth.strategies import WEIGHT_KEYS, build_strategy
-
-# ----------------------------------------------------------------- trainer work
-
-
-def train_update(
-    text: str,
-    store_spec: str,
-    store_dir: str,
-    pid: int,
-    round_: int,
-    model: str,
-    data_path: str = "",
-    class_names: tuple[str, ...] = (),
-) -> TrainResult:
-    """One trainer's local round: fetch the model by CID, train, store the update.
-
-    Runs in a worker process in simulation, or in a trainer node's own process."""
-    cfg = parse_config(text)
-    threads = max(1, int(cfg.federation.client_cpus))
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    store = open_store(store_spec, Path(store_dir))
-    weights = store.get_weights(model)
-    node_config = {PARTITION_ID: pid, **({DATA_PATH: data_path} if data_path else {})}
-    _, data = client_data(text, node_config, class_names)
-    update = local_train(cfg, data, weights, round_=round_, client_id=pid, state={})
-    cid = store.put_weights(update.weights)
-    return TrainResult(cid, update_info(update, pid, bytes_down=store.bytes_out, bytes_up=store.bytes_in))
-
-
-def default_executor(cfg: Config) -> Executor:
-    workers = cfg.ledger.trainer_workers or max(1, int((os.cpu_count() or 1) // cfg.federation.client_cpus))
-    workers = min(workers, cfg.federation.clients_per_round)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-
 
 # ----------------------------------------------------------------- the owner
-
-
-@dataclass(frozen=True)
-class _Counters:
-    """Gas, transactions and store transfers seen in this process, to report per round."""
-
-    gas: int
-    transactions: int
-    owner_down: int
-    aggregators: tuple[tuple[int, int], ...]
-
-    @classmethod
-    def read(cls, fed: Federation) -> _Counters:
-        stores = tuple((a.store.bytes_in, a.store.bytes_out) for a in fed.aggregators)
-        return cls(fed.chain.gas_used, fed.chain.transactions, fed.store.bytes_out, stores)
-
-    def since(self, fed: Federation, trainers_up: int, trainers_down: int) -> dict:
-        """Round totals: trainers' transfers (reported on chain, in ``record``) plus the
-        aggregators' and the owner's measured here."""
-        now = _Counters.read(fed)
-        agg_up = sum(b[0] - a[0] for a, b in zip(self.aggregators, now.aggregators, strict=True))
-        agg_down = sum(b[1] - a[1] for a, b in zip(self.aggregators, now.aggregators, strict=True))
-        return {
-            "bytes_up": trainers_up + agg_up,
-            "bytes_down": trainers_down + agg_down + now.owner_down - self.owner_down,
-            "aggregator_bytes_down": agg_down,
-            "gas": now.gas - self.gas,
-            "transactions": now.transactions - self.transactions,
-        }
 
 
 class DecentralizedDriver(ServerEma):
@@ -187,7 +113,7 @@ class DecentralizedDriver(ServerEma):
         selected = select_clients(
             cfg.seed, round_, 0, cfg.partition.num_clients, cfg.federation.clients_per_round
         )
-        counters = _Counters.read(fed)
+        counters = Counters.read(fed)
         start = time.perf_counter()
         agreed, closed = self._start_and_wait(fed, round_, selected)
         aggregated = time.perf_counter()
@@ -337,62 +263,3 @@ def train_decentralized(
     finally:
         if executor is None:
             pool.shutdown(cancel_futures=True)
-
-
-# ----------------------------------------------------------------- a node on its own
-
-
-def run_node(
-    cfg: Config,
-    role: str,
-    contract: str,
-    key: str,
-    *,
-    partition_id: int = 0,
-    data_path: str = "",
-    class_names: tuple[str, ...] = (),
-    store_dir: Path = Path("fedsynth-store"),
-) -> int:
-    """Run one trainer or aggregator against a deployed contract until the run's last round
-    terminates; returns the rounds it took part in. Restarting it rejoins the run."""
-    from eth_account import Account  # web3's account tooling: loaded only for a node
-
-    if role not in ("trainer", "aggregator"):
-        raise ConfigError(f"node role {role!r} is not valid; choose: trainer, aggregator")
-    if not cfg.ledger.rpc_url:
-        raise ConfigError("a node needs ledger.rpc_url (the chain the owner deployed the contract on)")
-    if data_path and not class_names:
-        raise ConfigError("--data-path needs --classes: the federation's class names, in order")
-    rounds = RoundsContract(open_chain(cfg), contract)
-    account = Account.from_key(key)
-    done = threading.Event()
-    feed = EventFeed(rounds, from_block=0)  # replays history: a restarted node catches up
-    feed.listeners.append(
-        lambda e: (
-            done.set() if e["event"] == "RoundTerminated" and e["round"] >= cfg.federation.rounds else None
-        )
-    )
-    with ThreadPoolExecutor(1) as pool:
-        if role == "trainer":
-            job = partial(train_update, config_text(cfg), cfg.ledger.store, str(store_dir))
-            node = TrainerNode(
-                partition_id,
-                account,
-                rounds,
-                lambda pid, r, model: pool.submit(job, pid, r, model, data_path, class_names),
-            ).join()
-        else:
-            store = open_store(cfg.ledger.store, store_dir)
-            node = AggregatorNode(
-                0, account, rounds, store, build_strategy(cfg), WEIGHT_KEYS[cfg.federation.weighting]
-            )
-            node.join()
-        feed.listeners.append(node.on_event)
-        feed.start()
-        try:
-            while not done.wait(1.0):
-                if feed.errors:
-                    raise feed.errors[0]
-        finally:
-            feed.stop()
-    return len(node.results if role == "trainer" else node.submitted)

@@ -15,3 +15,9 @@ class DataError(FedsynthError):
 
 class RunDirError(FedsynthError):
     """A run directory that is missing a stage's inputs or cannot be resumed."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

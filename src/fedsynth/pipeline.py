@@ -13,14 +13,14 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from fedsynth.centralized import train_centralized
 from fedsynth.checkpoint import load_model
-from fedsynth.config import Config, dump_config
+from fedsynth.config import Config, check_resume_changes, dump_config, load_config
 from fedsynth.diffusion.training import resolve_device
 from fedsynth.errors import ConfigError, RunDirError
 from fedsynth.evaluation.evaluate import evaluate_run
 from fedsynth.evaluation.inception import check_weights_file
 from fedsynth.exchange.transfer import has_personal_models
 from fedsynth.federated import train_federated
-from fedsynth.prepare import check_partitions, prepare
+from fedsynth.prepare import Prepared, check_partitions, prepare
 from fedsynth.report.markdown import write_report
 from fedsynth.rundir import RunDir
 from fedsynth.synthesize import SampleSpec, synthesize
@@ -61,10 +61,29 @@ def sample_run(
     return manifest
 
 
-def _check_fresh(run: RunDir) -> None:
+def _check_fresh(root: Path) -> None:
+    """A new run goes into a new or empty folder: never over a run, a file or anyone's files."""
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"--out {root} is a file, not a folder")
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    run = RunDir(root)
     if run.metrics.exists() or run.model.exists() or run.latest_checkpoint() is not None:
-        raise RunDirError(
-            f"{run.root} already holds a run: pass --resume to continue it, or choose a new --out"
+        raise RunDirError(f"{root} already holds a run: pass --resume to continue it, or choose a new --out")
+    raise RunDirError(f"{root} is not empty and holds no fedsynth run: choose a new --out")
+
+
+def check_eval_sizes(cfg: Config, prepared: Prepared, k: int = 3) -> None:
+    """Evaluation's k-NN precision/recall need more than k real test and k generated images."""
+    if not (cfg.eval.enabled and cfg.sample.per_class > 0):
+        return
+    generated = cfg.sample.per_class * prepared.data.full.num_classes
+    tested = len(prepared.data.test_indices)
+    if min(generated, tested) <= k:
+        raise ConfigError(
+            f"evaluation needs more than {k} generated and {k} held-out test images; this run would "
+            f"have {generated} (sample.per_class) and {tested} (data.test_fraction): raise them, or set "
+            "eval.enabled = false"
         )
 
 
@@ -84,15 +103,19 @@ def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None) -> Non
 def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None) -> RunDir:
     if cfg.eval.enabled and cfg.eval.inception_weights:
         check_weights_file(cfg.eval.inception_weights)  # before hours of training, not after
+    if not resume:
+        _check_fresh(Path(out))
     run = RunDir(Path(out)).create()
     start = time.perf_counter()
     if resume:
+        if check_resume_changes(load_config(run.config), cfg):
+            dump_config(cfg, run.config)  # the changed settings are recorded
         prepared = prepare(cfg)
         check_partitions(run, prepared)
     else:
-        _check_fresh(run)
         dump_config(cfg, run.config)
         prepared = prepare(cfg, run)
+    check_eval_sizes(cfg, prepared)  # before hours of training, not after
     train(cfg, run, prepared, resume=resume, grid=grid)
     metrics = run.read_metrics()
     run.update_summary(

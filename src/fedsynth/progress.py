@@ -26,9 +26,6 @@ class Bar:
         status = {} if loss is None else {"status": f"loss {loss:.4f}"}
         self.progress.update(self.task, advance=n, **status)
 
-    def status(self, text: str) -> None:
-        self.progress.update(self.task, status=text)
-
 
 @contextmanager
 def progress_bar(description: str, total: float, status: str = "") -> Iterator[Bar]:

@@ -118,16 +118,21 @@ class RunDir:
     def checkpoint_dir(self, round_: int) -> Path:
         return self.checkpoints / f"round-{round_:04d}"
 
-    def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint (temporary, half-written ones are ignored)."""
+    def checkpoints_newest_first(self) -> list[Path]:
+        """Complete checkpoints, newest first (temporary, half-written ones are ignored)."""
         if not self.checkpoints.is_dir():
-            return None
+            return []
         done = [
             (int(m.group(1)), p)
             for p in self.checkpoints.iterdir()
             if (m := CHECKPOINT_RE.match(p.name)) and (p / "meta.json").is_file()
         ]
-        return max(done)[1] if done else None
+        return [p for _, p in sorted(done, reverse=True)]
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint."""
+        found = self.checkpoints_newest_first()
+        return found[0] if found else None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a") as fh:

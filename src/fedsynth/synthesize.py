@@ -16,11 +16,13 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from fedsynth.data.datasets import folder_name
 from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler
+from fedsynth.errors import ConfigError, RunDirError
 from fedsynth.progress import progress_bar
 from fedsynth.report.plots import plot_sample_grid, to_uint8
-from fedsynth.rundir import write_json_atomic
+from fedsynth.rundir import write_dir_atomic, write_json_atomic
 
 UNLABELED = "unlabeled"
 
@@ -67,13 +69,24 @@ def sample_images(
     return torch.cat(chunks), labels
 
 
+def check_output(out: Path, fmt: str) -> None:
+    """A synthetic set goes to a new folder or replaces an earlier one (it has a
+    ``manifest.json``); never into a file or a folder holding anything else."""
+    if fmt not in ("png", "npz"):
+        raise ConfigError(f"format {fmt!r} is not valid; choose one of: png, npz")
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out} is a file, not a folder for the synthetic set")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise RunDirError(f"{out} is not empty and holds no synthetic set: choose a new folder")
+
+
 def write_imagefolder(
     images: torch.Tensor, labels: torch.Tensor | None, class_names: list[str], out: Path
 ) -> dict[str, int]:
     pics = to_uint8(images)
     counts: dict[str, int] = {}
     for i, pic in enumerate(pics):
-        name = class_names[int(labels[i])] if labels is not None else UNLABELED
+        name = folder_name(class_names[int(labels[i])]) if labels is not None else UNLABELED
         folder = out / name
         if name not in counts:
             folder.mkdir(parents=True, exist_ok=True)
@@ -126,18 +139,12 @@ def synthesize(
 ) -> dict:
     """Generate, write the dataset and its manifest (and a sample grid PNG when ``grid``
     is given, drawn from the same images); return the manifest."""
-    if fmt not in ("png", "npz"):
-        raise ValueError(f"format {fmt!r} is not valid; choose one of: png, npz")
+    check_output(out, fmt)
     images, labels = sample_images(unet, train_scheduler, len(class_names), spec)
-    if fmt == "png":
-        counts = write_imagefolder(images, labels, class_names, out)
+    if labels is None:
+        counts = {UNLABELED: len(images)}
     else:
-        write_npz(images, labels, class_names, out)
-        counts = (
-            {n: int((labels == i).sum()) for i, n in enumerate(class_names)}
-            if labels is not None
-            else {UNLABELED: len(images)}
-        )
+        counts = {n: int((labels == i).sum()) for i, n in enumerate(class_names)}
     manifest = {
         "format": fmt,
         "counts": counts,
@@ -151,7 +158,15 @@ def synthesize(
         "image_shape": list(images.shape[1:]),
         "class_names": class_names,
     }
-    write_json_atomic(out / "manifest.json", manifest)
+
+    def fill(tmp: Path) -> None:
+        if fmt == "png":
+            write_imagefolder(images, labels, class_names, tmp)
+        else:
+            write_npz(images, labels, class_names, tmp)
+        write_json_atomic(tmp / "manifest.json", manifest)
+
+    write_dir_atomic(out, fill)  # replaces an earlier synthetic set whole: no stale images
     if grid is not None:
         write_grid(images, labels, class_names, grid, per_row=grid_per_row, title=grid_title)
     return manifest

@@ -8,6 +8,7 @@ held-out test split is carved once per dataset and never used in training.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +73,38 @@ class SplitDataset:
 
 
 def load_images(cfg: DataConfig) -> ImageData:
-    """The whole dataset named by ``cfg`` (no split)."""
+    """The whole dataset named by ``cfg`` (no split), its class names and labels checked."""
     loaders = {"digits": _load_digits, "imagefolder": _load_imagefolder, "npz": _load_npz}
-    return loaders[cfg.dataset](cfg)
+    data = loaders[cfg.dataset](cfg)
+    check_classes(data, cfg.path or cfg.dataset)
+    return data
+
+
+UNSAFE_IN_NAMES = re.compile(r"[/\\:\x00-\x1f\x7f]")
+
+
+def folder_name(name: str) -> str:
+    """The folder a class's images are written to: the name with path separators, ':' and
+    control characters replaced by '_', leading dots and spaces dropped (never a path
+    outside its parent, never hidden)."""
+    return UNSAFE_IN_NAMES.sub("_", name).lstrip(". ").rstrip()
+
+
+def check_classes(data: ImageData, source: str) -> None:
+    """Every class name gives a distinct, non-empty folder name; every class has images
+    (no gaps in label numbers)."""
+    seen: dict[str, str] = {}
+    for name in data.class_names:
+        folder = folder_name(name)
+        if not folder:
+            raise DataError(f"{source}: class name {name!r} gives no usable folder name")
+        if folder.casefold() in seen:
+            first = seen[folder.casefold()]
+            raise DataError(f"{source}: class names {first!r} and {name!r} would share one folder")
+        seen[folder.casefold()] = name
+    counts = np.bincount(data.labels.numpy(), minlength=len(data.class_names))
+    if empty := [data.class_names[i] for i in np.flatnonzero(counts == 0)]:
+        raise DataError(f"{source}: classes {empty} have no images (labels must be 0..K-1, no gaps)")
 
 
 def load_dataset(cfg: DataConfig) -> SplitDataset:

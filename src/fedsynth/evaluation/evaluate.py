@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fedsynth.config import Config, DataConfig
-from fedsynth.data.datasets import ImageData, load_dataset, load_images
+from fedsynth.data.datasets import ImageData, folder_name, load_dataset, load_images
 from fedsynth.diffusion.training import resolve_device
 from fedsynth.errors import RunDirError
 from fedsynth.evaluation.classifier import predict, train_classifier
@@ -53,10 +53,11 @@ def load_synthetic(folder: Path, real: ImageData, image_size: int) -> ImageData:
         raise RunDirError(f"no synthetic dataset at {folder} (run `fedsynth sample` first)")
     cfg = DataConfig(dataset="imagefolder", path=str(folder), image_size=image_size, channels=real.shape[0])
     fake = load_images(cfg)
-    unknown = sorted(set(fake.class_names) - set(real.class_names))
+    index = {folder_name(n): i for i, n in enumerate(real.class_names)}
+    unknown = sorted(set(fake.class_names) - set(index))
     if unknown:
         raise RunDirError(f"{folder}: class folders {unknown} are not classes of the real data")
-    remap = torch.tensor([real.class_names.index(n) for n in fake.class_names])
+    remap = torch.tensor([index[n] for n in fake.class_names])
     return ImageData(fake.images, remap[fake.labels], real.class_names)
 
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pickle
 import sys
+import tempfile
 import types
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 
-from fedsynth.errors import ConfigError
+from fedsynth.errors import ConfigError, first_line
 from fedsynth.evaluation.metrics import fd_between, inception_style_score
 
 FEATURES = ("2048", "logits_unbiased")
@@ -55,14 +58,34 @@ def check_weights_file(weights: str | Path) -> Path:
     return path
 
 
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors only, never code: safetensors, or ``torch.load(weights_only=True)`` (which
+    refuses a pickle that would build anything but tensors and plain containers)."""
+    if path.suffix == ".safetensors":
+        state = safetensors.torch.load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("not a state dict of tensors")
+    return state
+
+
 def load_inception(weights: str | Path, device: torch.device) -> torch.nn.Module:
+    """The network with the user's weights, read safely (a file from a config or a run
+    directory someone sent is never unpickled as code). torch-fidelity loads its weights
+    file itself with ``weights_only=False``, so it is given a copy that holds only the
+    tensors read here."""
     path = check_weights_file(weights)
     cls = _inception_class()
     try:
-        model = cls("inception-v3-compat", list(FEATURES), feature_extractor_weights_path=str(path))
-    except (RuntimeError, KeyError, OSError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"eval.inception_weights: {path} is not Inception-v3 weights ({first})") from None
+        state = read_state_dict(path)
+        with tempfile.TemporaryDirectory(prefix="fedsynth-inception-") as tmp:
+            copy = Path(tmp) / "weights.pt"
+            torch.save(state, copy)
+            model = cls("inception-v3-compat", list(FEATURES), feature_extractor_weights_path=str(copy))
+    except (RuntimeError, KeyError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        reason = first_line(err)
+        raise ConfigError(f"eval.inception_weights: {path} is not Inception-v3 weights ({reason})") from None
     return model.to(device).eval()
 
 

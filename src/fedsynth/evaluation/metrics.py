@@ -13,6 +13,8 @@ import numpy as np
 from scipy import linalg
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
+from fedsynth.errors import DataError
+
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Tr((Σ₁Σ₂)^½) = Σᵢ √λᵢ(Σ₁Σ₂): the product of two PSD matrices has real, non-negative
@@ -52,6 +54,11 @@ def coverage_fraction(points: np.ndarray, centers: np.ndarray, radii: np.ndarray
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    if min(len(real), len(fake)) <= k:
+        raise DataError(
+            f"precision/recall (k = {k}) need more than {k} images in each set; "
+            f"got {len(real)} real and {len(fake)} generated"
+        )
     precision = coverage_fraction(fake, real, knn_radii(real, k))
     recall = coverage_fraction(real, fake, knn_radii(fake, k))
     return precision, recall

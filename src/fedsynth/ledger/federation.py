@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -117,19 +118,7 @@ def federation(
     feed.listeners.append(log.on_event)
     trainers, aggregators = [], []
     if not external:
-        trainers = [TrainerNode(i, accounts[1 + i], rounds, work).join() for i in range(n)]
-        for j in range(m):
-            node = AggregatorNode(
-                j,
-                accounts[1 + n + j],
-                rounds,
-                open_store(cfg.ledger.store, store_dir),
-                build_strategy(cfg),
-                weight_key=WEIGHT_KEYS[cfg.federation.weighting],
-            )
-            if aggregator_setup is not None:
-                aggregator_setup(node)
-            aggregators.append(node.join())
+        trainers, aggregators = simulated_nodes(cfg, accounts[1:], rounds, work, store_dir, aggregator_setup)
         feed.listeners += [*(t.on_event for t in trainers), *(a.on_event for a in aggregators)]
     feed.start()
     info = {
@@ -152,6 +141,33 @@ def federation(
         yield fed
     finally:
         feed.stop()
+
+
+def simulated_nodes(
+    cfg: Config,
+    accounts: list,
+    rounds: RoundsContract,
+    work: Callable,
+    store_dir: Path,
+    aggregator_setup: Callable[[AggregatorNode], None] | None,
+) -> tuple[list[TrainerNode], list[AggregatorNode]]:
+    """Every trainer and aggregator in this process, registered (``accounts``: n then m)."""
+    n, m = cfg.partition.num_clients, cfg.ledger.aggregators
+    trainers = [TrainerNode(i, accounts[i], rounds, work).join() for i in range(n)]
+    aggregators = []
+    for j in range(m):
+        node = AggregatorNode(
+            j,
+            accounts[n + j],
+            rounds,
+            open_store(cfg.ledger.store, store_dir),
+            build_strategy(cfg),
+            weight_key=WEIGHT_KEYS[cfg.federation.weighting],
+        )
+        if aggregator_setup is not None:
+            aggregator_setup(node)
+        aggregators.append(node.join())
+    return trainers, aggregators
 
 
 def announce(cfg: Config, rounds: RoundsContract) -> None:
@@ -194,3 +210,32 @@ def after_deadline(fed: Federation, call: str, *args) -> None:
             if "deadline not reached" not in str(err) or attempt == 9:
                 raise
             time.sleep(1.0)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Gas, transactions and store transfers seen in this process, to report per round."""
+
+    gas: int
+    transactions: int
+    owner_down: int
+    aggregators: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def read(cls, fed: Federation) -> Counters:
+        stores = tuple((a.store.bytes_in, a.store.bytes_out) for a in fed.aggregators)
+        return cls(fed.chain.gas_used, fed.chain.transactions, fed.store.bytes_out, stores)
+
+    def since(self, fed: Federation, trainers_up: int, trainers_down: int) -> dict:
+        """Round totals: trainers' transfers (reported on chain, in ``record``) plus the
+        aggregators' and the owner's measured here."""
+        now = Counters.read(fed)
+        agg_up = sum(b[0] - a[0] for a, b in zip(self.aggregators, now.aggregators, strict=True))
+        agg_down = sum(b[1] - a[1] for a, b in zip(self.aggregators, now.aggregators, strict=True))
+        return {
+            "bytes_up": trainers_up + agg_up,
+            "bytes_down": trainers_down + agg_down + now.owner_down - self.owner_down,
+            "aggregator_bytes_down": agg_down,
+            "gas": now.gas - self.gas,
+            "transactions": now.transactions - self.transactions,
+        }

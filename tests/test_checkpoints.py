@@ -1,0 +1,71 @@
+"""Checkpoints are verified before they are trusted: a damaged newest checkpoint is skipped
+for the one before, and the resumed run still ends where an uninterrupted one does."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from conftest import TINY_OVERRIDES
+from fedsynth.centralized import train_centralized
+from fedsynth.config import load_config
+from fedsynth.errors import RunDirError
+from fedsynth.prepare import prepare
+from fedsynth.rundir import RunDir
+from test_cli import CENTRAL
+
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def _run(tmp_path, name, rounds, resume=False):
+    cfg = load_config(CENTRAL, [*TINY_OVERRIDES, f"federation.rounds={rounds}", "sample.per_class=0"])
+    run = RunDir(tmp_path / name).create()
+    train_centralized(cfg, run, prepare(cfg, None if resume else run), resume=resume)
+    return run
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _zero(path):
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+DAMAGE = {
+    "weights truncated": lambda c: _truncate(c / WEIGHTS),
+    "weights zeroed": lambda c: _zero(c / WEIGHTS),
+    "state truncated": lambda c: _truncate(c / "state.pt"),
+    "state missing": lambda c: (c / "state.pt").unlink(),
+    "meta unreadable": lambda c: (c / "meta.json").write_text("{"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, damage, caplog):
+    full = _run(tmp_path, "full", 3)
+    part = _run(tmp_path, "part", 2)
+    DAMAGE[damage](part.checkpoint_dir(2))
+    with caplog.at_level(logging.WARNING, logger="fedsynth.checkpoint"):
+        _run(tmp_path, "part", 3, resume=True)
+    assert "checkpoint round-0002 is damaged, resuming from the one before" in caplog.text
+    assert [r["round"] for r in part.read_metrics()] == [1, 2, 3]
+    assert (part.checkpoint_dir(3) / WEIGHTS).read_bytes() == (full.checkpoint_dir(3) / WEIGHTS).read_bytes()
+
+
+def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
+    run = _run(tmp_path, "run", 2)
+    for c in run.checkpoints_newest_first():
+        _zero(c / WEIGHTS)
+    with pytest.raises(RunDirError, match=r"nothing to resume: every checkpoint in .* is damaged"):
+        _run(tmp_path, "run", 3, resume=True)
+
+
+def test_checkpoint_lists_its_files_with_sizes_and_hashes(tmp_path):
+    run = _run(tmp_path, "run", 1)
+    meta = json.loads((run.checkpoint_dir(1) / "meta.json").read_text())
+    assert {"unet/config.json", WEIGHTS, "ema/config.json", "state.pt"} <= set(meta["files"])
+    size = (run.checkpoint_dir(1) / "state.pt").stat().st_size
+    assert meta["files"]["state.pt"]["bytes"] == size and len(meta["files"]["state.pt"]["sha256"]) == 64
+    assert torch.load(run.checkpoint_dir(1) / "state.pt", weights_only=True)["round"] == 1
