@@ -46,6 +46,7 @@ RUNS: dict[str, list[str]] = {
     "personal + threshold": _filter("threshold"),
     "fedddpm": ['calibration.mode="always"', *CALIBRATION],
     "fedddpm+": ['calibration.mode="stall"', *CALIBRATION],
+    "local mixture": ['paradigm="local"'],  # one-shot: each client alone, equal total compute
 }
 KEYS = (
     "fd",
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", default="runs/bench-heterogeneity")
     ap.add_argument("--collect", default="", help="rebuild the results from existing run directories")
     ap.add_argument("--result", default="heterogeneity", help="bench/results/RESULT.{json,md}")
+    ap.add_argument("--merge", action="store_true", help="add these rows to RESULT's (same settings)")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n] or list(RUNS)
     rows: dict[str, dict] = {}
@@ -137,6 +139,13 @@ def main() -> None:
         "sampler": "dpm-20",
         "fedddpm_pretrain_steps": args.pretrain_steps,
     }
+    if args.merge:
+        old = json.loads((RESULTS / f"{args.result}.json").read_text())
+        if old["settings"] != settings:
+            raise SystemExit(
+                f"--merge: {args.result}.json was measured with other settings: {old['settings']}"
+            )
+        rows = {**old["rows"], **rows}
     write_result(args.result, {"settings": settings, "rows": rows})
     render(settings, rows, args.result)
 

@@ -1,9 +1,10 @@
-"""Server EMA of federated runs: which per-round decay (``federation.server_ema_decay``) gives
-the best synthetic data. Trains the demo once (``make demo``'s config, a checkpoint every
-round), then for each decay rebuilds the server EMA from the per-round global weights with
-the code the server runs (``make_server_ema``), samples and evaluates it. ``legacy`` is the
-EMA before the key existed: ``diffusion.ema_decay = 0.999`` stepped per round with diffusers'
-warm-up, i.e. decay (1 + n) / (10 + n) at round n. Results: bench/results/server-ema.{json,md}.
+"""Server EMA of federated runs: which per-round EMA gives the best synthetic data. Trains
+the demo once (``make demo``'s config, a checkpoint every round), then for each variant
+rebuilds the EMA from the per-round global weights, samples and evaluates it. A number d is
+a fixed decay (round 1 copied, then exactly d every round, no warm-up); ``warmup-D`` is the
+server's EMA (``make_ema``: d_n = min(D, (1 + n) / (10 + n))); ``legacy`` is ``warmup-0.999``,
+the EMA before ``federation.server_ema_decay`` existed. At 30 rounds every ``warmup-D`` with
+D ≥ 0.77 is the same EMA (the cap never binds). Results: bench/results/server-ema.{json,md}.
 
     .venv/bin/python bench/server_ema.py [--decays 0,0.5,0.8,0.9,0.95,legacy] [--seed 0]
         [--runs-dir runs/bench-server-ema] [--result server-ema]
@@ -24,7 +25,7 @@ from fedsynth.checkpoint import save_model
 from fedsynth.config import load_config
 from fedsynth.data.datasets import load_dataset
 from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.training import make_ema, make_server_ema
+from fedsynth.diffusion.training import make_ema
 from fedsynth.evaluation.evaluate import evaluate_run
 from fedsynth.pipeline import sample_run
 from fedsynth.rundir import RunDir, read_json
@@ -37,7 +38,10 @@ def ema_model(trained: RunDir, decay: str) -> tuple[UNet2DModel, EMAModel, int]:
     """The server EMA over every round's global weights (checkpoints/round-NNNN/unet)."""
     rounds = sorted(trained.checkpoints.glob("round-*"))
     unet = UNet2DModel.from_pretrained(rounds[0] / "unet")
-    ema = make_ema(unet, 0.999) if decay == "legacy" else make_server_ema(unet, float(decay))
+    if decay == "legacy" or decay.startswith("warmup-"):
+        ema = make_ema(unet, 0.999 if decay == "legacy" else float(decay.removeprefix("warmup-")))
+    else:
+        ema = EMAModel(unet.parameters(), decay=float(decay), min_decay=float(decay))  # fixed decay
     for path in rounds:
         unet.load_state_dict(UNet2DModel.from_pretrained(path / "unet").state_dict())
         ema.step(unet.parameters())

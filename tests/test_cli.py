@@ -235,3 +235,79 @@ def test_too_few_images_to_evaluate_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"would have 2 \(sample.per_class\) and 2 \(data.test_fraction\)"):
         run_all(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_files_that_are_not_what_they_claim_are_one_line_errors(tmp_path):
+    """Sibling inputs of the hardening probe: each gives one line naming the file."""
+    import numpy as np
+    from PIL import Image
+
+    from fedsynth.config import DataConfig
+    from fedsynth.data.datasets import load_images
+    from fedsynth.errors import DataError, RunDirError
+    from fedsynth.report.compare import write_comparison
+    from fedsynth.report.markdown import write_report
+    from fedsynth.rundir import RunDir
+
+    def npz_error(name, **arrays):
+        path = tmp_path / name
+        np.savez(path, **arrays)
+        with pytest.raises(DataError) as err:
+            load_images(DataConfig(dataset="npz", path=str(path)))
+        assert name in str(err.value) and "\n" not in str(err.value)
+        return str(err.value)
+
+    objects = np.array([np.zeros(2), np.zeros(3)], dtype=object)
+    assert "unreadable npz" in npz_error("obj.npz", images=objects, labels=np.array([0, 1]))
+    assert "'images' is empty" in npz_error("empty.npz", images=np.zeros((0, 8, 8)), labels=np.zeros(0, int))
+    npy = tmp_path / "arr.npz"
+    with npy.open("wb") as fh:
+        np.save(fh, np.zeros((4, 8, 8)))
+    with pytest.raises(DataError, match=r"arr\.npz is a single \.npy array"):
+        load_images(DataConfig(dataset="npz", path=str(npy)))
+    bomb = tmp_path / "folder" / "a" / "bomb.png"
+    bomb.parent.mkdir(parents=True)
+    Image.new("L", (8, 8)).save(bomb)
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 16  # an 8×8 image is now over twice the limit: a "bomb"
+    try:
+        with pytest.raises(DataError, match=r"unreadable image .*bomb\.png"):
+            load_images(DataConfig(dataset="imagefolder", path=str(tmp_path / "folder")))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    with pytest.raises(RunDirError, match="is not a fedsynth run"):
+        write_report(RunDir(tmp_path / "folder"))
+    assert not (tmp_path / "folder" / "report.md").exists()
+    with pytest.raises(RunDirError, match="is a folder: give the markdown file"):
+        write_comparison([tmp_path], tmp_path)
+    with pytest.raises(RunDirError, match="does not exist"):
+        write_comparison([tmp_path], tmp_path / "missing" / "cmp.md")
+
+
+def test_a_damaged_domain_classifier_cache_is_trained_again(tmp_path):
+    from fedsynth.config import DataConfig
+    from fedsynth.data.datasets import load_images
+    from fedsynth.evaluation.domain import dataset_key, domain_classifier
+
+    data = load_images(DataConfig()).subset(torch.arange(0, 1797, 9).numpy())
+    (tmp_path / f"domain-{dataset_key(data, 1)}.pt").write_bytes(b"not a model")
+    model = domain_classifier(data, epochs=1, device=torch.device("cpu"), cache_dir=str(tmp_path))
+    assert model(data.images[:2]).shape == (2, 10)
+
+
+def test_unexpected_and_os_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    import os
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = _cli("run", str(CENTRAL), "--out", str(blocker / "run"))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Not a directory" in lines[0], res.stderr
+    res = _cli("sample", str(tmp_path), "--out", str(tmp_path / "s"), "--format", "jpg")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: format 'jpg' is not valid; choose one of: png, npz"
+    env = {**os.environ, "FEDSYNTH_DEBUG": "1"}
+    exe = Path(sys.executable).with_name("fedsynth")
+    args = [str(exe), "run", str(CENTRAL), "--out", str(blocker / "run")]
+    res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode != 0 and "Traceback" in res.stderr

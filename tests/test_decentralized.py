@@ -23,7 +23,7 @@ from conftest import TINY_OVERRIDES
 from fedsynth.config import config_from_dict, load_config
 from fedsynth.decentralized import DecentralizedDriver, train_decentralized
 from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.training import make_server_ema
+from fedsynth.diffusion.training import make_ema
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.errors import ConfigError
 from fedsynth.ledger.federation import DecentralizedError
@@ -81,7 +81,7 @@ def _fake_work(pool, store_dir: Path, behaviour: dict[int, str]):
 def harness(tmp_path, cfg, behaviour=None, aggregator_setup=None):
     run = RunDir(tmp_path / "run").create()
     unet = seeded_unet(cfg.model, cfg.seed, 16, 1, 10)
-    model = Model(unet, make_server_ema(unet, 0.9), build_train_scheduler(cfg.diffusion))
+    model = Model(unet, make_ema(unet, 0.9), build_train_scheduler(cfg.diffusion))
     with ThreadPoolExecutor(4) as pool:
         work = _fake_work(pool, run.root / "store", behaviour or {})
         owner = DecentralizedDriver(cfg, run, model, work, aggregator_setup)

@@ -76,7 +76,8 @@ def _node_folder(root: Path, classes: range, per_class: int = 15) -> Path:
     return root
 
 
-def test_a_round_on_a_loopback_superlink(tmp_path):
+@pytest.mark.parametrize("paradigm", ["federated", "local"])
+def test_a_round_on_a_loopback_superlink(tmp_path, paradigm):
     link, nodes = _free_port(), [_free_port(), _free_port()]
     home = tmp_path / "flwr-home"
     home.mkdir()
@@ -105,6 +106,8 @@ def test_a_round_on_a_loopback_superlink(tmp_path):
             "sample.steps=2",
             "eval.enabled=false",
             "diffusion.num_train_timesteps=50",
+            f"paradigm={paradigm}",
+            "local.steps=3",
         ]
     )
     try:
@@ -160,15 +163,19 @@ def test_a_round_on_a_loopback_superlink(tmp_path):
         deadline = time.monotonic() + 60
         while not (out / "report.md").is_file() and time.monotonic() < deadline:
             time.sleep(1)
-        assert (out / "model" / "unet" / "config.json").is_file(), res.stdout[-3000:]
+        model = out / ("model" if paradigm == "federated" else "clients/client-01/model")
+        assert (model / "unet" / "config.json").is_file(), res.stdout[-3000:]
         rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert rounds == [1]
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["paradigm"] == "federated" and summary["bytes_up"] > 0
+        assert summary["paradigm"] == paradigm and summary["bytes_up"] > 0
         # each node trained on its own folder: 5 classes x 15 images
         last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         assert last["clients"] == [0, 1]
         assert last["examples_per_client"] == {"0": 75, "1": 75}
+        if paradigm == "local":  # each class drawn from the node that holds it
+            mixture = json.loads((out / "synthetic" / "manifest.json").read_text())["mixture"]
+            assert mixture == {"0": [2] * 5 + [0] * 5, "1": [0] * 5 + [2] * 5}
     finally:
         leftover = _stop([link, *nodes])
     assert leftover == [], f"processes still running: {leftover}"

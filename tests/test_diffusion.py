@@ -181,24 +181,18 @@ def test_bad_sampler_settings():
         build_sampler("ddim", sched, 51)
 
 
-def test_server_ema_copies_the_first_round_then_decays_by_exactly_d():
-    from fedsynth.diffusion.training import make_server_ema
-
+def test_ema_warm_up_is_capped_by_the_decay_and_decay_zero_keeps_the_latest():
     net = torch.nn.Linear(1, 1, bias=False)
-    ema = make_server_ema(net, 0.5)
-    for w in (4.0, 8.0, 0.0):
-        net.weight.data.fill_(w)
-        ema.step(net.parameters())
-    # round 1 copied (4); then 0.5·4 + 0.5·8 = 6; then 0.5·6 + 0.5·0 = 3
-    assert ema.shadow_params[0].item() == pytest.approx(3.0)
-    none = make_server_ema(net, 0.0)
-    for w in (4.0, 8.0):
-        net.weight.data.fill_(w)
-        none.step(net.parameters())
-    assert none.shadow_params[0].item() == 8.0  # decay 0: the last global model
-    central = make_ema(net, 0.999)
-    for w in (4.0, 8.0):
-        net.weight.data.fill_(w)
-        central.step(net.parameters())
-    # diffusers' warm-up: step 2 uses min(0.999, (1 + 1) / (10 + 1))
-    assert central.shadow_params[0].item() == pytest.approx(4 * 2 / 11 + 8 * 9 / 11)
+
+    def shadow(decay, weights):
+        ema = make_ema(net, decay)
+        for w in weights:
+            net.weight.data.fill_(w)
+            ema.step(net.parameters())
+        return ema.shadow_params[0].item()
+
+    # step 1 copies (4); step 2 uses d_2 = min(0.999, 2 / 11)
+    assert shadow(0.999, (4.0, 8.0)) == pytest.approx(4 * 2 / 11 + 8 * 9 / 11)
+    # step 2 uses min(0.1, 2 / 11) = 0.1, step 3 min(0.1, 3 / 12) = 0.1: the cap binds
+    assert shadow(0.1, (4.0, 8.0, 0.0)) == pytest.approx((4 * 0.1 + 8 * 0.9) * 0.1)
+    assert shadow(0.0, (4.0, 8.0)) == 8.0  # decay 0: the latest weights

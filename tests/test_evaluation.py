@@ -56,6 +56,8 @@ def test_cas_on_real_data_is_high_and_metrics_are_complete(tmp_path):
     metrics, figures = evaluate_synthetic(cfg, split.train, split.test, fake, torch.device("cpu"))
     # 10 epochs on half the real training split: well above chance (0.10), below the 99% ceiling
     assert metrics["cas_accuracy"] > 0.85 and metrics["real_accuracy"] > 0.9
+    assert metrics["label_fidelity"] > 0.9  # real images are judged as their own labels
+    assert set(metrics["label_fidelity_per_class"]) == set(split.full.class_names)
     assert metrics["precision"] > 0.8 and metrics["recall"] > 0.8
     assert metrics["near_copy_fraction"] == 1.0  # they are training images
     assert set(metrics["fd_per_class"]) == set(split.full.class_names)

@@ -169,3 +169,12 @@ def test_udec_keeps_personal_groups_on_clients_and_evaluates_each(tmp_path):
     means = [ev["per_client"][c]["cas_accuracy"] for c in ev["per_client"]]
     assert ev["cas_accuracy"] == pytest.approx(sum(means) / 3)
     assert "Personal models" in run.report.read_text()
+
+
+def test_two_identical_runs_give_bit_identical_weights(tmp_path):
+    """Replies arrive in any order; aggregation goes in client-id order, so it does not matter."""
+    raw = tiny_federated(num_clients=4, clients_per_round=4, rounds=2)
+    a, b = (_run(tmp_path, raw, name=name) for name in ("a", "b"))
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    for r in (1, 2):
+        assert (a.checkpoint_dir(r) / weights).read_bytes() == (b.checkpoint_dir(r) / weights).read_bytes()

@@ -119,3 +119,13 @@ def test_precision_recall_with_too_few_images_is_a_clear_error():
 
     with pytest.raises(DataError, match=r"need more than 3 images in each set; got 3 real and 10 generated"):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
+
+
+def test_label_fidelity_by_hand():
+    from fedsynth.evaluation.metrics import label_fidelity
+
+    intended = np.array([0, 0, 0, 0, 1, 1, 2])
+    judged = np.array([0, 0, 1, 2, 1, 0, 2])
+    out = label_fidelity(intended, judged, ("a", "b", "c", "d"))
+    assert out["label_fidelity"] == pytest.approx(4 / 7)  # 2 of class a, 1 of b, 1 of c
+    assert out["label_fidelity_per_class"] == {"a": 0.5, "b": 0.5, "c": 1.0, "d": None}

@@ -290,12 +290,12 @@ def test_per_key_aggregation_over_the_clients_that_sent_each_group(tmp_path):
 
 def _driver(cfg, unet, tmp_path):
     from fedsynth.diffusion.schedule import build_train_scheduler
-    from fedsynth.diffusion.training import make_server_ema
+    from fedsynth.diffusion.training import make_ema
     from fedsynth.rounds import Model
     from fedsynth.rundir import RunDir
     from fedsynth.server.driver import FederatedDriver
 
-    model = Model(unet, make_server_ema(unet, 0.9), build_train_scheduler(cfg.diffusion))
+    model = Model(unet, make_ema(unet, 0.9), build_train_scheduler(cfg.diffusion))
     return FederatedDriver(cfg, RunDir(tmp_path), model, tuple(str(i) for i in range(10)), grid=None)
 
 

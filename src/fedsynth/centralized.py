@@ -44,7 +44,7 @@ class CentralDriver:
         self.ema_info = {
             "stepped": "per optimizer step",
             "decay": cfg.diffusion.ema_decay,
-            "warm_up": "diffusers",
+            "warm_up": "min(decay, (1 + n) / (10 + n))",
         }
         unet = seeded_unet(cfg.model, cfg.seed, data.shape[1], data.shape[0], data.num_classes).to(device)
         self.model = Model(unet, self.make_ema(unet), build_train_scheduler(cfg.diffusion))

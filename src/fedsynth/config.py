@@ -28,7 +28,7 @@ def _at_least(default: float | int, low: float | int, *, exclusive: bool = False
     return field(default=default, metadata={"min": low, "exclusive": exclusive})
 
 
-PARADIGMS = ("centralized", "federated", "decentralized")
+PARADIGMS = ("centralized", "federated", "decentralized", "local")
 DATASETS = ("digits", "imagefolder", "npz")
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "class_disjoint", "quantity")
 MODEL_PRESETS = ("tiny", "small", "base")
@@ -114,7 +114,7 @@ class FederationConfig:
     weighting: str = _choice("examples", WEIGHTINGS)
     client_cpus: float = _at_least(1.0, 0.0, exclusive=True)
     client_gpus: float = _at_least(0.0, 0.0)
-    server_ema_decay: float = _at_least(0.9, 0.0)  # per round; 0: the saved model is the last global model
+    server_ema_decay: float = _at_least(0.8, 0.0)  # per round (bench/server_ema.py); 0: last global model
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,14 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class LocalConfig:
+    """Paradigm ``local``: every client trains its own model once; the synthetic set is drawn
+    per class from the clients holding that class, in proportion to their counts."""
+
+    steps: int = _at_least(0, 0)  # per client; 0: the federated run's compute spread over all clients
+
+
+@dataclass(frozen=True)
 class LedgerConfig:
     """Decentralized paradigm: the chain that coordinates rounds and the weight store."""
 
@@ -220,6 +228,7 @@ class Config:
     phoenix: PhoenixConfig = field(default_factory=PhoenixConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -255,11 +264,13 @@ class Config:
             raise ConfigError(f"exchange.topk_ratio = {self.exchange.topk_ratio} must be in (0, 1]")
         if self.paradigm == "decentralized":
             _check_decentralized(self)
+        if self.paradigm == "local":
+            _check_unsupported(self)
 
 
-def _check_decentralized(cfg: Config) -> None:
-    """What the decentralized paradigm does not support is refused, not silently ignored."""
-    unsupported = {
+def _unsupported(cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """(value, the only supported value) of settings the decentralized and local paradigms lack."""
+    return {
         "exchange.plan": (cfg.exchange.plan, "full"),
         "exchange.codec": (cfg.exchange.codec, "fp32"),
         "exchange.personal": (cfg.exchange.personal, ""),
@@ -267,9 +278,17 @@ def _check_decentralized(cfg: Config) -> None:
         "phoenix.filter_from": (cfg.phoenix.filter_from, 0),
         "phoenix.warmup_steps": (cfg.phoenix.warmup_steps, 0),
     }
-    for key, (value, supported) in unsupported.items():
+
+
+def _check_unsupported(cfg: Config) -> None:
+    """What the decentralized and local paradigms do not support is refused, not ignored."""
+    for key, (value, supported) in _unsupported(cfg).items():
         if value != supported:
-            raise ConfigError(f"{key} = {value!r} is not available with paradigm = 'decentralized'")
+            raise ConfigError(f"{key} = {value!r} is not available with paradigm = {cfg.paradigm!r}")
+
+
+def _check_decentralized(cfg: Config) -> None:
+    _check_unsupported(cfg)
     if cfg.strategy.name == "scaffold":
         raise ConfigError("strategy.name = 'scaffold' is not available with paradigm = 'decentralized'")
     if cfg.ledger.nodes == "external" and not cfg.ledger.rpc_url:

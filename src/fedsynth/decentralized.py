@@ -30,7 +30,7 @@ import torch
 from fedsynth.checkpoint import Checkpoint
 from fedsynth.config import Config
 from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.training import make_server_ema, resolve_device
+from fedsynth.diffusion.training import make_ema, resolve_device
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.ledger.federation import Counters, DecentralizedError, Federation, after_deadline, federation
 from fedsynth.ledger.nodes import AggregatorNode
@@ -252,9 +252,7 @@ def train_decentralized(
     full = prepared.data.full
     unet = seeded_unet(cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes)
     unet = unet.to(resolve_device(cfg.train.device))
-    model = Model(
-        unet, make_server_ema(unet, cfg.federation.server_ema_decay), build_train_scheduler(cfg.diffusion)
-    )
+    model = Model(unet, make_ema(unet, cfg.federation.server_ema_decay), build_train_scheduler(cfg.diffusion))
     pool = executor or default_executor(cfg)
     work = partial(pool.submit, train_update, config_text(cfg), cfg.ledger.store, str(run.root / "store"))
     try:

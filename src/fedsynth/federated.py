@@ -4,24 +4,19 @@ rounds is :func:`fedsynth.rounds.run_rounds`."""
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Callable
-
-from flwr.app import Context
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 
-from fedsynth.client.app import app as default_client_app
 from fedsynth.config import Config
 from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.training import make_server_ema, resolve_device
+from fedsynth.diffusion.training import make_ema, resolve_device
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.prepare import Prepared
 from fedsynth.rounds import Model, run_rounds
 from fedsynth.rundir import RunDir
 from fedsynth.server.calibration import server_train
 from fedsynth.server.driver import FederatedDriver
+from fedsynth.simulation import simulate
 
 
 def train_federated(
@@ -39,7 +34,7 @@ def train_federated(
     scheduler = build_train_scheduler(cfg.diffusion)
     if not resume and cfg.phoenix.warmup_steps > 0:
         warm_up(cfg, run, unet, scheduler, prepared)
-    model = Model(unet, make_server_ema(unet, cfg.federation.server_ema_decay), scheduler)
+    model = Model(unet, make_ema(unet, cfg.federation.server_ema_decay), scheduler)
 
     def body(g: Grid) -> None:
         run_rounds(FederatedDriver(cfg, run, model, tuple(full.class_names), g), run, cfg, resume=resume)
@@ -56,41 +51,3 @@ def warm_up(cfg: Config, run: RunDir, unet, scheduler, prepared: Prepared) -> No
     assert shared is not None, "config validation guarantees phoenix.beta > 0 with a warm-up"
     loss, seconds = server_train(cfg, unet, scheduler, shared, cfg.phoenix.warmup_steps, tag=0)
     run.update_summary(shared_images=len(shared), warmup_loss=loss, warmup_s=seconds)
-
-
-def make_server_app(body: Callable[[Grid], None]) -> ServerApp:
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        body(grid)
-
-    return app
-
-
-def simulate(cfg: Config, body: Callable[[Grid], None], client_app: ClientApp | None = None) -> None:
-    """Run ``body(grid)`` as the ServerApp of a Flower simulation with one SuperNode per client."""
-    from flwr.simulation import run_simulation  # starts Ray: imported only when simulating
-
-    fed = cfg.federation
-    errors: list[BaseException] = []
-
-    def guarded(grid: Grid) -> None:
-        try:
-            body(grid)
-        except BaseException as exc:  # re-raised below with its own message
-            errors.append(exc)
-
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(
-        server_app=make_server_app(guarded),
-        client_app=client_app or default_client_app,
-        num_supernodes=cfg.partition.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
-            "init_args": {"include_dashboard": False, "log_to_driver": True, "num_cpus": os.cpu_count() or 1},
-        },
-    )
-    if errors:
-        raise errors[0]

@@ -20,6 +20,7 @@ from fedsynth.evaluation.evaluate import evaluate_run
 from fedsynth.evaluation.inception import check_weights_file
 from fedsynth.exchange.transfer import has_personal_models
 from fedsynth.federated import train_federated
+from fedsynth.local import sample_mixture, train_local
 from fedsynth.prepare import Prepared, check_partitions, prepare
 from fedsynth.report.markdown import write_report
 from fedsynth.rundir import RunDir
@@ -87,20 +88,37 @@ def check_eval_sizes(cfg: Config, prepared: Prepared, k: int = 3) -> None:
         )
 
 
-def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None) -> None:
+def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None, client_app=None) -> None:
     if cfg.paradigm == "centralized":
         train_centralized(cfg, run, prepared, resume=resume)
     elif cfg.paradigm == "federated":
-        train_federated(cfg, run, prepared, resume=resume, grid=grid)
+        train_federated(cfg, run, prepared, resume=resume, grid=grid, client_app=client_app)
     elif cfg.paradigm == "decentralized":
         from fedsynth.decentralized import train_decentralized  # web3 and the chain: only when used
 
         train_decentralized(cfg, run, prepared, resume=resume)
+    elif cfg.paradigm == "local":
+        if not (resume and run.read_metrics()):  # a one-shot run that finished has nothing to resume
+            train_local(cfg, run, prepared, grid=grid, client_app=client_app)
     else:
         raise ConfigError(f"paradigm = {cfg.paradigm!r} is not valid")
 
 
-def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None) -> RunDir:
+def sample_stage(cfg: Config, run: RunDir, names: list[str], personal: bool) -> None:
+    """``synthetic/``: from the model; from each client's own model (personal models); or
+    drawn from the clients' models per class (paradigm ``local``)."""
+    if cfg.paradigm == "local":
+        if cfg.sample.per_class > 0:
+            sample_mixture(cfg, run, names)
+        return
+    for target in run.client_runs() if personal else [run]:
+        unet, scheduler = load_model(target, resolve_device(cfg.train.device))
+        sample_run(cfg, target, unet, scheduler, names)
+
+
+def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None, client_app=None) -> RunDir:
+    """Every stage into ``out``. ``grid``: a real SuperLink's Grid (else a simulation);
+    ``client_app``: the simulated clients' ClientApp (default: fedsynth's)."""
     if cfg.eval.enabled and cfg.eval.inception_weights:
         check_weights_file(cfg.eval.inception_weights)  # before hours of training, not after
     if not resume:
@@ -116,21 +134,18 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None) -> RunDi
         dump_config(cfg, run.config)
         prepared = prepare(cfg, run)
     check_eval_sizes(cfg, prepared)  # before hours of training, not after
-    train(cfg, run, prepared, resume=resume, grid=grid)
+    train(cfg, run, prepared, resume=resume, grid=grid, client_app=client_app)
     metrics = run.read_metrics()
     run.update_summary(
         paradigm=cfg.paradigm,
-        strategy=cfg.strategy.name if cfg.paradigm != "centralized" else "none",
+        strategy=cfg.strategy.name if cfg.paradigm in ("federated", "decentralized") else "none",
         rounds=len(metrics),
         train_wall_s=sum(r["wall_s"] for r in metrics),
         bytes_up=sum(r.get("bytes_up", 0) for r in metrics),
         bytes_down=sum(r.get("bytes_down", 0) for r in metrics),
     )
-    names = list(prepared.data.full.class_names)
     personal = has_personal_models(cfg.exchange) and cfg.paradigm == "federated"
-    for target in run.client_runs() if personal else [run]:
-        unet, scheduler = load_model(target, resolve_device(cfg.train.device))
-        sample_run(cfg, target, unet, scheduler, names)
+    sample_stage(cfg, run, list(prepared.data.full.class_names), personal)
     if cfg.eval.enabled and cfg.sample.per_class > 0:
         evaluate_run(cfg, run)
     for client in run.client_runs() if personal else []:

@@ -12,6 +12,7 @@ from fedsynth.data.datasets import ImageData, SplitDataset, load_dataset
 from fedsynth.data.partition import histograms, partition
 from fedsynth.data.sharing import share
 from fedsynth.errors import RunDirError
+from fedsynth.report.plots import plot_partition_heatmap
 from fedsynth.rundir import RunDir, read_json, write_json_atomic
 
 
@@ -54,8 +55,6 @@ def prepare(cfg: Config, run: RunDir | None = None) -> Prepared:
 
 
 def write_partitions(run: RunDir, cfg: Config, prepared: Prepared) -> None:
-    from fedsynth.report.plots import plot_partition_heatmap
-
     hist = prepared.histograms
     names = list(prepared.data.full.class_names)
     write_json_atomic(

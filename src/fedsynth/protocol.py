@@ -28,7 +28,8 @@ CLASSES_KEY = "class-names"
 ROUND_KEY = "server-round"
 MODE_KEY = "exchange-mode"
 UPLOAD_KEY = "upload-groups"
-TASK_KEY = "task"  # "train" (default) or "pretrain" (FedDDPM's one-off local model)
+TASK_KEY = "task"  # "train" (default) or "pretrain" (a one-off local model: FedDDPM, paradigm local)
+STEPS_KEY = "local-steps"  # "pretrain": the local model's optimizer steps
 # keys of a client's node config (simulation engine / flower-supernode --node-config)
 PARTITION_ID, DATA_PATH = "partition-id", "data-path"
 # a client's persistent records (Flower context.state)

@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel
 
 from fedsynth.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_model
 from fedsynth.config import Config
-from fedsynth.diffusion.training import make_server_ema
+from fedsynth.diffusion.training import make_ema
 from fedsynth.errors import FedsynthError
 from fedsynth.progress import progress_bar
 from fedsynth.rundir import RunDir
@@ -126,12 +126,12 @@ class ServerEma:
     cfg: Config
 
     def make_ema(self, unet: UNet2DModel) -> EMAModel:
-        return make_server_ema(unet, self.cfg.federation.server_ema_decay)
+        return make_ema(unet, self.cfg.federation.server_ema_decay)
 
     @property
     def ema_info(self) -> dict[str, Any]:
         decay = self.cfg.federation.server_ema_decay
-        return {"stepped": "per round", "decay": decay, "warm_up": "first round copied"}
+        return {"stepped": "per round", "decay": decay, "warm_up": "min(decay, (1 + n) / (10 + n))"}
 
 
 def select_clients(

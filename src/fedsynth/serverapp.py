@@ -3,7 +3,7 @@
 It reads ``config`` (TOML path), ``out`` (run directory), ``resume`` and ``overrides``
 from the run config (``[tool.flwr.app.config]`` in pyproject or ``--run-config``) and runs
 every stage, as ``fedsynth run`` does; ``fedsynth run`` itself builds its simulation
-ServerApp with :func:`fedsynth.federated.make_server_app`.
+ServerApp with :func:`fedsynth.simulation.make_server_app`.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from fedsynth.errors import ConfigError, RunDirError
 from fedsynth.progress import progress_bar
 from fedsynth.report.plots import plot_sample_grid, to_uint8
 from fedsynth.rundir import write_dir_atomic, write_json_atomic
+from fedsynth.seeding import torch_generator
 
 UNLABELED = "unlabeled"
 
@@ -46,10 +47,21 @@ def sample_images(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images in [-1, 1] on CPU, labels or None for an unconditional model)."""
     conditional = unet.config.num_class_embeds is not None
-    total = num_classes * spec.per_class
     labels = balanced_labels(num_classes, spec.per_class) if conditional else None
     device = next(unet.parameters()).device
     generator = torch.Generator(device=device).manual_seed(spec.seed)
+    return generate_for(unet, train_scheduler, labels, num_classes * spec.per_class, spec, generator), labels
+
+
+def generate_for(
+    unet: UNet2DModel,
+    train_scheduler: DDPMScheduler,
+    labels: torch.Tensor | None,
+    total: int,
+    spec: SampleSpec,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``total`` images (of ``labels`` when given) in batches of ``spec.batch_size``."""
     unet.eval()
     chunks = []
     with progress_bar(f"sampling {spec.sampler}-{spec.steps}", total=total) as bar:
@@ -66,7 +78,7 @@ def sample_images(
             )
             chunks.append(batch.cpu())
             bar.advance(stop - start)
-    return torch.cat(chunks), labels
+    return torch.cat(chunks) if chunks else torch.empty(0)
 
 
 def check_output(out: Path, fmt: str) -> None:
@@ -141,6 +153,57 @@ def synthesize(
     is given, drawn from the same images); return the manifest."""
     check_output(out, fmt)
     images, labels = sample_images(unet, train_scheduler, len(class_names), spec)
+    extra = {"model_round": model_round}
+    return write_synthetic(images, labels, class_names, spec, out, fmt, extra, grid, grid_per_row, grid_title)
+
+
+def synthesize_mixture(
+    models: dict[int, UNet2DModel],
+    train_scheduler: DDPMScheduler,
+    counts: np.ndarray,
+    class_names: list[str],
+    spec: SampleSpec,
+    out: Path,
+    *,
+    grid: Path | None = None,
+    grid_per_row: int = 10,
+    grid_title: str = "",
+) -> dict:
+    """A synthetic set drawn from several models: ``counts[i, c]`` images of class c from the
+    i-th model (``models`` in key order); each model's noise from ``derive(seed, "mixture", id)``."""
+    check_output(out, "png")
+    images, labels = [], []
+    for (pid, unet), row in zip(sorted(models.items()), counts, strict=True):
+        wanted = torch.repeat_interleave(
+            torch.arange(len(class_names)), torch.as_tensor(row, dtype=torch.long)
+        )
+        device = next(unet.parameters()).device
+        generator = torch_generator(spec.seed, "mixture", pid, device=device)
+        images.append(generate_for(unet, train_scheduler, wanted, len(wanted), spec, generator))
+        labels.append(wanted)
+    order = torch.argsort(torch.cat(labels), stable=True)  # by class, then by model
+    extra = {
+        "mixture": {str(pid): [int(x) for x in row] for pid, row in zip(sorted(models), counts, strict=True)}
+    }
+    all_images, all_labels = torch.cat(images)[order], torch.cat(labels)[order]
+    return write_synthetic(
+        all_images, all_labels, class_names, spec, out, "png", extra, grid, grid_per_row, grid_title
+    )
+
+
+def write_synthetic(
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    class_names: list[str],
+    spec: SampleSpec,
+    out: Path,
+    fmt: str,
+    extra: dict,
+    grid: Path | None,
+    grid_per_row: int,
+    grid_title: str,
+) -> dict:
+    """Write ``out`` (replacing an earlier synthetic set whole) with its manifest, and the grid."""
     if labels is None:
         counts = {UNLABELED: len(images)}
     else:
@@ -154,7 +217,7 @@ def synthesize(
         "guidance": spec.guidance,
         "seed": spec.seed,
         "batch_size": spec.batch_size,
-        "model_round": model_round,
+        **extra,
         "image_shape": list(images.shape[1:]),
         "class_names": class_names,
     }
@@ -166,7 +229,7 @@ def synthesize(
             write_npz(images, labels, class_names, tmp)
         write_json_atomic(tmp / "manifest.json", manifest)
 
-    write_dir_atomic(out, fill)  # replaces an earlier synthetic set whole: no stale images
+    write_dir_atomic(out, fill)  # no stale images from an earlier set
     if grid is not None:
         write_grid(images, labels, class_names, grid, per_row=grid_per_row, title=grid_title)
     return manifest

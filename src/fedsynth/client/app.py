@@ -40,6 +40,7 @@ from fedsynth.protocol import (
     PARTITION_ID,
     ROUND_KEY,
     STATE_KEY,
+    STEPS_KEY,
     TASK_KEY,
     UPLOAD_KEY,
     UpdateInfo,
@@ -123,12 +124,11 @@ def update_info(update, client_id: int, **extra) -> UpdateInfo:
 
 
 def handle_pretrain(msg: Message, cfg: Config, client_id: int, data: ImageData) -> Message:
-    """FedDDPM: a local model trained from the received weights, uploaded once; the
-    client's exchange state is left untouched."""
+    """A local model trained from the received weights for ``STEPS_KEY`` steps, uploaded once
+    (FedDDPM's one-off models, paradigm ``local``); the client's exchange state is untouched."""
     weights = msg.content[ARRAYS].to_torch_state_dict()
-    update = local_train(
-        cfg, data, weights, round_=0, client_id=client_id, state={}, steps=cfg.calibration.pretrain_steps
-    )
+    steps = int(msg.content[CONFIG].get(STEPS_KEY, cfg.calibration.pretrain_steps))
+    update = local_train(cfg, data, weights, round_=0, client_id=client_id, state={}, steps=steps)
     content = RecordDict(
         {ARRAYS: ArrayRecord(update.weights), METRICS: update_info(update, client_id).to_record()}
     )

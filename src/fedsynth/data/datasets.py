@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from fedsynth.config import DataConfig
-from fedsynth.errors import DataError
+from fedsynth.errors import DataError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -162,8 +162,8 @@ def _read_image(path: Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"unreadable image {path}: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"unreadable image {path}: {first_line(exc)}") from None
 
 
 def _load_imagefolder(cfg: DataConfig) -> ImageData:
@@ -216,14 +216,21 @@ def _load_npz(cfg: DataConfig) -> ImageData:
         raise DataError(f"npz file not found: {path}")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"unreadable npz file {path}: {exc}") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"unreadable npz file {path}: {first_line(exc)}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} is a single .npy array, not an .npz archive of images and labels")
     with archive:
         missing = {"images", "labels"} - set(archive.files)
         if missing:
             raise DataError(f"{path}: missing array(s) {sorted(missing)}; found {archive.files}")
-        raw_images, raw_labels = archive["images"], archive["labels"]
-        names = archive["class_names"] if "class_names" in archive.files else None
+        try:
+            raw_images, raw_labels = archive["images"], archive["labels"]
+            names = archive["class_names"] if "class_names" in archive.files else None
+        except (ValueError, OSError, EOFError) as exc:  # object arrays (pickles) are refused
+            raise DataError(f"unreadable npz file {path}: {first_line(exc)}") from None
+    if len(raw_images) == 0:
+        raise DataError(f"{path}: 'images' is empty")
     if len(raw_images) != len(raw_labels):
         raise DataError(f"{path}: {len(raw_images)} images but {len(raw_labels)} labels")
     if (

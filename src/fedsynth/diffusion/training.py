@@ -17,6 +17,7 @@ from fedsynth.config import DiffusionConfig, TrainConfig
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.objective import diffusion_loss, drop_labels
 from fedsynth.diffusion.unet import null_label
+from fedsynth.errors import ConfigError
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -30,16 +31,12 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_ema(unet: UNet2DModel, decay: float) -> EMAModel:
-    """EMA stepped after every optimizer step (``diffusion.ema_decay``), with diffusers'
-    warm-up: step n uses min(decay, (1 + n) / (10 + n)); the first step copies."""
+    """EMA with diffusers' warm-up: its n-th step uses d_n = min(decay, (1 + n) / (10 + n))
+    (the first step copies), w_ema ← d_n·w_ema + (1 − d_n)·w. Stepped after every optimizer
+    step centrally (``diffusion.ema_decay``), once per round over the global model in the
+    federated and decentralized paradigms (``federation.server_ema_decay``); decay 0 keeps
+    the latest weights."""
     return EMAModel(unet.parameters(), decay=decay)
-
-
-def make_server_ema(unet: UNet2DModel, decay: float) -> EMAModel:
-    """EMA of the global model stepped once per round (``federation.server_ema_decay``): the
-    first round's model is copied, then w_ema ← d·w_ema + (1 − d)·w every round (no warm-up
-    ramp: ``min_decay = decay``). ``decay = 0`` keeps the last global model."""
-    return EMAModel(unet.parameters(), decay=decay, min_decay=decay)
 
 
 def steps_for(cfg: TrainConfig, num_samples: int) -> int:
@@ -62,8 +59,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from fedsynth.errors import ConfigError
-
         raise ConfigError("train.device = 'cuda' but no CUDA device is available")
     return torch.device(name)
 

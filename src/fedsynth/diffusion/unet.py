@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import UNet2DModel
 
 from fedsynth.config import ModelConfig
@@ -66,8 +67,6 @@ def build_unet(cfg: ModelConfig, image_size: int, channels: int, num_classes: in
 
 def seeded_unet(cfg: ModelConfig, seed: int, image_size: int, channels: int, num_classes: int) -> UNet2DModel:
     """``build_unet`` with weights initialised from ``seed`` (global RNG left untouched)."""
-    import torch
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_unet(cfg, image_size, channels, num_classes)

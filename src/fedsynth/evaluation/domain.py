@@ -5,14 +5,19 @@ training images, labels, class names and training settings."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
 import torch
 
 from fedsynth.data.datasets import ImageData
+from fedsynth.errors import first_line
 from fedsynth.evaluation.classifier import SmallCNN, train_classifier
+
+log = logging.getLogger("fedsynth.evaluation")
 
 DOMAIN_SEED = 0  # fixed: not the run's seed, so all runs share one judge
 VERSION = "smallcnn-v1"
@@ -37,8 +42,13 @@ def domain_classifier(
     path = cache_root(cache_dir) / f"domain-{dataset_key(train, epochs)}.pt"
     model = SmallCNN(train.shape[0], train.num_classes)
     if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.to(device).eval()
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.to(device).eval()
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
+            log.warning(
+                "cached domain classifier %s is damaged (%s): training it again", path, first_line(err)
+            )
     model = train_classifier(train, epochs=epochs, seed=DOMAIN_SEED, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

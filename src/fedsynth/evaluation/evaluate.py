@@ -25,10 +25,12 @@ from fedsynth.evaluation.metrics import (
     distance_from_uniform,
     fd_between,
     inception_style_score,
+    label_fidelity,
     memorisation,
     precision_recall,
 )
 from fedsynth.progress import progress_bar
+from fedsynth.report.plots import plot_tsne
 from fedsynth.rundir import RunDir, write_json_atomic
 
 SUMMARY_KEYS = (
@@ -37,6 +39,7 @@ SUMMARY_KEYS = (
     "recall",
     "is_mean",
     "cas_accuracy",
+    "label_fidelity",
     "cas_precision",
     "cas_recall",
     "cas_f1",
@@ -127,6 +130,7 @@ def evaluate_synthetic(
         "cas_recall": cas["recall"],
         "cas_f1": cas["f1"],
         "class_distribution": {c: int(v) for c, v in zip(real_test.class_names, judged, strict=True)},
+        **label_fidelity(fake.labels.numpy(), fake_logits.argmax(1).numpy(), real_test.class_names),
         "class_tv_from_uniform": uniform["tv"],
         "class_kl_from_uniform": uniform["kl"],
         "memorisation": memo,
@@ -145,8 +149,6 @@ def evaluate_synthetic(
 
 
 def _evaluate_dir(cfg: Config, run: RunDir, real_train: ImageData, real_test: ImageData, device) -> dict:
-    from fedsynth.report.plots import plot_tsne
-
     start = time.perf_counter()
     fake = load_synthetic(run.synthetic, real_test, cfg.data.image_size)
     result, figures = evaluate_synthetic(cfg, real_train, real_test, fake, device)

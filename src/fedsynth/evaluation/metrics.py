@@ -128,3 +128,15 @@ def memorisation(fake: np.ndarray, train: np.ndarray, ratio: float) -> dict[str,
         "train_nn_median": typical,
         "near_copy_ratio": ratio,
     }
+
+
+def label_fidelity(intended: np.ndarray, judged: np.ndarray, class_names: tuple[str, ...]) -> dict:
+    """The share of generated images a judge assigns to the class they were generated for:
+    overall, and per class (``None`` for a class with no generated image)."""
+    if len(intended) == 0:
+        raise DataError("label fidelity needs at least one generated image")
+    per_class = {
+        name: float(np.mean(judged[intended == c] == c)) if (intended == c).any() else None
+        for c, name in enumerate(class_names)
+    }
+    return {"label_fidelity": float(np.mean(judged == intended)), "label_fidelity_per_class": per_class}

@@ -44,6 +44,12 @@ def run_label(summary: dict, root: Path) -> str:
 
 
 def write_comparison(run_dirs: list[Path], out: Path) -> str:
+    if out.is_dir():
+        raise RunDirError(
+            f"--out {out} is a folder: give the markdown file to write, e.g. {out / 'compare.md'}"
+        )
+    if not out.parent.is_dir():
+        raise RunDirError(f"--out {out}: its folder {out.parent} does not exist")
     rows: dict[str, dict] = {}
     for root in run_dirs:
         run = RunDir(Path(root))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedsynth.errors import RunDirError
 from fedsynth.report.plots import plot_bars, plot_curve
 from fedsynth.rundir import RunDir, read_json
 
@@ -18,6 +19,7 @@ SUMMARY_ROWS = (
     ("recall ↑", "recall", "{:.3f}"),
     ("CAS accuracy ↑", "cas_accuracy", "{:.2%}"),
     ("CAS F1 ↑", "cas_f1", "{:.2%}"),
+    ("label fidelity ↑", "label_fidelity", "{:.2%}"),
     ("real-data classifier accuracy", "real_accuracy", "{:.2%}"),
     ("class distribution TV from uniform ↓", "class_tv_from_uniform", "{:.3f}"),
     ("near-copies of training images ↓", "near_copy_fraction", "{:.2%}"),
@@ -87,10 +89,14 @@ def _evaluation(run: RunDir) -> list[str]:
     ]
     if (run.root / "tsne.png").is_file():
         lines += ["![t-SNE](tsne.png)", ""]
-    lines += ["| class | FD ↓ | judged samples |", "| --- | --- | --- |"]
+    fidelity = ev.get("label_fidelity_per_class", {})  # runs evaluated before it existed have none
+    lines += ["| class | FD ↓ | label fidelity ↑ | judged samples |", "| --- | --- | --- | --- |"]
     for n in names:
-        fd = ev["fd_per_class"].get(n)
-        lines.append(f"| {n} | {'–' if fd is None else f'{fd:.3f}'} | {ev['class_distribution'][n]} |")
+        fd, lf = ev["fd_per_class"].get(n), fidelity.get(n)
+        lines.append(
+            f"| {n} | {'–' if fd is None else f'{fd:.3f}'} | {'–' if lf is None else f'{lf:.0%}'} "
+            f"| {ev['class_distribution'][n]} |"
+        )
     memo = ev.get("memorisation", {})
     if memo:
         lines += [
@@ -125,6 +131,8 @@ def _personal(run: RunDir) -> list[str]:
 
 
 def write_report(run: RunDir) -> str:
+    if not run.config.is_file() or not run.metrics.is_file():
+        raise RunDirError(f"{run.root} is not a fedsynth run (no config.toml and metrics.jsonl)")
     summary = read_json(run.summary) if run.summary.is_file() else {}
     lines = [f"# fedsynth run report: `{run.root.name}`", "", "| metric | value |", "| --- | --- |"]
     lines += [

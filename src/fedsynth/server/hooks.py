@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from fedsynth.config import Config
 from fedsynth.data.datasets import ImageData
 from fedsynth.exchange.transfer import Layout
-from fedsynth.protocol import ARRAYS, CONFIG, ROUND_KEY, TASK_KEY
+from fedsynth.protocol import ARRAYS, CONFIG, METRICS, ROUND_KEY, STEPS_KEY, TASK_KEY, UpdateInfo
 from fedsynth.records import record_numpy
 from fedsynth.rounds import Model
 from fedsynth.rundir import RunDir
@@ -122,7 +122,7 @@ def build_auxiliary(
     if path.is_file():
         return load_auxiliary(path, class_names)
     start, c = time.perf_counter(), cfg.calibration
-    models, bytes_down, bytes_up = local_models(cfg, model, layout, grid, nodes, base)
+    models, _, bytes_down, bytes_up = local_models(cfg, model, layout, grid, nodes, base, c.pretrain_steps)
     order = sorted(models)
     counts = auxiliary_counts(np.array([histograms[p] for p in order]), c.aux_size)
     by_client = dict(zip(order, counts, strict=True))
@@ -141,27 +141,34 @@ def build_auxiliary(
 
 
 def local_models(
-    cfg: Config, model: Model, layout: Layout, grid: Grid, nodes: Nodes, base: ConfigRecord
-) -> tuple[dict[int, dict[str, torch.Tensor]], int, int]:
-    """FedDDPM's one-off round: every client trains a local model and uploads it."""
-    config = ConfigRecord({**base, ROUND_KEY: 0, TASK_KEY: "pretrain"})
+    cfg: Config, model: Model, layout: Layout, grid: Grid, nodes: Nodes, base: ConfigRecord, steps: int
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, UpdateInfo], int, int]:
+    """A one-off round: every client trains a local model for ``steps`` steps from the current
+    weights and uploads it. (models, reports, bytes down, bytes up) by partition id."""
+    config = ConfigRecord({**base, ROUND_KEY: 0, TASK_KEY: "pretrain", STEPS_KEY: steps})
     global_w = {k: v.detach().cpu() for k, v in model.unet.state_dict().items()}
     records = {ARRAYS: ArrayRecord(global_w), CONFIG: config}
     replies, errors, down, up = broadcast(
         grid, nodes, records, MessageType.TRAIN, cfg.federation.round_timeout
     )
     for pid, reason in sorted(errors.items()):
-        log.warning("FedDDPM: no local model from client %s: %s", pid, reason)
-    models = {}
+        log.warning("no local model from client %s: %s", pid, reason)
+    models, infos = {}, {}
     for pid, reply in sorted(replies.items()):
-        arrays = record_numpy(reply.content[ARRAYS])
-        if reason := check_arrays(arrays, Expected(layout.shapes)):
-            log.warning("FedDDPM: local model of client %s rejected: %s", pid, reason)
+        arrays = record_numpy(reply.content[ARRAYS]) if ARRAYS in reply.content else {}
+        try:
+            info = UpdateInfo.from_mapping(dict(reply.content[METRICS]))
+            reason = check_arrays(arrays, Expected(layout.shapes))
+        except (KeyError, TypeError, ValueError) as err:
+            reason = f"malformed report: {err}"
+        if reason:
+            log.warning("local model of client %s rejected: %s", pid, reason)
             continue
         models[pid] = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        infos[pid] = info
     if not models:
-        raise FederationError("FedDDPM: no client returned a local model")
-    return models, down, up
+        raise FederationError("no client returned a local model")
+    return models, infos, down, up
 
 
 # ------------------------------------------------------------------ Phoenix filtering

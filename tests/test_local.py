@@ -1,0 +1,44 @@
+"""Paradigm ``local``: one-shot mixture of local models."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TINY_OVERRIDES
+from fedsynth.config import ConfigError, config_from_dict, load_config
+from fedsynth.local import mixture_counts
+from fedsynth.pipeline import run_all
+from test_cli import CENTRAL
+
+
+def test_mixture_counts_split_each_class_over_its_holders_by_hand():
+    hist = np.array([[10, 0, 5, 1], [30, 0, 5, 1], [0, 0, 0, 1]])
+    counts = mixture_counts(hist, per_class=8)
+    assert counts[:, 0].tolist() == [2, 6, 0]  # 8·10/40 and 8·30/40: a class held by two is drawn from both
+    assert counts[:, 1].tolist() == [0, 0, 0]  # nobody holds it
+    assert counts[:, 2].tolist() == [4, 4, 0]
+    assert counts[:, 3].tolist() == [3, 3, 2]  # 8/3 each: floors 2, 2, 2; the two largest remainders tie
+    assert (counts.sum(axis=0)[[0, 2, 3]] == 8).all()
+
+
+def test_local_refuses_what_it_does_not_do():
+    with pytest.raises(ConfigError, match=r"exchange.plan = 'udec' is not available with paradigm = 'local'"):
+        config_from_dict({"paradigm": "local", "exchange": {"plan": "udec"}})
+
+
+@pytest.mark.slow
+def test_tiny_local_run_trains_each_client_once_and_draws_classes_from_their_holders(tmp_path):
+    overrides = [*TINY_OVERRIDES, 'paradigm="local"', 'partition.scheme="class_disjoint"', "local.steps=4"]
+    out = run_all(load_config(CENTRAL, overrides), tmp_path / "run")
+    (record,) = out.read_metrics()
+    assert record["round"] == 1 and record["clients"] == [0, 1] and record["steps_per_client"] == 4
+    assert record["bytes_up"] > 0 and record["bytes_down"] > 0
+    assert [c.root.name for c in out.client_runs()] == ["client-00", "client-01"]
+    manifest = json.loads((out.synthetic / "manifest.json").read_text())
+    held = {int(p): np.flatnonzero(h).tolist() for p, h in record["class_counts_per_client"].items()}
+    for pid, row in manifest["mixture"].items():
+        assert [c for c, n in enumerate(row) if n] == held[int(pid)]  # only classes the client holds
+    assert manifest["counts"] == dict.fromkeys(manifest["class_names"], 3)
+    summary = json.loads(out.summary.read_text())
+    assert summary["paradigm"] == "local" and summary["strategy"] == "none" and "cas_accuracy" in summary
