@@ -9,7 +9,7 @@ FedAvg vs FedMedian, FedTrimmedAvg (β = 0.25: 2 of 8 cut per side), Krum and Mu
 per round), each also run clean. The attack lives in this benchmark's ClientApp, not in
 fedsynth. Results: bench/results/byzantine.{json,md}.
 
-    .venv/bin/python bench/byzantine.py [--rounds 15] [--local-steps 15] [--preset tiny]
+    .venv/bin/python bench/byzantine.py [--rounds 20] [--local-steps 20] [--preset tiny]
         [--per-class 50] [--only fedavg,krum] [--attacks clean,sign-flip,noise] [--seed 0]
 """
 
@@ -127,8 +127,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--local-steps", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--only", default=",".join(STRATEGIES))

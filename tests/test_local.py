@@ -42,3 +42,23 @@ def test_tiny_local_run_trains_each_client_once_and_draws_classes_from_their_hol
     assert manifest["counts"] == dict.fromkeys(manifest["class_names"], 3)
     summary = json.loads(out.summary.read_text())
     assert summary["paradigm"] == "local" and summary["strategy"] == "none" and "cas_accuracy" in summary
+
+
+@pytest.mark.slow
+def test_uploading_samples_gives_the_same_synthetic_set_as_uploading_models(tmp_path):
+    overrides = [*TINY_OVERRIDES, 'paradigm="local"', 'partition.scheme="class_disjoint"', "local.steps=3"]
+    overrides += ["eval.enabled=false"]
+    by_model = run_all(load_config(CENTRAL, overrides), tmp_path / "model")
+    by_samples = run_all(load_config(CENTRAL, [*overrides, 'local.upload="samples"']), tmp_path / "samples")
+    pngs = sorted(p.relative_to(by_model.synthetic) for p in by_model.synthetic.rglob("*.png"))
+    assert pngs == sorted(p.relative_to(by_samples.synthetic) for p in by_samples.synthetic.rglob("*.png"))
+    for p in pngs:
+        assert (by_model.synthetic / p).read_bytes() == (by_samples.synthetic / p).read_bytes()
+    assert not by_samples.client_runs()  # the models never left the clients
+    up = {r.root.name: r.read_metrics()[0]["bytes_up"] for r in (by_model, by_samples)}
+    assert up["samples"] < up["model"] / 10  # 30 tiny images vs two models
+
+
+def test_samples_upload_needs_images_to_send():
+    with pytest.raises(ConfigError, match=r"local.upload = 'samples' needs sample.per_class > 0"):
+        config_from_dict({"paradigm": "local", "local": {"upload": "samples"}, "sample": {"per_class": 0}})

@@ -174,6 +174,7 @@ class LocalConfig:
     per class from the clients holding that class, in proportion to their counts."""
 
     steps: int = _at_least(0, 0)  # per client; 0: the federated run's compute spread over all clients
+    upload: str = _choice("model", ("model", "samples"))  # what each client sends once
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,10 @@ class Config:
             _check_decentralized(self)
         if self.paradigm == "local":
             _check_unsupported(self)
+            if self.local.upload == "samples" and self.sample.per_class == 0:
+                raise ConfigError(
+                    "local.upload = 'samples' needs sample.per_class > 0: the clients send those"
+                )
 
 
 def _unsupported(cfg: Config) -> dict[str, tuple[Any, Any]]:

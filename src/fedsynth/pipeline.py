@@ -27,24 +27,12 @@ from fedsynth.rundir import RunDir
 from fedsynth.synthesize import SampleSpec, synthesize
 
 
-def sample_spec(cfg: Config) -> SampleSpec:
-    s = cfg.sample
-    return SampleSpec(
-        per_class=s.per_class,
-        sampler=s.sampler,
-        steps=s.steps,
-        guidance=s.guidance,
-        batch_size=s.batch_size,
-        seed=cfg.seed,
-    )
-
-
 def sample_run(
     cfg: Config, run: RunDir, unet: UNet2DModel, scheduler: DDPMScheduler, class_names: list[str]
 ) -> dict:
     """Write ``synthetic/`` (replacing an old one) and ``samples.png``."""
     shutil.rmtree(run.synthetic, ignore_errors=True)
-    spec = sample_spec(cfg)
+    spec = SampleSpec.of(cfg)
     if spec.per_class == 0:
         return {}
     rounds = [r["round"] for r in run.read_metrics()]
@@ -108,7 +96,7 @@ def sample_stage(cfg: Config, run: RunDir, names: list[str], personal: bool) -> 
     """``synthetic/``: from the model; from each client's own model (personal models); or
     drawn from the clients' models per class (paradigm ``local``)."""
     if cfg.paradigm == "local":
-        if cfg.sample.per_class > 0:
+        if cfg.sample.per_class > 0 and cfg.local.upload == "model":
             sample_mixture(cfg, run, names)
         return
     for target in run.client_runs() if personal else [run]:

@@ -16,6 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from fedsynth.config import Config
 from fedsynth.data.datasets import folder_name
 from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler
@@ -36,6 +37,12 @@ class SampleSpec:
     guidance: float = 1.0
     batch_size: int = 250
     seed: int = 0
+
+    @classmethod
+    def of(cls, cfg: Config) -> SampleSpec:
+        """The run's sampling settings (``sample.*`` and the run's seed)."""
+        s = cfg.sample
+        return cls(s.per_class, s.sampler, s.steps, s.guidance, s.batch_size, cfg.seed)
 
 
 def balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
@@ -157,6 +164,21 @@ def synthesize(
     return write_synthetic(images, labels, class_names, spec, out, fmt, extra, grid, grid_per_row, grid_title)
 
 
+def mixture_labels(row) -> torch.Tensor:
+    """Class labels for ``row[c]`` images of each class c, in class order."""
+    return torch.repeat_interleave(torch.arange(len(row)), torch.as_tensor(row, dtype=torch.long))
+
+
+def generate_share(
+    unet: UNet2DModel, train_scheduler: DDPMScheduler, row, spec: SampleSpec, client_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One client's share of a mixture: ``row[c]`` images of class c from ``unet``, with the
+    noise stream ``derive(seed, "mixture", client_id)`` (the same on the server and the client)."""
+    labels = mixture_labels(row)
+    generator = torch_generator(spec.seed, "mixture", client_id, device=next(unet.parameters()).device)
+    return generate_for(unet, train_scheduler, labels, len(labels), spec, generator), labels
+
+
 def synthesize_mixture(
     models: dict[int, UNet2DModel],
     train_scheduler: DDPMScheduler,
@@ -172,18 +194,33 @@ def synthesize_mixture(
     """A synthetic set drawn from several models: ``counts[i, c]`` images of class c from the
     i-th model (``models`` in key order); each model's noise from ``derive(seed, "mixture", id)``."""
     check_output(out, "png")
-    images, labels = [], []
-    for (pid, unet), row in zip(sorted(models.items()), counts, strict=True):
-        wanted = torch.repeat_interleave(
-            torch.arange(len(class_names)), torch.as_tensor(row, dtype=torch.long)
-        )
-        device = next(unet.parameters()).device
-        generator = torch_generator(spec.seed, "mixture", pid, device=device)
-        images.append(generate_for(unet, train_scheduler, wanted, len(wanted), spec, generator))
-        labels.append(wanted)
-    order = torch.argsort(torch.cat(labels), stable=True)  # by class, then by model
+    shares = [
+        generate_share(unet, train_scheduler, row, spec, pid)
+        for (pid, unet), row in zip(sorted(models.items()), counts, strict=True)
+    ]
+    return write_mixture(
+        dict(zip(sorted(models), shares, strict=True)), class_names, spec, out, grid, grid_per_row, grid_title
+    )
+
+
+def write_mixture(
+    shares: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    class_names: list[str],
+    spec: SampleSpec,
+    out: Path,
+    grid: Path | None = None,
+    grid_per_row: int = 10,
+    grid_title: str = "",
+    extra: dict | None = None,
+) -> dict:
+    """Write the clients' shares (images, labels) as one synthetic set, ordered by class."""
+    images = [shares[p][0] for p in sorted(shares)]
+    labels = [shares[p][1] for p in sorted(shares)]
+    counts = [np.bincount(shares[p][1].numpy(), minlength=len(class_names)) for p in sorted(shares)]
+    order = torch.argsort(torch.cat(labels), stable=True)  # by class, then by client
     extra = {
-        "mixture": {str(pid): [int(x) for x in row] for pid, row in zip(sorted(models), counts, strict=True)}
+        **(extra or {}),
+        "mixture": {str(pid): [int(x) for x in row] for pid, row in zip(sorted(shares), counts, strict=True)},
     }
     all_images, all_labels = torch.cat(images)[order], torch.cat(labels)[order]
     return write_synthetic(

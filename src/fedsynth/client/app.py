@@ -21,6 +21,7 @@ from fedsynth.client.local import local_train
 from fedsynth.client.selfcheck import self_check
 from fedsynth.config import Config, DataConfig
 from fedsynth.data.datasets import ImageData, load_images
+from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.unet import build_unet
 from fedsynth.errors import DataError
 from fedsynth.exchange.codecs import CodecError
@@ -32,8 +33,11 @@ from fedsynth.protocol import (
     CLASSES_KEY,
     CONFIG,
     CONFIG_KEY,
+    COUNTS_KEY,
     DATA_PATH,
+    IMAGES,
     INFO,
+    LABELS,
     METRICS,
     MODE_KEY,
     NUM_EXAMPLES,
@@ -47,7 +51,9 @@ from fedsynth.protocol import (
     parse_config,
 )
 from fedsynth.records import numpy_record, record_numpy, record_torch
+from fedsynth.report.plots import to_uint8
 from fedsynth.strategies.scaffold import CONTROL_KEY
+from fedsynth.synthesize import SampleSpec, generate_share
 
 
 @functools.lru_cache(maxsize=8)
@@ -129,10 +135,23 @@ def handle_pretrain(msg: Message, cfg: Config, client_id: int, data: ImageData) 
     weights = msg.content[ARRAYS].to_torch_state_dict()
     steps = int(msg.content[CONFIG].get(STEPS_KEY, cfg.calibration.pretrain_steps))
     update = local_train(cfg, data, weights, round_=0, client_id=client_id, state={}, steps=steps)
-    content = RecordDict(
-        {ARRAYS: ArrayRecord(update.weights), METRICS: update_info(update, client_id).to_record()}
-    )
+    counts = msg.content[CONFIG].get(COUNTS_KEY)
+    if counts is None:
+        arrays = ArrayRecord(update.weights)
+    else:  # paradigm local, local.upload = "samples": the model never leaves
+        arrays = numpy_record(own_share(cfg, data, update.weights, [int(c) for c in counts], client_id))
+    content = RecordDict({ARRAYS: arrays, METRICS: update_info(update, client_id).to_record()})
     return Message(content=content, reply_to=msg)
+
+
+@torch.no_grad()
+def own_share(cfg: Config, data: ImageData, weights, counts: list[int], client_id: int) -> dict:
+    """This client's share of a mixture, generated here: uint8 images and their labels."""
+    unet = build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes)
+    unet.load_state_dict(weights)
+    scheduler = build_train_scheduler(cfg.diffusion)
+    images, labels = generate_share(unet, scheduler, counts, SampleSpec.of(cfg), client_id)
+    return {IMAGES: to_uint8(images), LABELS: labels.numpy()}
 
 
 def handle_train(msg: Message, context: Context) -> Message:
