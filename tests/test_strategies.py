@@ -384,3 +384,41 @@ def test_aggregation_does_not_depend_on_the_order_updates_arrived_in():
         s.begin_round(ArrayRecord({"w": torch.zeros(1000)}))
         results.append(aggregate(s, 1, order, ["w"])["w"])
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_class_rows_by_hand():
+    from fedsynth.strategies.class_rows import class_rows
+
+    previous = torch.zeros(4, 2)  # 3 classes + the "no label" row
+    aggregated = torch.full((4, 2), 9.0)  # what the strategy produced
+    sent = {0: torch.full((4, 2), 1.0), 1: torch.full((4, 2), 3.0)}
+    counts = {0: [10, 5, 0], 1: [0, 15, 0]}
+    out = class_rows(aggregated, previous, sent, counts)
+    assert out[0].tolist() == [1.0, 1.0]  # only client 0 holds class 0
+    assert out[1].tolist() == [2.5, 2.5]  # (5·1 + 15·3) / 20
+    assert out[2].tolist() == [0.0, 0.0]  # nobody selected holds class 2: unchanged
+    assert out[3].tolist() == [9.0, 9.0]  # the "no label" row keeps the strategy's aggregate
+    with pytest.raises(ValueError, match="does not match"):
+        class_rows(aggregated, previous, {0: torch.zeros(3, 2)}, {0: [1, 1, 1]})
+
+
+def test_class_aware_aggregation_in_the_round(tmp_path):
+    from fedsynth.diffusion.unet import seeded_unet
+    from fedsynth.protocol import UpdateInfo
+    from fedsynth.strategies.adapter import Update
+    from fedsynth.strategies.class_rows import CLASS_KEY
+
+    raw = {"paradigm": "federated", "model": {"preset": "tiny"}, "strategy": {"class_aware": True}}
+    cfg = config_from_dict({**raw, "partition": {"num_clients": 2}, "federation": {"clients_per_round": 2}})
+    unet = seeded_unet(cfg.model, 0, 16, 1, 10)
+    driver = _driver(cfg, unet, tmp_path)
+    driver.histograms = {0: [5] + [0] * 9, 1: [0, 5] + [0] * 8}
+    g = {k: v.clone() for k, v in unet.state_dict().items()}
+    driver.begin_round(g)
+    updates = [Update(UpdateInfo(c, 5, 5, 0.5, 0.0), {k: v + c + 1.0 for k, v in g.items()}) for c in (0, 1)]
+    new = driver.aggregate_units(1, updates)
+    torch.testing.assert_close(new[CLASS_KEY][0], g[CLASS_KEY][0] + 1.0)  # client 0's row, not the mean
+    torch.testing.assert_close(new[CLASS_KEY][1], g[CLASS_KEY][1] + 2.0)
+    torch.testing.assert_close(new[CLASS_KEY][2], g[CLASS_KEY][2])  # held by nobody selected
+    torch.testing.assert_close(new[CLASS_KEY][10], g[CLASS_KEY][10] + 1.5)  # "no label": FedAvg
+    torch.testing.assert_close(new["conv_in.weight"], g["conv_in.weight"] + 1.5)

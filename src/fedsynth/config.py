@@ -131,6 +131,7 @@ class StrategyConfig:
     trim_beta: float = _at_least(0.2, 0.0)  # FedTrimmedAvg β (fraction cut per side)
     num_malicious: int = _at_least(0, 0)  # Krum/MultiKrum/Bulyan f
     num_keep: int = _at_least(0, 0)  # MultiKrum m (0: n - f)
+    class_aware: bool = False  # class-embedding rows averaged over the selected clients holding each class
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,7 @@ def _unsupported(cfg: Config) -> dict[str, tuple[Any, Any]]:
         "calibration.mode": (cfg.calibration.mode, "off"),
         "phoenix.filter_from": (cfg.phoenix.filter_from, 0),
         "phoenix.warmup_steps": (cfg.phoenix.warmup_steps, 0),
+        "strategy.class_aware": (cfg.strategy.class_aware, False),
     }
 
 

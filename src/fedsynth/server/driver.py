@@ -44,6 +44,7 @@ from fedsynth.server.messages import (
 )
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 from fedsynth.strategies.adapter import Update, aggregate
+from fedsynth.strategies.class_rows import CLASS_KEY, class_rows
 
 log = logging.getLogger("fedsynth.server")
 Weights = dict[str, torch.Tensor]
@@ -76,6 +77,7 @@ class FederatedDriver(ServerEma):
         self.filter = ThresholdFilter(cfg) if cfg.phoenix.filter_from else None
         self.hooks: list[RoundHook] = [h for h in (self.calibration, self.filter) if h is not None]
         self.nodes: Nodes = {}
+        self.histograms: dict[int, list[int]] = {}  # class counts the nodes report
         self.round = 0
 
     # ------------------------------------------------------------------ state
@@ -101,7 +103,9 @@ class FederatedDriver(ServerEma):
         """Learn which node holds which partition; build FedDDPM's auxiliary set if needed."""
         fed = self.cfg.federation
         timeout = max(60.0, fed.round_timeout)
-        self.nodes, histograms = discover_nodes(self.grid, self.cfg.partition.num_clients, self.base, timeout)
+        self.nodes, self.histograms = discover_nodes(
+            self.grid, self.cfg.partition.num_clients, self.base, timeout
+        )
         if self.calibration is not None:
             self.calibration.aux = build_auxiliary(
                 self.cfg,
@@ -111,7 +115,7 @@ class FederatedDriver(ServerEma):
                 self.class_names,
                 self.grid,
                 self.nodes,
-                histograms,
+                self.histograms,
                 self.base,
             )
         yield
@@ -185,11 +189,16 @@ class FederatedDriver(ServerEma):
     def aggregate_units(self, round_: int, valid: list[Update]) -> Weights:
         """Each unit aggregated by its strategy over the clients that sent it; a unit nobody
         sent keeps its global value."""
-        new = self.global_weights()
+        before = self.global_weights()
+        new = dict(before)
         for name, keys in self.units.items():
             sent = [u for u in valid if keys[0] in u.weights]
             if sent:
                 new.update(aggregate(self.strategies[name], round_, sent, keys))
+        if self.cfg.strategy.class_aware and CLASS_KEY in new:
+            rows = {u.info.client: u.weights[CLASS_KEY] for u in valid if CLASS_KEY in u.weights}
+            counts = {k: self.histograms[k] for k in rows}
+            new[CLASS_KEY] = class_rows(new[CLASS_KEY], before[CLASS_KEY], rows, counts)
         return new
 
     # ------------------------------------------------------------------ after the last round
