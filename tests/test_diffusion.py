@@ -196,3 +196,28 @@ def test_ema_warm_up_is_capped_by_the_decay_and_decay_zero_keeps_the_latest():
     # step 2 uses min(0.1, 2 / 11) = 0.1, step 3 min(0.1, 3 / 12) = 0.1: the cap binds
     assert shadow(0.1, (4.0, 8.0, 0.0)) == pytest.approx((4 * 0.1 + 8 * 0.9) * 0.1)
     assert shadow(0.0, (4.0, 8.0)) == 8.0  # decay 0: the latest weights
+
+
+def test_client_optimizer_state_carries_over_rounds_when_kept():
+    from flwr.app import ArrayRecord
+
+    from fedsynth.client.local import local_train
+    from fedsynth.config import config_from_dict
+    from fedsynth.records import record_torch
+
+    cfg = config_from_dict({"model": {"preset": "tiny"}, "train": {"keep_optimizer": True, "local_steps": 2}})
+    data = ImageData(torch.rand(8, 1, 16, 16) * 2 - 1, torch.arange(8) % 10, tuple("0123456789"))
+    weights = build_unet(cfg.model, 16, 1, 10).state_dict()
+    state: dict = {}
+    update = local_train(cfg, data, weights, round_=1, client_id=0, state=state)
+    steps = {k: v for k, v in state["optimizer"].items() if k.endswith("/step")}
+    assert steps and all(float(v) == 2.0 for v in steps.values())
+    saved = record_torch(ArrayRecord({k: v.contiguous() for k, v in state["optimizer"].items()}))
+    state = {"optimizer": saved}  # as a client's context.state keeps it between rounds
+    local_train(cfg, data, update.weights, round_=2, client_id=0, state=state)
+    assert all(float(v) == 4.0 for k, v in state["optimizer"].items() if k.endswith("/step"))
+    fresh: dict = {}
+    local_train(
+        config_from_dict({"model": {"preset": "tiny"}}), data, weights, round_=1, client_id=0, state=fresh
+    )
+    assert "optimizer" not in fresh  # off by default: a fresh optimizer every round

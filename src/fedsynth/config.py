@@ -101,6 +101,7 @@ class TrainConfig:
     grad_clip: float = _at_least(1.0, 0.0)  # 0 disables
     device: str = _choice("auto", DEVICES)
     threads: int = _at_least(0, 0)  # 0: torch default
+    keep_optimizer: bool = False  # federated clients keep their optimizer state (moments) across rounds
 
 
 @dataclass(frozen=True)

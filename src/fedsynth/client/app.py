@@ -91,7 +91,7 @@ def _set_threads(cfg: Config) -> None:
         torch.set_num_threads(threads)
 
 
-STATE_PARTS = ("scaffold_c_i", "local", "ref", "residual")
+STATE_PARTS = ("scaffold_c_i", "local", "ref", "residual", "optimizer")
 
 
 def _load_state(context: Context) -> dict[str, dict[str, torch.Tensor]]:

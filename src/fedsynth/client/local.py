@@ -17,7 +17,14 @@ from diffusers import UNet2DModel
 from fedsynth.config import Config
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.training import make_optimizer, resolve_device, steps_for, train_steps
+from fedsynth.diffusion.training import (
+    load_optimizer_tensors,
+    make_optimizer,
+    optimizer_tensors,
+    resolve_device,
+    steps_for,
+    train_steps,
+)
 from fedsynth.diffusion.unet import build_unet
 from fedsynth.seeding import torch_generator
 from fedsynth.strategies.scaffold import client_control_update, corrected_gradient
@@ -90,9 +97,12 @@ def local_train(
         known = state.get("scaffold_c_i", {})
         c_i = {k: known[k].to(device) if k in known else torch.zeros_like(v) for k, v in c.items()}
         hook = scaffold_hook(c, c_i)
+    optimizer = make_optimizer(unet.parameters(), cfg.train)
+    if cfg.train.keep_optimizer and "optimizer" in state:
+        load_optimizer_tensors(optimizer, unet, state["optimizer"])
     losses = train_steps(
         unet,
-        make_optimizer(unet.parameters(), cfg.train),
+        optimizer,
         build_train_scheduler(cfg.diffusion),
         data,
         steps=steps,
@@ -103,6 +113,8 @@ def local_train(
         after_backward=hook,
     )
     weights = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+    if cfg.train.keep_optimizer:
+        state["optimizer"] = optimizer_tensors(optimizer, unet)
     delta = None
     if control is not None:
         old_c_i = _np(c_i)

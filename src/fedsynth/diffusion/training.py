@@ -30,6 +30,25 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer, unet: UNet2DModel) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state by parameter name (``name/exp_avg``, ``name/step``, …)."""
+    out = {}
+    for name, p in unet.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                out[f"{name}/{key}"] = value.detach().cpu().clone()
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, unet: UNet2DModel, saved: dict) -> None:
+    """Restore :func:`optimizer_tensors` output into a fresh optimizer over ``unet``; a
+    parameter missing or of another shape starts fresh."""
+    for name, p in unet.named_parameters():
+        entries = {k.split("/", 1)[1]: v for k, v in saved.items() if k.split("/", 1)[0] == name}
+        if entries and all(v.shape in (p.shape, ()) for v in entries.values()):
+            optimizer.state[p] = {k: v.to(p.device) for k, v in entries.items()}
+
+
 def make_ema(unet: UNet2DModel, decay: float) -> EMAModel:
     """EMA with diffusers' warm-up: its n-th step uses d_n = min(decay, (1 + n) / (10 + n))
     (the first step copies), w_ema ← d_n·w_ema + (1 − d_n)·w. Stepped after every optimizer
