@@ -422,3 +422,18 @@ def test_class_aware_aggregation_in_the_round(tmp_path):
     torch.testing.assert_close(new[CLASS_KEY][2], g[CLASS_KEY][2])  # held by nobody selected
     torch.testing.assert_close(new[CLASS_KEY][10], g[CLASS_KEY][10] + 1.5)  # "no label": FedAvg
     torch.testing.assert_close(new["conv_in.weight"], g["conv_in.weight"] + 1.5)
+
+
+def test_fedexp_step_by_hand():
+    from fedsynth.strategies.fedexp import fedexp_step
+
+    x = {"w": np.ones(4)}
+    orthogonal = [{"w": 2.0 * np.eye(4)[i]} for i in range(4)]
+    # Δ̄ = (0.5, 0.5, 0.5, 0.5), ‖Δ̄‖² = 1, Σ‖Δ_i‖² = 16, M = 4 → η_g = 16 / (2·4·1) = 2 (= M/2)
+    new, eta = fedexp_step(x, orthogonal, eps=0.0)
+    assert eta == 2.0 and new["w"].tolist() == [2.0] * 4
+    same = [{"w": np.array([1.0, -1.0, 0.0, 0.0])}] * 3  # identical: 3·2 / (2·3·2) = 0.5 → η_g = 1
+    new, eta = fedexp_step(x, same, eps=0.0)
+    assert eta == 1.0 and new["w"].tolist() == [2.0, 0.0, 1.0, 1.0]
+    _, eta = fedexp_step(x, orthogonal, eps=3.0)  # ε damps it: 16 / (2·4·4) = 0.5 → 1
+    assert eta == 1.0

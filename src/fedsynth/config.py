@@ -51,6 +51,7 @@ STRATEGY_NAMES = (
     "multikrum",
     "bulyan",
     "scaffold",
+    "fedexp",
 )
 EXCHANGE_PLANS = ("full", "usplit", "udec", "ulatdec")
 CODECS = ("fp32", "fp16", "bf16", "int8", "topk")
@@ -132,6 +133,7 @@ class StrategyConfig:
     trim_beta: float = _at_least(0.2, 0.0)  # FedTrimmedAvg β (fraction cut per side)
     num_malicious: int = _at_least(0, 0)  # Krum/MultiKrum/Bulyan f
     num_keep: int = _at_least(0, 0)  # MultiKrum m (0: n - f)
+    fedexp_eps: float = _at_least(1e-3, 0.0, exclusive=True)  # FedExP ε
     class_aware: bool = False  # class-embedding rows averaged over the selected clients holding each class
 
 
