@@ -50,9 +50,8 @@ from fedsynth.protocol import (
 from fedsynth.records import record_numpy
 from fedsynth.rounds import Dropped, Model, RoundRecord
 from fedsynth.rundir import RunDir
-from fedsynth.server.driver import base_config
 from fedsynth.server.hooks import local_models
-from fedsynth.server.messages import FederationError, discover_nodes, payload_bytes
+from fedsynth.server.messages import FederationError, base_config, discover_nodes, payload_bytes
 from fedsynth.simulation import simulate
 from fedsynth.synthesize import SampleSpec, mixture_labels, synthesize_mixture, write_mixture
 

@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MessageType
+from flwr.app import ArrayRecord, MessageType
 from flwr.serverapp import Grid
 
 from fedsynth.checkpoint import Checkpoint, ema_unet, save_personal_model
 from fedsynth.config import Config, dump_config
 from fedsynth.exchange.plans import UNITS, upload_groups
 from fedsynth.exchange.transfer import Layout, ServerExchange, has_personal_models
-from fedsynth.protocol import ARRAYS, CLASSES_KEY, CONFIG, CONFIG_KEY, NUM_EXAMPLES, config_text
+from fedsynth.protocol import ARRAYS, CONFIG, NUM_EXAMPLES
 from fedsynth.rounds import Model, RoundRecord, ServerEma, Tick, select_clients
 from fedsynth.rundir import RunDir
 from fedsynth.server.hooks import Calibration, RoundHook, ThresholdFilter, build_auxiliary, hook_state
@@ -35,6 +35,7 @@ from fedsynth.server.messages import (
     FederationError,
     Nodes,
     Screened,
+    base_config,
     broadcast,
     decode_reply,
     discover_nodes,
@@ -45,14 +46,10 @@ from fedsynth.server.messages import (
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 from fedsynth.strategies.adapter import Update, aggregate
 from fedsynth.strategies.class_rows import CLASS_KEY, class_rows
+from fedsynth.strategies.scaffold import warn_if_adaptive
 
 log = logging.getLogger("fedsynth.server")
 Weights = dict[str, torch.Tensor]
-
-
-def base_config(cfg: Config, class_names: tuple[str, ...]) -> ConfigRecord:
-    """What every message carries: the resolved config (TOML) and the class names."""
-    return ConfigRecord({CONFIG_KEY: config_text(cfg), CLASSES_KEY: list(class_names)})
 
 
 class FederatedDriver(ServerEma):
@@ -76,6 +73,8 @@ class FederatedDriver(ServerEma):
         self.calibration = Calibration(cfg, model) if cfg.calibration.mode != "off" else None
         self.filter = ThresholdFilter(cfg) if cfg.phoenix.filter_from else None
         self.hooks: list[RoundHook] = [h for h in (self.calibration, self.filter) if h is not None]
+        if cfg.strategy.name == "scaffold":
+            warn_if_adaptive(cfg.train.optimizer)
         self.nodes: Nodes = {}
         self.histograms: dict[int, list[int]] = {}  # class counts the nodes report
         self.round = 0

@@ -18,12 +18,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedsynth.config import Config
 from fedsynth.errors import FedsynthError
 from fedsynth.exchange.codecs import CodecError
 from fedsynth.exchange.transfer import Layout, ServerExchange
 from fedsynth.protocol import (
     ARRAYS,
+    CLASSES_KEY,
     CONFIG,
+    CONFIG_KEY,
     INFO,
     METRICS,
     MODE_KEY,
@@ -31,6 +34,7 @@ from fedsynth.protocol import (
     ROUND_KEY,
     UPLOAD_KEY,
     UpdateInfo,
+    config_text,
 )
 from fedsynth.records import numpy_record, record_numpy
 from fedsynth.rounds import Dropped
@@ -56,6 +60,11 @@ def payload_bytes(content: RecordDict) -> int:
         else:
             total += sum(len(str(k)) + len(str(v)) for k, v in record.items())
     return total
+
+
+def base_config(cfg: Config, class_names: tuple[str, ...]) -> ConfigRecord:
+    """What every message carries: the resolved config (TOML) and the class names."""
+    return ConfigRecord({CONFIG_KEY: config_text(cfg), CLASSES_KEY: list(class_names)})
 
 
 def discover_nodes(grid: Grid, num_clients: int, base: ConfigRecord, timeout: float) -> tuple[Nodes, dict]:

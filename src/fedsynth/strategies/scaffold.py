@@ -14,6 +14,7 @@ The variance-reduction argument assumes plain SGD on the client (``train.optimiz
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -26,6 +27,18 @@ from fedsynth.strategies.state import Stateful
 
 Arrays = dict[str, np.ndarray]
 CONTROL_KEY = "control"
+
+
+def warn_if_adaptive(optimizer: str) -> None:
+    """SCAFFOLD's guarantee is for SGD clients: say so when the clients use Adam(W)."""
+    if optimizer != "sgd":
+        logging.getLogger("fedsynth.strategies").warning(
+            "SCAFFOLD's control variates assume SGD clients (Karimireddy et al. 2020); with "
+            "train.optimizer = %r the correction is added to gradients the optimizer then rescales "
+            "per coordinate, so client drift is not corrected as the paper proves: set "
+            "train.optimizer = 'sgd'",
+            optimizer,
+        )
 
 
 def client_control_update(c_i: Arrays, c: Arrays, x: Arrays, y: Arrays, *, steps: int, lr: float) -> Arrays:
