@@ -16,7 +16,7 @@ from fedsynth.rounds import Model, run_rounds
 from fedsynth.rundir import RunDir
 from fedsynth.server.calibration import server_train
 from fedsynth.server.driver import FederatedDriver
-from fedsynth.simulation import simulate
+from fedsynth.simulation import on_grid
 
 
 def train_federated(
@@ -39,10 +39,7 @@ def train_federated(
     def body(g: Grid) -> None:
         run_rounds(FederatedDriver(cfg, run, model, tuple(full.class_names), g), run, cfg, resume=resume)
 
-    if grid is not None:
-        body(grid)
-    else:
-        simulate(cfg, body, client_app)
+    on_grid(cfg, body, grid, client_app)
 
 
 def warm_up(cfg: Config, run: RunDir, unet, scheduler, prepared: Prepared) -> None:

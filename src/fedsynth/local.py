@@ -50,9 +50,10 @@ from fedsynth.protocol import (
 from fedsynth.records import record_numpy
 from fedsynth.rounds import Dropped, Model, RoundRecord
 from fedsynth.rundir import RunDir
+from fedsynth.server.calibration import auxiliary_counts
 from fedsynth.server.hooks import local_models
 from fedsynth.server.messages import FederationError, base_config, discover_nodes, payload_bytes
-from fedsynth.simulation import simulate
+from fedsynth.simulation import on_grid
 from fedsynth.synthesize import SampleSpec, mixture_labels, synthesize_mixture, write_mixture
 
 log = logging.getLogger("fedsynth.local")
@@ -70,17 +71,12 @@ def local_steps(cfg: Config, prepared: Prepared) -> int:
 
 def mixture_counts(histograms: np.ndarray, per_class: int) -> np.ndarray:
     """(clients × classes) images to draw: class c's ``per_class`` images split over the clients
-    in proportion to their counts n_kc (largest remainder, ties to the lower client id); a
-    class no client holds gets none."""
-    hist = np.asarray(histograms, dtype=float)
-    totals = hist.sum(axis=0)
+    in proportion to their counts n_kc — FedDDPM's auxiliary-set split, one class at a time
+    (largest remainder, ties to the lower client id); a class no client holds gets none."""
+    hist = np.asarray(histograms)
     counts = np.zeros(hist.shape, dtype=int)
-    for c in np.flatnonzero(totals):
-        exact = per_class * hist[:, c] / totals[c]
-        counts[:, c] = np.floor(exact).astype(int)
-        short = per_class - counts[:, c].sum()
-        order = np.argsort(-(exact - counts[:, c]), kind="stable")[:short]
-        counts[order, c] += 1
+    for c in np.flatnonzero(hist.sum(axis=0)):
+        counts[:, [c]] = auxiliary_counts(hist[:, [c]], per_class)
     return counts
 
 
@@ -94,13 +90,7 @@ def train_local(
 ) -> None:
     """Every client's one-off local model, over Flower's simulation engine or a given Grid."""
 
-    def body(g: Grid) -> None:
-        one_shot(cfg, run, prepared, g)
-
-    if grid is not None:
-        body(grid)
-    else:
-        simulate(cfg, body, client_app)
+    on_grid(cfg, lambda g: one_shot(cfg, run, prepared, g), grid, client_app)
 
 
 def one_shot(cfg: Config, run: RunDir, prepared: Prepared, grid: Grid) -> None:

@@ -26,6 +26,16 @@ def make_server_app(body: Callable[[Grid], None]) -> ServerApp:
     return app
 
 
+def on_grid(
+    cfg: Config, body: Callable[[Grid], None], grid: Grid | None = None, client_app: ClientApp | None = None
+) -> None:
+    """``body(grid)`` on a given Grid (a real SuperLink), else in a simulation."""
+    if grid is not None:
+        body(grid)
+    else:
+        simulate(cfg, body, client_app)
+
+
 def simulate(cfg: Config, body: Callable[[Grid], None], client_app: ClientApp | None = None) -> None:
     """Run ``body(grid)`` as the ServerApp of a Flower simulation with one SuperNode per client."""
     from flwr.simulation import run_simulation  # starts Ray: imported only when simulating
