@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,11 +23,28 @@ $(STAMP): pyproject.toml
 	  npm install --silent --no-audit --no-fund --prefix $(VENV)/anvil @foundry-rs/anvil@1.7.1 \
 	  || echo "anvil not installed: the standalone-node test will be skipped"; \
 	else echo "npm not found: anvil not installed, the standalone-node test will be skipped"; fi
+	# Fashion-MNIST for data.dataset = "fashion-mnist": Debian's dataset-fashion-mnist package
+	# (the four IDX files), unpacked without installing into $(VENV)/data; not needed by make test.
+	$(MAKE) --no-print-directory fashion-mnist
 	# Compile the round contract (ledger/rounds.vy) with vyper now rather than at first use.
 	$(BIN)/python -c "from fedsynth.ledger.chain import compiled_contract; compiled_contract()"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+FASHION := $(VENV)/data/fashion-mnist
+fashion-mnist:
+	@if [ -f $(FASHION)/train-images-idx3-ubyte.gz ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then \
+	  echo "Fashion-MNIST not installed (no apt-get): put its four IDX files in $(FASHION) or set data.path"; exit 0; fi; \
+	tmp=$$(mktemp -d); \
+	( cd $$tmp && apt-get download -qq dataset-fashion-mnist 2>/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1 && apt-get download -qq dataset-fashion-mnist 2>/dev/null; } ) \
+	&& dpkg-deb -x $$tmp/dataset-fashion-mnist_*.deb $$tmp/x \
+	&& mkdir -p $(VENV)/data && cp -r $$tmp/x/usr/share/datasets/fashion-mnist $(VENV)/data/ \
+	&& echo "Fashion-MNIST installed in $(FASHION)" \
+	|| echo "Fashion-MNIST not installed (apt-get download dataset-fashion-mnist failed): put its four IDX files in $(FASHION) or set data.path"; \
+	rm -rf $$tmp
 
 demo: install
 	$(BIN)/fedsynth run configs/digits-federated.toml --out $(RUN_DIR)

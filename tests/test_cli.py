@@ -311,3 +311,18 @@ def test_unexpected_and_os_errors_are_one_line_and_debug_shows_the_traceback(tmp
     args = [str(exe), "run", str(CENTRAL), "--out", str(blocker / "run")]
     res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_datasets_lists_the_built_in_datasets_and_where_they_come_from():
+    import os
+
+    res = subprocess.run(
+        [str(Path(sys.executable).with_name("fedsynth")), "datasets"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert res.returncode == 0, res.stderr
+    for name in ("digits", "fashion-mnist", "idx", "imagefolder", "npz", "present"):
+        assert name in res.stdout

@@ -187,6 +187,26 @@ def compare(
     print(f"comparison: {out}")
 
 
+@app.command()
+def datasets() -> None:
+    """List the built-in datasets: size, where they are read from, and whether they are present."""
+    from fedsynth.data.datasets import fashion_mnist_dirs
+    from fedsynth.data.idx import find_idx
+
+    found = next((d for d in fashion_mnist_dirs() if find_idx(d, "train-images-idx3-ubyte")), None)
+    table = Table(title="built-in datasets (data.dataset)")
+    for column in ("name", "images", "classes", "size", "read from", "present"):
+        table.add_column(column)
+    table.add_row("digits", "1,797", "10", "8×8 → data.image_size (16)", "scikit-learn (installed)", "yes")
+    where = str(found) if found else " or ".join(str(d) for d in fashion_mnist_dirs())
+    present = "yes" if found else "no: `make install` (Debian's dataset-fashion-mnist), or data.path"
+    table.add_row("fashion-mnist", "60,000 + 10,000 test", "10", "28×28", where, present)
+    table.add_row("idx", "yours", "labels", "yours", "data.path: MNIST-format IDX files", "–")
+    table.add_row("imagefolder", "yours", "sub-folders", "any → data.image_size", "data.path", "–")
+    table.add_row("npz", "yours", "labels", "any → data.image_size", "data.path", "–")
+    Console().print(table)
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that the run stops like on Ctrl-C."""
 

@@ -29,7 +29,8 @@ def _at_least(default: float | int, low: float | int, *, exclusive: bool = False
 
 
 PARADIGMS = ("centralized", "federated", "decentralized", "local")
-DATASETS = ("digits", "imagefolder", "npz")
+DATASETS = ("digits", "imagefolder", "npz", "fashion-mnist", "idx")
+NATIVE_SIZE = {"fashion-mnist": 28, "idx": 28}  # data.image_size when not set (else 16)
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "class_disjoint", "quantity")
 MODEL_PRESETS = ("tiny", "small", "base")
 SCHEDULES = ("linear", "cosine")
@@ -253,7 +254,7 @@ class Config:
             raise ConfigError(
                 f"data.channels = {self.data.channels} is not valid; choose 0 (as stored), 1 or 3"
             )
-        if self.data.dataset != "digits" and not self.data.path:
+        if self.data.dataset not in ("digits", "fashion-mnist") and not self.data.path:
             raise ConfigError(f"data.path is required for data.dataset = {self.data.dataset!r}")
         if self.phoenix.beta > 100 or self.phoenix.alpha > 100:
             raise ConfigError("phoenix.beta and phoenix.alpha are percentages in [0, 100]")
@@ -393,6 +394,9 @@ def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
+    data = raw.get("data", {})
+    if isinstance(data, dict) and "image_size" not in data and data.get("dataset") in NATIVE_SIZE:
+        raw = {**raw, "data": {**data, "image_size": NATIVE_SIZE[data["dataset"]]}}
     return _build(Config, raw, "")
 
 

@@ -9,6 +9,7 @@ held-out test split is carved once per dataset and never used in training.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from fedsynth.config import DataConfig
+from fedsynth.data.idx import find_idx, read_pair
 from fedsynth.errors import DataError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -74,10 +76,18 @@ class SplitDataset:
 
 def load_images(cfg: DataConfig) -> ImageData:
     """The whole dataset named by ``cfg`` (no split), its class names and labels checked."""
-    loaders = {"digits": _load_digits, "imagefolder": _load_imagefolder, "npz": _load_npz}
-    data = loaders[cfg.dataset](cfg)
+    return _load(cfg)[0]
+
+
+def _load(cfg: DataConfig) -> tuple[ImageData, int]:
+    """(the whole dataset, how many of its last images are an official test split, or 0)."""
+    if cfg.dataset in ("fashion-mnist", "idx"):
+        data, official_test = _load_idx(cfg)
+    else:
+        loaders = {"digits": _load_digits, "imagefolder": _load_imagefolder, "npz": _load_npz}
+        data, official_test = loaders[cfg.dataset](cfg), 0
     check_classes(data, cfg.path or cfg.dataset)
-    return data
+    return data, official_test
 
 
 UNSAFE_IN_NAMES = re.compile(r"[/\\:\x00-\x1f\x7f]")
@@ -109,7 +119,10 @@ def check_classes(data: ImageData, source: str) -> None:
 
 def load_dataset(cfg: DataConfig) -> SplitDataset:
     """The dataset with its seeded held-out test split."""
-    full = load_images(cfg)
+    full, official_test = _load(cfg)
+    if official_test:  # the dataset's own test split (data.test_fraction does not apply)
+        n = len(full)
+        return SplitDataset(full, np.arange(n - official_test), np.arange(n - official_test, n))
     train_idx, test_idx = stratified_split(full.labels.numpy(), cfg.test_fraction, cfg.split_seed)
     return SplitDataset(full, train_idx, test_idx)
 
@@ -155,6 +168,63 @@ def _load_digits(cfg: DataConfig) -> ImageData:
     labels = torch.from_numpy(digits.target.astype(np.int64))
     names = tuple(str(n) for n in digits.target_names)
     return ImageData(to_model_range(images, cfg.image_size, cfg.channels), labels, names)
+
+
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+def fashion_mnist_dirs() -> list[Path]:
+    """Where ``data.dataset = "fashion-mnist"`` looks when ``data.path`` is empty: where
+    ``make install`` puts the files, then Debian's ``dataset-fashion-mnist`` package."""
+    return [Path(sys.prefix) / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]
+
+
+def _idx_folder(cfg: DataConfig) -> Path:
+    if cfg.path:
+        folder = Path(cfg.path).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"IDX folder not found: {folder}")
+        return folder
+    for folder in fashion_mnist_dirs():
+        if find_idx(folder, "train-images-idx3-ubyte"):
+            return folder
+    tried = " or ".join(str(p) for p in fashion_mnist_dirs())
+    raise DataError(
+        f"Fashion-MNIST not found in {tried}: run `make install`, or set data.path to its IDX files"
+    )
+
+
+def _load_idx(cfg: DataConfig) -> tuple[ImageData, int]:
+    """IDX ``train-*`` files (and ``t10k-*``, the official test split, when present), vectorised."""
+    folder = _idx_folder(cfg)
+    train = read_pair(folder, "train")
+    if train is None:
+        raise DataError(f"{folder}: no train-images-idx3-ubyte[.gz] / train-labels-idx1-ubyte[.gz]")
+    test = read_pair(folder, "t10k")
+    images = train[0] if test is None else np.concatenate([train[0], test[0]])
+    labels = train[1] if test is None else np.concatenate([train[1], test[1]])
+    if images.dtype != np.uint8:
+        raise DataError(f"{folder}: IDX images must be uint8, got {images.dtype}")
+    num_classes = int(labels.max()) + 1
+    names = FASHION_CLASSES if cfg.dataset == "fashion-mnist" else tuple(str(i) for i in range(num_classes))
+    if num_classes > len(names):
+        raise DataError(f"{folder}: labels up to {num_classes - 1} for {len(names)} Fashion-MNIST classes")
+    x = torch.from_numpy(np.require(images, requirements="W")).unsqueeze(1).float().div_(255.0)
+    data = ImageData(
+        to_model_range(x, cfg.image_size, cfg.channels), torch.from_numpy(labels.astype(np.int64)), names
+    )
+    return data, 0 if test is None else len(test[1])
 
 
 def _read_image(path: Path) -> Image.Image:
