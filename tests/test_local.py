@@ -42,6 +42,9 @@ def test_tiny_local_run_trains_each_client_once_and_draws_classes_from_their_hol
     assert manifest["counts"] == dict.fromkeys(manifest["class_names"], 3)
     summary = json.loads(out.summary.read_text())
     assert summary["paradigm"] == "local" and summary["strategy"] == "none" and "cas_accuracy" in summary
+    report = (out.root / "report.md").read_text()
+    assert "## Local models (one per client; the synthetic set is their mixture)" in report
+    assert "Personal models" not in report
 
 
 @pytest.mark.slow

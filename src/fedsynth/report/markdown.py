@@ -108,10 +108,29 @@ def _evaluation(run: RunDir) -> list[str]:
     return lines
 
 
+def _local_models(run: RunDir) -> list[str]:
+    """Paradigm local: who holds which classes, and how many images each model drew."""
+    (record,) = run.read_metrics()
+    manifest = run.synthetic / "manifest.json"
+    drawn = read_json(manifest).get("mixture", {}) if manifest.is_file() else {}
+    lines = [
+        "",
+        "## Local models (one per client; the synthetic set is their mixture)",
+        "",
+        "| client | images held per class | images drawn per class |",
+        "| --- | --- | --- |",
+    ]
+    for pid, held in sorted(record["class_counts_per_client"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {pid} | {held} | {drawn.get(str(pid), '–')} |")
+    return lines
+
+
 def _personal(run: RunDir) -> list[str]:
     clients = run.client_runs()
     if not clients:
         return []
+    if run.summary.is_file() and read_json(run.summary).get("paradigm") == "local":
+        return _local_models(run)
     lines = [
         "",
         "## Personal models (one per client; the table above shows their mean)",
