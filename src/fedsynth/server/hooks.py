@@ -122,7 +122,10 @@ def build_auxiliary(
     if path.is_file():
         return load_auxiliary(path, class_names)
     start, c = time.perf_counter(), cfg.calibration
-    models, _, bytes_down, bytes_up = local_models(cfg, model, layout, grid, nodes, base, c.pretrain_steps)
+    timeout = cfg.federation.round_timeout
+    models, _, bytes_down, bytes_up = local_models(
+        cfg, model, layout, grid, nodes, base, c.pretrain_steps, timeout
+    )
     order = sorted(models)
     counts = auxiliary_counts(np.array([histograms[p] for p in order]), c.aux_size)
     by_client = dict(zip(order, counts, strict=True))
@@ -141,16 +144,21 @@ def build_auxiliary(
 
 
 def local_models(
-    cfg: Config, model: Model, layout: Layout, grid: Grid, nodes: Nodes, base: ConfigRecord, steps: int
+    cfg: Config,
+    model: Model,
+    layout: Layout,
+    grid: Grid,
+    nodes: Nodes,
+    base: ConfigRecord,
+    steps: int,
+    timeout: float,
 ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, UpdateInfo], int, int]:
     """A one-off round: every client trains a local model for ``steps`` steps from the current
-    weights and uploads it. (models, reports, bytes down, bytes up) by partition id."""
+    weights and uploads it within ``timeout`` seconds. (models, reports, bytes down, bytes up)."""
     config = ConfigRecord({**base, ROUND_KEY: 0, TASK_KEY: "pretrain", STEPS_KEY: steps})
     global_w = {k: v.detach().cpu() for k, v in model.unet.state_dict().items()}
     records = {ARRAYS: ArrayRecord(global_w), CONFIG: config}
-    replies, errors, down, up = broadcast(
-        grid, nodes, records, MessageType.TRAIN, cfg.federation.round_timeout
-    )
+    replies, errors, down, up = broadcast(grid, nodes, records, MessageType.TRAIN, timeout)
     for pid, reason in sorted(errors.items()):
         log.warning("no local model from client %s: %s", pid, reason)
     models, infos = {}, {}
