@@ -149,8 +149,7 @@ def main() -> None:
             (RESULTS / f"{args.result}.md").write_text(
                 f"Byzantine clients 0 and 1 of 8 (IID digits, all 8 per round, {args.rounds} rounds × "
                 f"{args.local_steps} local steps, {args.preset} UNet, seed {args.seed}; "
-                f"attack scale {SCALE})\n\n"
-                + table(rows)
+                f"attack scale {SCALE})\n\n" + table(rows)
             )
 
 
