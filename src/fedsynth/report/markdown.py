@@ -150,8 +150,8 @@ def _personal(run: RunDir) -> list[str]:
 
 
 def write_report(run: RunDir) -> str:
-    if not run.config.is_file() or not run.metrics.is_file():
-        raise RunDirError(f"{run.root} is not a fedsynth run (no config.toml and metrics.jsonl)")
+    if not run.config.is_file():
+        raise RunDirError(f"{run.root} is not a fedsynth run (no config.toml)")
     summary = read_json(run.summary) if run.summary.is_file() else {}
     lines = [f"# fedsynth run report: `{run.root.name}`", "", "| metric | value |", "| --- | --- |"]
     lines += [
