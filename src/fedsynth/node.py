@@ -15,9 +15,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-import torch
-
-from fedsynth.client.app import client_data, update_info
+from fedsynth.client.app import client_data, set_threads, update_info
 from fedsynth.client.local import local_train
 from fedsynth.config import Config
 from fedsynth.errors import ConfigError
@@ -43,9 +41,7 @@ def train_update(
 
     Runs in a worker process in simulation, or in a trainer node's own process."""
     cfg = parse_config(text)
-    threads = max(1, int(cfg.federation.client_cpus))
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    set_threads(cfg)
     store = open_store(store_spec, Path(store_dir))
     weights = store.get_weights(model)
     node_config = {PARTITION_ID: pid, **({DATA_PATH: data_path} if data_path else {})}

@@ -85,7 +85,8 @@ def client_data(config_text: str, node_config: dict, class_names: tuple[str, ...
     return partition_id, _partition_data(config_text, partition_id)
 
 
-def _set_threads(cfg: Config) -> None:
+def set_threads(cfg: Config) -> None:
+    """Torch threads of a client's local round: ``federation.client_cpus``."""
     threads = max(1, int(cfg.federation.client_cpus))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -158,7 +159,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     text = str(config[CONFIG_KEY])
     cfg = parse_config(text)
-    _set_threads(cfg)
+    set_threads(cfg)
     client_id, data = client_data(text, dict(context.node_config), tuple(config[CLASSES_KEY]))
     if str(config.get(TASK_KEY, "train")) == "pretrain":
         return handle_pretrain(msg, cfg, client_id, data)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedsynth.config import PartitionConfig
-from fedsynth.errors import ConfigError
+from fedsynth.errors import ConfigError, first_line
 
 Partitioner = Callable[[np.ndarray, PartitionConfig, int], list[np.ndarray]]
 
@@ -60,7 +60,7 @@ def partition_dirichlet(labels: np.ndarray, cfg: PartitionConfig, seed: int) -> 
         raise ConfigError(
             f"dirichlet partition impossible with partition.alpha={cfg.alpha}, "
             f"partition.min_samples={cfg.min_samples}, {cfg.num_clients} clients and "
-            f"{len(labels)} samples: {str(exc).splitlines()[0]}"
+            f"{len(labels)} samples: {first_line(exc)}"
         ) from None
 
 
