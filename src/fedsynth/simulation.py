@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from flwr.app import Context
 from flwr.clientapp import ClientApp
@@ -14,6 +16,25 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.client.app import app as default_client_app
 from fedsynth.config import Config
+
+# Framework messages about choices fedsynth made for the user, which the user cannot act on:
+# the in-process engine (bench/startup.py measures it against `flwr run` on a SuperLink)
+# and federated evaluation switched off (fedsynth evaluates the final model itself).
+_SILENCED = ("The `run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
+
+
+def _not_silenced(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(text in message for text in _SILENCED)
+
+
+def quiet_framework() -> None:
+    """Drop Flower's and Ray's messages listed above; every other warning still shows."""
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.WARNING)
+    if _not_silenced not in flwr_logger.filters:
+        flwr_logger.addFilter(_not_silenced)
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
 
 
 def make_server_app(body: Callable[[Grid], None]) -> ServerApp:
@@ -36,10 +57,25 @@ def on_grid(
         simulate(cfg, body, client_app)
 
 
+@contextmanager
+def keep_sigterm_handler() -> Iterator[None]:
+    """Keep the process's SIGTERM handler (the CLI's: stop, keep checkpoints, exit 143) while
+    Ray starts. ``ray.init`` replaces it with ``sys.exit`` and Ray's native crash handler
+    turns SIGTERM into an abort with a stack dump (exit 134): the first is skipped here,
+    the second switched off by its documented variable."""
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")  # read when Ray is imported
+    import ray._private.utils as ray_utils  # the one place fedsynth reaches into Ray
+
+    original = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+
+
 def simulate(cfg: Config, body: Callable[[Grid], None], client_app: ClientApp | None = None) -> None:
     """Run ``body(grid)`` as the ServerApp of a Flower simulation with one SuperNode per client."""
-    from flwr.simulation import run_simulation  # starts Ray: imported only when simulating
-
     fed = cfg.federation
     errors: list[BaseException] = []
 
@@ -49,16 +85,23 @@ def simulate(cfg: Config, body: Callable[[Grid], None], client_app: ClientApp | 
         except BaseException as exc:  # re-raised below with its own message
             errors.append(exc)
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    quiet_framework()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(
-        server_app=make_server_app(guarded),
-        client_app=client_app or default_client_app,
-        num_supernodes=cfg.partition.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
-            "init_args": {"include_dashboard": False, "log_to_driver": True, "num_cpus": os.cpu_count() or 1},
-        },
-    )
+    with keep_sigterm_handler():
+        from flwr.simulation import run_simulation  # imports Ray: only when simulating
+
+        run_simulation(
+            server_app=make_server_app(guarded),
+            client_app=client_app or default_client_app,
+            num_supernodes=cfg.partition.num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
+                "init_args": {
+                    "include_dashboard": False,
+                    "log_to_driver": True,
+                    "num_cpus": os.cpu_count() or 1,
+                },
+            },
+        )
     if errors:
         raise errors[0]

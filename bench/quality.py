@@ -1,0 +1,186 @@
+"""The quality-communication frontier of federated training at fixed compute.
+
+Every federated row spends 2,400 client optimizer steps (4 clients per round): 15 rounds ×
+40 local steps, 30 × 20 (the demo), 60 × 10 or 120 × 5. A method is a list of config
+overrides on top of the demo's config (``configs/digits-federated.toml``); a setting is the
+partition (class-disjoint digits, seed 000's: 8 clients; Dirichlet α = 0.1: 10 clients).
+Centralized rows train one model with the same total compute (2,400 steps) or the same
+sequential steps (rounds × local steps = 600).
+
+Rows are keyed (setting, method, rounds, seed); a row already in the results is kept, so an
+interrupted benchmark goes on where it stopped and new methods add rows. Results:
+bench/results/quality.{json,md} and quality.png (CAS and label fidelity against MB sent).
+
+    .venv/bin/python bench/quality.py --settings disjoint --methods fedavgm,fedexp \
+        --rounds 30 --seeds 0 [--runs-dir runs/bench-quality] [--rerun]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from _common import RESULTS, timed_fedsynth_run, write_result
+
+CONFIG = "configs/digits-federated.toml"
+CLIENT_STEPS = 2400
+SETTINGS = {
+    "disjoint": [],
+    "dirichlet": ['partition.scheme="dirichlet"', "partition.alpha=0.1", "partition.num_clients=10"],
+}
+METHODS = {
+    "fedavg": ['strategy.name="fedavg"'],
+    "fedavgm": ['strategy.name="fedavgm"'],  # the demo
+    "fedavgm-keepopt": ['strategy.name="fedavgm"', "train.keep_optimizer=true"],
+    "fedavgm-w1": ['strategy.name="fedavgm"', "sample.guidance=1.0"],
+    "fedavgm-classaware": ['strategy.name="fedavgm"', "strategy.class_aware=true"],
+    "fedexp": ['strategy.name="fedexp"'],
+    "fedexp-keepopt": ['strategy.name="fedexp"', "train.keep_optimizer=true"],
+    "fedavg-lr2": ['strategy.name="fedavgm"', "strategy.momentum=0.0", "strategy.server_lr=2.0"],
+    "scaffold-sgd": ['strategy.name="scaffold"', 'train.optimizer="sgd"', "train.lr=0.05"],
+    "fedavg-sgd": ['strategy.name="fedavg"', 'train.optimizer="sgd"', "train.lr=0.05"],
+    "fedprox": ['strategy.name="fedprox"'],
+    "fedavgm-lr3e-4": ['strategy.name="fedavgm"', "train.lr=3e-4"],
+    **{
+        f"fedadam-eta{eta}": ['strategy.name="fedadam"', f"strategy.eta={eta}", "strategy.tau=1e-3"]
+        for eta in ("1e-3", "3e-3", "1e-2")
+    },
+    **{
+        f"fedyogi-eta{eta}": ['strategy.name="fedyogi"', f"strategy.eta={eta}", "strategy.tau=1e-3"]
+        for eta in ("1e-3", "3e-3", "1e-2")
+    },
+    **{
+        f"fedadagrad-eta{eta}": ['strategy.name="fedadagrad"', f"strategy.eta={eta}", "strategy.tau=1e-3"]
+        for eta in ("1e-3", "3e-3", "1e-2")
+    },
+    # centralized at its own best guidance (w = 1, README "Guidance")
+    "centralized-equal-compute": ['paradigm="centralized"', "sample.guidance=1.0"],
+    "centralized-equal-sequential": ['paradigm="centralized"', "sample.guidance=1.0"],
+}
+KEYS = ("cas_accuracy", "label_fidelity", "fd", "precision", "recall", "class_tv_from_uniform")
+
+
+def overrides(setting: str, method: str, rounds: int, seed: int) -> list[str]:
+    """The ``--set`` values of one row: setting, method and the rounds × local steps split."""
+    local_steps = CLIENT_STEPS // (4 * rounds)
+    if method == "centralized-equal-compute":
+        rounds, local_steps = CLIENT_STEPS // local_steps, local_steps
+    return [
+        f"seed={seed}",
+        *SETTINGS[setting],
+        *METHODS[method],
+        f"federation.rounds={rounds}",
+        f"train.local_steps={local_steps}",
+        "federation.clients_per_round=4",
+        f"federation.checkpoint_every={rounds}",
+    ]
+
+
+def run_row(setting: str, method: str, rounds: int, seed: int, runs: Path) -> dict:
+    out = runs / setting / f"{method}-r{rounds}-s{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    wall, lines = timed_fedsynth_run(CONFIG, out, overrides(setting, method, rounds, seed), method)
+    summary = json.loads((out / "summary.json").read_text())
+    mb = sum(line.get("bytes_up", 0) + line.get("bytes_down", 0) for line in lines) / 1e6
+    return {
+        "setting": setting,
+        "method": method,
+        "rounds": rounds,
+        "local_steps": CLIENT_STEPS // (4 * rounds),
+        "seed": seed,
+        **{k: summary.get(k) for k in KEYS},
+        "mb_exchanged": round(mb, 1),
+        "wall_s": round(wall, 1),
+        "run": str(out),
+    }
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| setting | method | rounds × local steps | seed | CAS | label fidelity | FD | precision "
+        "| recall | class TV | MB up + down | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["setting"], r["method"], r["rounds"], r["seed"])):
+        lines.append(
+            f"| {r['setting']} | {r['method']} | {r['rounds']} × {r['local_steps']} | {r['seed']} | "
+            f"{fmt(100 * r['cas_accuracy'], '.1f')}% | {fmt(r['label_fidelity'], '.2f')} | "
+            f"{fmt(r['fd'], '.2f')} | {fmt(r['precision'], '.2f')} | {fmt(r['recall'], '.2f')} | "
+            f"{fmt(r['class_tv_from_uniform'], '.3f')} | {r['mb_exchanged']:.0f} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for setting, marker in zip(SETTINGS, "os", strict=True):
+        for method in sorted({r["method"] for r in rows if r["setting"] == setting}):
+            pts = sorted(
+                (r["mb_exchanged"], r["cas_accuracy"], r["label_fidelity"])
+                for r in rows
+                if r["setting"] == setting and r["method"] == method
+            )
+            xs = [max(p[0], 1.0) for p in pts]
+            axes[0].plot(xs, [p[1] for p in pts], marker=marker, label=f"{setting}: {method}")
+            axes[1].plot(xs, [p[2] for p in pts], marker=marker)
+    for ax, name in zip(axes, ("CAS accuracy", "label fidelity"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("MB exchanged (log; centralized drawn at 1)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+HEADER = (
+    "# Quality vs communication at fixed compute (`bench/quality.py`)\n\n"
+    "Demo config (`configs/digits-federated.toml`: digits 16×16, small UNet, AdamW lr 1e-3, "
+    "server EMA 0.8, DDIM-25, guidance 2 unless the method says w1) with 2,400 client optimizer "
+    "steps, 4 clients per round. `disjoint`: 8 class-disjoint clients (seed 000's setting); "
+    "`dirichlet`: 10 clients, α = 0.1. Centralized rows: `equal-compute` 2,400 steps, "
+    "`equal-sequential` rounds × local steps. Wall times are measured on a shared 2-core "
+    "machine and are not comparable between rows.\n\n"
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--settings", default="disjoint")
+    p.add_argument("--methods", default="fedavgm")
+    p.add_argument("--rounds", default="30")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/bench-quality"))
+    p.add_argument("--rerun", action="store_true", help="replace rows already in the results")
+    args = p.parse_args()
+    path = RESULTS / "quality.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    for setting in args.settings.split(","):
+        for method in args.methods.split(","):
+            for rounds in map(int, args.rounds.split(",")):
+                for seed in map(int, args.seeds.split(",")):
+                    key = (setting, method, rounds, seed)
+                    done = [r for r in rows if (r["setting"], r["method"], r["rounds"], r["seed"]) == key]
+                    if done and not args.rerun:
+                        continue
+                    row = run_row(*key, args.runs_dir)
+                    rows = [r for r in rows if r not in done] + [row]
+                    write_result("quality", {"config": CONFIG, "client_steps": CLIENT_STEPS, "rows": rows})
+                    (RESULTS / "quality.md").write_text(HEADER + table(rows))
+                    plot(rows)
+
+
+if __name__ == "__main__":
+    main()

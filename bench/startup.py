@@ -1,0 +1,172 @@
+"""Start-up cost of the two ways to simulate a federation, side by side in one run.
+
+``fedsynth run`` simulates in its own process (Flower's ``run_simulation``); Flower 1.41's
+supported path is ``flwr run`` against a SuperLink in simulation mode, which runs the app
+in a separate ``flwr-simulation`` process. Both run the same tiny federated job (2 clients,
+2 rounds, tiny UNet), so the difference is start-up and teardown, not training.
+
+The SuperLink is started here (``--disable-runtime-dependency-installation``, so nothing is
+downloaded; by default ``flwr run`` on a fresh machine creates a runtime environment with
+``uv sync``) on private ports and a private ``FLWR_HOME``, and stopped at the end.
+Results: bench/results/startup.{json,md}.
+
+    .venv/bin/python bench/startup.py [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from _common import RESULTS, ROOT, fedsynth_run, write_result
+
+CONFIG = "configs/digits-federated.toml"
+TINY = [
+    "model.preset=tiny",
+    "federation.rounds=2",
+    "federation.clients_per_round=2",
+    "partition.num_clients=2",
+    "train.local_steps=3",
+    "train.batch_size=16",
+    "diffusion.num_train_timesteps=50",
+    "sample.per_class=3",
+    "sample.steps=2",
+    "eval.classifier_epochs=1",
+    "eval.cas_epochs=1",
+]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_process(out: Path) -> float:
+    start = time.perf_counter()
+    res = fedsynth_run(CONFIG, out, TINY)
+    if res.returncode != 0:
+        raise SystemExit(f"fedsynth run failed: {res.stderr.strip().splitlines()[-3:]}")
+    return time.perf_counter() - start
+
+
+def superlink_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def start_superlink(home: Path, port: int, control: int) -> subprocess.Popen:
+    cmd = [
+        str(BIN / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--control-api-address",
+        f"127.0.0.1:{control}",
+        "--log-file",
+        str(home / "superlink.log"),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=superlink_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.4).is_success:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"flower-superlink did not start; see {home / 'superlink.log'}")
+
+
+def via_superlink(out: Path) -> tuple[float, float]:
+    """Seconds to a running SuperLink, and seconds for ``flwr run`` of the job on it."""
+    home = Path(tempfile.mkdtemp(prefix="fedsynth-flwr-home-"))
+    port, control = free_port(), free_port()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "bench"\n\n'
+        f'[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    start = time.perf_counter()
+    proc = start_superlink(home, port, control)
+    ready = time.perf_counter() - start
+    try:
+        run_config = f'out="{out}" overrides="{";".join(TINY)}" config="{ROOT / CONFIG}"'
+        cmd = [
+            str(BIN / "flwr"),
+            "run",
+            str(ROOT),
+            "bench",
+            "--stream",
+            "--run-config",
+            run_config,
+            "--federation-config",
+            "num-supernodes=2",
+        ]
+        res = subprocess.run(cmd, env=superlink_env(home), capture_output=True, text=True, cwd=ROOT)
+        if res.returncode != 0 or not (out / "report.md").exists():
+            raise SystemExit(f"flwr run failed: {(res.stdout + res.stderr).strip().splitlines()[-5:]}")
+        return ready, time.perf_counter() - start - ready
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fedsynth-startup-"))
+    rows = []
+    for i in range(args.repeats):
+        inproc = in_process(work / f"inproc-{i}")
+        ready, run = via_superlink(work / f"superlink-{i}")
+        rows.append(
+            {
+                "repeat": i,
+                "fedsynth_run_s": round(inproc, 1),
+                "superlink_start_s": round(ready, 1),
+                "flwr_run_s": round(run, 1),
+                "superlink_total_s": round(ready + run, 1),
+            }
+        )
+        print(rows[-1], flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    write_result("startup", {"config": CONFIG, "overrides": TINY, "rows": rows})
+    lines = [
+        "# Simulation start-up: `fedsynth run` (in-process `run_simulation`) vs `flwr run` on a SuperLink\n",
+        "The same tiny federated job (2 clients × 2 rounds, tiny UNet, sampling and evaluation "
+        "included), alternating, in one run of `bench/startup.py`. The SuperLink runs in simulation "
+        "mode with runtime dependency installation disabled.\n",
+        "| repeat | `fedsynth run` s | SuperLink start s | `flwr run` s | SuperLink path total s |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {r['repeat']} | {r['fedsynth_run_s']} | {r['superlink_start_s']} | {r['flwr_run_s']} | "
+            f"{r['superlink_total_s']} |"
+            for r in rows
+        ),
+    ]
+    (RESULTS / "startup.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+import logging
+import warnings
+
+from flwr.supercore.logger import warn_deprecated_feature
+
+from fedsynth.simulation import quiet_framework
+
+
+def test_quiet_framework_drops_only_the_messages_a_user_cannot_act_on(caplog):
+    quiet_framework()
+    logger = logging.getLogger("flwr")
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        warn_deprecated_feature("The `run_simulation` function is deprecated and will be removed")
+        logger.warning("fraction_evaluate is set to 0.0. Federated evaluation will be skipped.")
+        logger.warning("a client failed: node 3 timed out")
+        warn_deprecated_feature("something else is deprecated")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0] == "a client failed: node 3 timed out"
+    assert "something else is deprecated" in messages[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_framework()  # filters are installed again inside the catch_warnings scope
+        warnings.warn(
+            "Tip: In future versions of Ray, Ray will no longer override", FutureWarning, stacklevel=1
+        )
+        warnings.warn("another future change", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another future change"]
