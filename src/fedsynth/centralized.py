@@ -24,6 +24,8 @@ from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema, make_optimizer, resolve_device, steps_for, train_steps
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.prepare import Prepared
+from fedsynth.privacy.accounting import PrivacyLedger
+from fedsynth.privacy.dpsgd import dp_train_steps
 from fedsynth.rounds import Model, RoundRecord, Tick, run_rounds
 from fedsynth.rundir import RunDir
 
@@ -50,6 +52,9 @@ class CentralDriver:
         self.model = Model(unet, self.make_ema(unet), build_train_scheduler(cfg.diffusion))
         self.optimizer = make_optimizer(unet.parameters(), cfg.train)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.privacy = (
+            PrivacyLedger(cfg.privacy, cfg.train.batch_size) if cfg.privacy.mode == "dp-sgd" else None
+        )
         self.round = 0
 
     def make_ema(self, unet: UNet2DModel) -> EMAModel:
@@ -61,31 +66,41 @@ class CentralDriver:
         self.optimizer.load_state_dict(checkpoint.state["optimizer"])
         self.generator = torch.Generator(device=self.model.device)
         self.generator.set_state(checkpoint.state["generator"].cpu())
+        if self.privacy is not None:
+            self.privacy.load_state_dict(checkpoint.state["privacy"])
 
     def session(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def run_round(self, tick: Tick) -> RoundRecord:
-        start = time.perf_counter()
-        losses = train_steps(
-            self.model.unet,
-            self.optimizer,
-            self.model.scheduler,
-            self.data,
-            steps=self.units_per_round,
-            train=self.cfg.train,
-            diffusion=self.cfg.diffusion,
-            generator=self.generator,
-            ema=self.model.ema,
-            on_step=lambda loss: tick(1, loss),
+        start, cfg, m = time.perf_counter(), self.cfg, self.model
+        common = dict(
+            steps=self.units_per_round, train=cfg.train, diffusion=cfg.diffusion, generator=self.generator
         )
+        if self.privacy is not None:
+            self.privacy.check_next("central", self.units_per_round, self.round + 1)
+            losses = dp_train_steps(
+                m.unet, self.optimizer, m.scheduler, self.data, privacy=cfg.privacy, ema=m.ema,
+                on_step=lambda loss: tick(1, loss), **common,
+            )  # fmt: skip
+        else:
+            losses = train_steps(
+                m.unet, self.optimizer, m.scheduler, self.data, ema=m.ema, on_step=lambda loss: tick(1, loss),
+                **common,
+            )  # fmt: skip
         self.round += 1
         wall = time.perf_counter() - start
         extra = {"client_compute_s": wall, "steps": self.units_per_round}
+        if self.privacy is not None:
+            self.privacy.record("central", self.units_per_round, len(self.data))
+            extra.update(self.privacy.report())
         return RoundRecord(self.round, float(np.mean(losses)), wall, 0, 0, ["central"], extra=extra)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+        state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
+        return state
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {}

@@ -199,6 +199,19 @@ class LedgerConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level differential privacy of each training party (README, "Privacy")."""
+
+    mode: str = _choice("none", ("none", "dp-sgd"))
+    max_grad_norm: float = _at_least(1.0, 0.0, exclusive=True)  # C: per-example clipping norm
+    noise_multiplier: float = _at_least(0.0, 0.0)  # σ; 0 with target_epsilon: calibrated, recorded
+    target_epsilon: float = _at_least(0.0, 0.0)  # ε budget of each party; the run stops before it
+    delta: float = _at_least(0.0, 0.0)  # 0: 1 / (10 N) of each party's N examples
+    accountant: str = _choice("rdp", ("rdp", "prv"))
+    noise_multiplicity: int = _at_least(1, 1)  # DPDM: (t, ε) draws averaged per example before clipping
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     per_class: int = _at_least(100, 0)
     sampler: str = _choice("ddim", SAMPLERS)
@@ -235,6 +248,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -258,6 +272,9 @@ class Config:
             raise ConfigError(f"data.path is required for data.dataset = {self.data.dataset!r}")
         if self.phoenix.beta > 100 or self.phoenix.alpha > 100:
             raise ConfigError("phoenix.beta and phoenix.alpha are percentages in [0, 100]")
+        problem = _privacy_problem(self)
+        if problem:
+            raise ConfigError(problem)
         if self.phoenix.warmup_steps and not self.phoenix.beta:
             raise ConfigError("phoenix.warmup_steps needs a shared set: set phoenix.beta > 0")
         for name, decay in (
@@ -447,6 +464,30 @@ def flat_items(cfg: Config) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def _privacy_problem(cfg: Config) -> str | None:
+    p = cfg.privacy
+    if p.mode == "none":
+        return None
+    if p.noise_multiplier <= 0 and p.target_epsilon <= 0:
+        return (
+            "privacy.mode = 'dp-sgd' needs privacy.target_epsilon (σ calibrated) or privacy.noise_multiplier"
+        )
+    if p.delta >= 1:
+        return f"privacy.delta = {p.delta} must be below 1 (0: 1 / (10 N))"
+    if cfg.paradigm not in ("centralized", "federated"):
+        return (
+            f"privacy.mode = 'dp-sgd' runs in the centralized and federated paradigms, not {cfg.paradigm!r}"
+        )
+    if cfg.strategy.name in ("fedprox", "scaffold") and cfg.paradigm == "federated":
+        name = cfg.strategy.name
+        return (
+            f"privacy.mode = 'dp-sgd' does not combine with strategy {name!r} (it edits the clipped gradient)"
+        )
+    if cfg.train.local_epochs > 0:
+        return "privacy.mode = 'dp-sgd' counts steps: use train.local_steps, not train.local_epochs"
+    return None
 
 
 def check_resume_changes(saved: Config, wanted: Config) -> list[str]:

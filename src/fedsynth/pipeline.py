@@ -11,7 +11,7 @@ from pathlib import Path
 
 from diffusers import DDPMScheduler, UNet2DModel
 
-from fedsynth.centralized import train_centralized
+from fedsynth.centralized import steps_per_round, train_centralized
 from fedsynth.checkpoint import load_model
 from fedsynth.config import Config, check_resume_changes, dump_config, load_config
 from fedsynth.diffusion.training import resolve_device
@@ -22,6 +22,7 @@ from fedsynth.exchange.transfer import has_personal_models
 from fedsynth.federated import train_federated
 from fedsynth.local import sample_mixture, train_local
 from fedsynth.prepare import Prepared, check_partitions, prepare
+from fedsynth.privacy.accounting import default_delta, resolve_noise
 from fedsynth.report.markdown import write_report
 from fedsynth.rundir import RunDir
 from fedsynth.synthesize import SampleSpec, synthesize
@@ -104,6 +105,25 @@ def sample_stage(cfg: Config, run: RunDir, names: list[str], personal: bool) -> 
         sample_run(cfg, target, unet, scheduler, names)
 
 
+def privacy_sizes(cfg: Config, prepared: Prepared) -> list[int]:
+    """The data size N of every party that trains with DP-SGD."""
+    if cfg.paradigm == "centralized":
+        return [sum(len(c) for c in prepared.clients) + len(prepared.shared)]
+    return [len(prepared.client_indices(k)) for k in range(len(prepared.clients))]
+
+
+def privacy_summary(cfg: Config, prepared: Prepared, metrics: list[dict]) -> dict:
+    """The run's (ε, δ): the largest ε any party spent, with the largest δ among the parties."""
+    p = cfg.privacy
+    return {
+        "privacy": p.mode,
+        "epsilon": metrics[-1].get("epsilon_max", 0.0) if metrics else 0.0,
+        "delta": default_delta(p, min(privacy_sizes(cfg, prepared))),
+        "noise_multiplier": p.noise_multiplier,
+        "accountant": p.accountant,
+    }
+
+
 def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None, client_app=None) -> RunDir:
     """Every stage into ``out``. ``grid``: a real SuperLink's Grid (else a simulation);
     ``client_app``: the simulated clients' ClientApp (default: fedsynth's)."""
@@ -119,8 +139,9 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None, client_a
         prepared = prepare(cfg)
         check_partitions(run, prepared)
     else:
-        dump_config(cfg, run.config)
         prepared = prepare(cfg, run)
+        cfg = resolve_noise(cfg, privacy_sizes(cfg, prepared), steps_per_round(cfg, prepared))
+        dump_config(cfg, run.config)
     check_eval_sizes(cfg, prepared)  # before hours of training, not after
     train(cfg, run, prepared, resume=resume, grid=grid, client_app=client_app)
     metrics = run.read_metrics()
@@ -132,6 +153,8 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None, client_a
         bytes_up=sum(r.get("bytes_up", 0) for r in metrics),
         bytes_down=sum(r.get("bytes_down", 0) for r in metrics),
     )
+    if cfg.privacy.mode != "none":
+        run.update_summary(**privacy_summary(cfg, prepared, metrics))
     personal = has_personal_models(cfg.exchange) and cfg.paradigm == "federated"
     sample_stage(cfg, run, list(prepared.data.full.class_names), personal)
     if cfg.eval.enabled and cfg.sample.per_class > 0:

@@ -26,6 +26,7 @@ from fedsynth.diffusion.training import (
     train_steps,
 )
 from fedsynth.diffusion.unet import build_unet
+from fedsynth.privacy.dpsgd import dp_train_steps
 from fedsynth.seeding import torch_generator
 from fedsynth.strategies.scaffold import client_control_update, corrected_gradient
 
@@ -100,18 +101,18 @@ def local_train(
     optimizer = make_optimizer(unet.parameters(), cfg.train)
     if cfg.train.keep_optimizer and "optimizer" in state:
         load_optimizer_tensors(optimizer, unet, state["optimizer"])
-    losses = train_steps(
-        unet,
-        optimizer,
-        build_train_scheduler(cfg.diffusion),
-        data,
-        steps=steps,
-        train=cfg.train,
-        diffusion=cfg.diffusion,
-        generator=round_generator(cfg.seed, round_, client_id, device),
-        penalty=penalty,
-        after_backward=hook,
-    )
+    generator = round_generator(cfg.seed, round_, client_id, device)
+    scheduler = build_train_scheduler(cfg.diffusion)
+    if cfg.privacy.mode == "dp-sgd":
+        losses = dp_train_steps(
+            unet, optimizer, scheduler, data, steps=steps, train=cfg.train, diffusion=cfg.diffusion,
+            privacy=cfg.privacy, generator=generator,
+        )  # fmt: skip
+    else:
+        losses = train_steps(
+            unet, optimizer, scheduler, data, steps=steps, train=cfg.train, diffusion=cfg.diffusion,
+            generator=generator, penalty=penalty, after_backward=hook,
+        )  # fmt: skip
     weights = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
     if cfg.train.keep_optimizer:
         state["optimizer"] = optimizer_tensors(optimizer, unet)

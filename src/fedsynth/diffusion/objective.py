@@ -34,12 +34,19 @@ def diffusion_loss(
     loss: str = "mse",
 ) -> torch.Tensor:
     """L = E_{t, ε} ‖ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t, y)‖² (or Huber)."""
+    noisy, t, noise = noisy_inputs(scheduler, x0, generator)
+    # 3. ε_θ(x_t, t, y) and the regression loss against ε
+    pred = unet(noisy, t, class_labels=labels).sample
+    return LOSSES[loss](pred, noise)
+
+
+def noisy_inputs(
+    scheduler: DDPMScheduler, x0: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1–2 of the objective: (x_t, t, ε)."""
     # 1. t ~ U{0, …, T−1}, ε ~ N(0, I)
     num_t = scheduler.config.num_train_timesteps
     t = torch.randint(0, num_t, (x0.shape[0],), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     # 2. x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε
-    noisy = scheduler.add_noise(x0, noise, t)
-    # 3. ε_θ(x_t, t, y) and the regression loss against ε
-    pred = unet(noisy, t, class_labels=labels).sample
-    return LOSSES[loss](pred, noise)
+    return scheduler.add_noise(x0, noise, t), t, noise

@@ -27,6 +27,7 @@ from fedsynth.checkpoint import Checkpoint, ema_unet, save_personal_model
 from fedsynth.config import Config, dump_config
 from fedsynth.exchange.plans import UNITS, upload_groups
 from fedsynth.exchange.transfer import Layout, ServerExchange, has_personal_models
+from fedsynth.privacy.accounting import PrivacyLedger
 from fedsynth.protocol import ARRAYS, CONFIG, NUM_EXAMPLES
 from fedsynth.rounds import Model, RoundRecord, ServerEma, Tick, select_clients
 from fedsynth.rundir import RunDir
@@ -72,7 +73,11 @@ class FederatedDriver(ServerEma):
         self.class_names = class_names
         self.calibration = Calibration(cfg, model) if cfg.calibration.mode != "off" else None
         self.filter = ThresholdFilter(cfg) if cfg.phoenix.filter_from else None
-        self.hooks: list[RoundHook] = [h for h in (self.calibration, self.filter) if h is not None]
+        self.privacy = (
+            PrivacyLedger(cfg.privacy, cfg.train.batch_size) if cfg.privacy.mode == "dp-sgd" else None
+        )
+        hooks = (self.calibration, self.filter, self.privacy)
+        self.hooks: list[RoundHook] = [h for h in hooks if h is not None]
         if cfg.strategy.name == "scaffold":
             warn_if_adaptive(cfg.train.optimizer)
         self.nodes: Nodes = {}
@@ -154,6 +159,8 @@ class FederatedDriver(ServerEma):
         selected = select_clients(
             cfg.seed, round_, attempt, cfg.partition.num_clients, fed.clients_per_round, exclude
         )
+        for pid in selected if self.privacy else ():
+            self.privacy.check_next(f"client {pid}", cfg.train.local_steps, round_)
         uploads = upload_groups(cfg.exchange.plan, selected, cfg.seed, round_, attempt)
         global_w = self.global_weights()
         extras = self.begin_round(global_w)

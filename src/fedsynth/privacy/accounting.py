@@ -1,0 +1,129 @@
+"""(ε, δ) of DP-SGD with Poisson sampling, and the noise that meets a target ε.
+
+A party (the centralized trainer, or one federated client) that ran ``steps`` DP-SGD steps
+with noise multiplier σ and sampling rate q = batch_size / N on its N examples has spent
+ε(δ) of the subsampled Gaussian mechanism composed ``steps`` times — computed by Opacus'
+accountants (``rdp``: Rényi DP, Mironov 2017 / Mironov et al. 2019; ``prv``: privacy loss
+random variables, Gopi et al. 2021). δ defaults to 1 / (10 N).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedsynth.config import Config, PrivacyConfig
+from fedsynth.errors import FedsynthError
+
+History = list[tuple[float, float, int]]  # (σ, q, steps) segments, in Opacus' layout
+
+
+class PrivacyBudgetError(FedsynthError):
+    """Training further would spend more than ``privacy.target_epsilon``."""
+
+
+def sampling_rate(batch_size: int, num_examples: int) -> float:
+    return min(1.0, batch_size / num_examples)
+
+
+def default_delta(privacy: PrivacyConfig, num_examples: int) -> float:
+    return privacy.delta if privacy.delta > 0 else 1.0 / (10 * num_examples)
+
+
+def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
+    """ε spent after the DP-SGD steps in ``history``; 0 before any step."""
+    history = [h for h in history if h[2] > 0]
+    if not history:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate(target_epsilon: float, delta: float, q: float, steps: int, accountant: str = "rdp") -> float:
+    """The smallest σ (to Opacus' tolerance 0.01 in ε) with ε(σ, q, steps, δ) ≤ target."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=q,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
+
+
+def planned_steps(cfg: Config, central_steps_per_round: int) -> int:
+    """Steps a party may take over the whole run: every round (a federated client selected
+    every round is the worst case the noise is calibrated for)."""
+    per_round = central_steps_per_round if cfg.paradigm == "centralized" else cfg.train.local_steps
+    return cfg.federation.rounds * per_round
+
+
+def resolve_noise(cfg: Config, sizes: list[int], central_steps_per_round: int) -> Config:
+    """``cfg`` with ``privacy.noise_multiplier`` set from ``privacy.target_epsilon`` for the
+    party that needs the most noise (the smallest N: the largest q, and its δ), recorded in
+    the run's config.toml so that a resumed run keeps the same σ."""
+    p = cfg.privacy
+    if p.mode != "dp-sgd" or p.noise_multiplier > 0:
+        return cfg
+    n = min(sizes)
+    steps = planned_steps(cfg, central_steps_per_round)
+    sigma = calibrate(
+        p.target_epsilon, default_delta(p, n), sampling_rate(cfg.train.batch_size, n), steps, p.accountant
+    )
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(p, noise_multiplier=round(sigma, 6)))
+
+
+@dataclass
+class PrivacyLedger:
+    """Per party: DP-SGD steps taken and data size; ε of each after every round. A round hook
+    in the federated paradigm (name ``privacy``), stepped directly by the centralized one."""
+
+    privacy: PrivacyConfig
+    batch_size: int
+    steps: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    name: str = "privacy"
+
+    def record(self, party: str, steps: int, num_examples: int) -> None:
+        self.steps[party] = self.steps.get(party, 0) + steps
+        self.sizes[party] = num_examples
+
+    def epsilon_of(self, party: str, extra_steps: int = 0) -> float:
+        n = self.sizes[party]
+        q = sampling_rate(self.batch_size, n)
+        history = [(self.privacy.noise_multiplier, q, self.steps.get(party, 0) + extra_steps)]
+        return epsilon(history, default_delta(self.privacy, n), self.privacy.accountant)
+
+    def report(self) -> dict[str, Any]:
+        """``epsilon`` per party and the largest, for the round's metrics line."""
+        per_party = {p: round(self.epsilon_of(p), 4) for p in sorted(self.steps)}
+        return {"epsilon": per_party, "epsilon_max": max(per_party.values(), default=0.0)}
+
+    def check_next(self, party: str, steps: int, round_: int) -> None:
+        """Stop before ``party``'s next ``steps`` would take it past ``privacy.target_epsilon``."""
+        target = self.privacy.target_epsilon
+        if target <= 0 or party not in self.sizes:
+            return
+        after = self.epsilon_of(party, steps)
+        if after > target + 0.01:
+            raise PrivacyBudgetError(
+                f"round {round_} would take {party} to ε = {after:.2f} > privacy.target_epsilon = {target}; "
+                "the run stops here with its checkpoints (sample from the last model, or start a new run)"
+            )
+
+    def after_aggregate(self, round_: int, updates: list) -> dict[str, Any]:
+        for u in updates:
+            self.record(f"client {u.info.client}", u.info.num_steps, u.info.num_examples)
+        return self.report()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": dict(self.steps), "sizes": dict(self.sizes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.sizes = dict(state["steps"]), dict(state["sizes"])

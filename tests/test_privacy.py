@@ -1,0 +1,205 @@
+import json
+import math
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from opacus import GradSampleModule
+
+from conftest import TINY_OVERRIDES
+from fedsynth.config import DiffusionConfig, PrivacyConfig, load_config
+from fedsynth.diffusion.schedule import build_train_scheduler
+from fedsynth.errors import ConfigError
+from fedsynth.privacy.accounting import PrivacyBudgetError, PrivacyLedger, calibrate, epsilon
+from fedsynth.privacy.dpsgd import clip_and_noise, per_example_losses, poisson_batch
+
+
+def _attn_unet() -> UNet2DModel:
+    """A tiny UNet with attention blocks, as in the `base` preset."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        num_class_embeds=3,
+    )
+
+
+def _per_example_grads(mode: str, multiplicity: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(Opacus per-example gradients in ``mode``, reference: one example at a time)."""
+    unet = _attn_unet()
+    scheduler = build_train_scheduler(DiffusionConfig(num_train_timesteps=50))
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2])
+    params = list(unet.parameters())
+    model = GradSampleModule(
+        unet, batch_first=True, loss_reduction="sum", force_functorch=mode == "functorch"
+    )
+    rows = per_example_losses(
+        model, scheduler, x, y, torch.Generator().manual_seed(2), multiplicity=multiplicity, loss="mse"
+    )
+    rows.sum().backward()
+    got = [p.grad_sample.view(multiplicity, 3, *p.shape).sum(0) for p in params]
+    model._close()
+    # the same (t, ε) draws, one example at a time: the rows are [k·B + i]
+    gen = torch.Generator().manual_seed(2)
+    xs = x.repeat(multiplicity, 1, 1, 1)
+    t = torch.randint(0, 50, (3 * multiplicity,), generator=gen)
+    noise = torch.randn(xs.shape, generator=gen)
+    noisy = scheduler.add_noise(xs, noise, t)
+    want = [torch.zeros_like(g) for g in got]
+    for row in range(3 * multiplicity):
+        unet.zero_grad()
+        pred = unet(
+            noisy[row : row + 1], t[row : row + 1], class_labels=y.repeat(multiplicity)[row : row + 1]
+        ).sample
+        (((pred - noise[row : row + 1]) ** 2).mean() / multiplicity).backward()
+        for w, p in zip(want, params, strict=True):
+            w[row % 3] += p.grad
+    return got, want
+
+
+def _mismatched(got, want) -> list[int]:
+    """Parameters whose per-example gradients differ (atol: key biases have a zero gradient)."""
+    pairs = enumerate(zip(got, want, strict=True))
+    return [i for i, (g, w) in pairs if not torch.allclose(g, w, rtol=1e-3, atol=1e-6)]
+
+
+@pytest.mark.parametrize("multiplicity", [1, 2])
+def test_functorch_per_example_gradients_match_one_example_at_a_time(multiplicity):
+    got, want = _per_example_grads("functorch", multiplicity)
+    assert _mismatched(got, want) == []
+
+
+def test_hooks_mode_gets_the_convolutions_after_attention_wrong():
+    """Why dpsgd.py uses functorch mode: the default mode fails the same comparison."""
+    got, want = _per_example_grads("hooks")
+    wrong = _mismatched(got, want)
+    names = [n for n, _ in _attn_unet().named_parameters()]
+    assert wrong and all(got[i].abs().max() == 0 for i in wrong), [names[i] for i in wrong]
+
+
+def test_clip_and_noise_by_hand():
+    # two examples, two parameters: g_1 = ([3], [4]) has norm 5, g_2 = ([0.3], [0.4]) norm 0.5
+    per_example = [torch.tensor([[3.0], [0.3]]), torch.tensor([[4.0], [0.4]])]
+    out = clip_and_noise(
+        per_example, max_norm=1.0, noise_multiplier=0.0, expected_batch=2.0, generator=torch.Generator()
+    )
+    # g_1 scaled by 1/5 → (0.6, 0.8); g_2 kept; sum (0.9, 1.2) / 2
+    assert torch.allclose(out[0], torch.tensor([0.45]), atol=1e-5)
+    assert torch.allclose(out[1], torch.tensor([0.6]), atol=1e-5)
+
+
+def test_clipped_sum_is_bounded_and_the_noise_has_std_sigma_c_over_qn():
+    gen = torch.Generator().manual_seed(0)
+    big = [torch.randn(50, 1000, generator=gen) * 100]
+    noiseless = clip_and_noise(big, max_norm=2.0, noise_multiplier=0.0, expected_batch=1.0, generator=gen)
+    assert noiseless[0].norm() <= 50 * 2.0 + 1e-3  # Σ of 50 clipped gradients
+    zero = [torch.zeros(0, 200_000)]
+    noisy = clip_and_noise(zero, max_norm=2.0, noise_multiplier=1.5, expected_batch=4.0, generator=gen)
+    assert float(noisy[0].std()) == pytest.approx(1.5 * 2.0 / 4.0, rel=0.01)
+
+
+def test_poisson_batch_rate():
+    sizes = [len(poisson_batch(1000, 0.05, torch.Generator().manual_seed(s))) for s in range(200)]
+    assert sum(sizes) / len(sizes) == pytest.approx(50, rel=0.05)
+    assert len(set(sizes)) > 5  # the batch size varies
+
+
+def test_epsilon_matches_the_published_setting():
+    # σ = 1, q = 0.01, 10,000 steps, δ = 1e-5: RDP ε = 6.71, PRV ε = 6.20 (reference.md)
+    assert epsilon([(1.0, 0.01, 10_000)], 1e-5, "rdp") == pytest.approx(6.71, abs=0.01)
+    assert epsilon([(1.0, 0.01, 10_000)], 1e-5, "prv") == pytest.approx(6.20, abs=0.02)
+    assert epsilon([], 1e-5) == 0.0
+
+
+def test_calibrated_noise_meets_the_target_and_epsilon_grows_with_steps():
+    sigma = calibrate(10.0, 1e-5, 0.05, 2000)
+    assert epsilon([(sigma, 0.05, 2000)], 1e-5) <= 10.0 + 0.01
+    assert epsilon([(sigma * 0.9, 0.05, 2000)], 1e-5) > 10.0
+    eps = [epsilon([(sigma, 0.05, s)], 1e-5) for s in (10, 100, 1000, 2000)]
+    assert eps == sorted(eps) and len(set(eps)) == 4
+
+
+def test_ledger_reports_per_party_and_stops_before_the_budget():
+    p = PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, target_epsilon=3.0)
+    ledger = PrivacyLedger(p, batch_size=10)
+    ledger.record("client 0", 100, 1000)
+    ledger.record("client 1", 300, 1000)
+    report = ledger.report()
+    delta = 1 / (10 * 1000)
+    assert report["epsilon"]["client 0"] == pytest.approx(epsilon([(1.0, 0.01, 100)], delta), abs=1e-4)
+    assert report["epsilon_max"] == report["epsilon"]["client 1"] > report["epsilon"]["client 0"]
+    ledger.check_next("client 0", 100, round_=3)  # well within
+    with pytest.raises(
+        PrivacyBudgetError, match=r"round 7 would take client 1 to ε = .* > privacy\.target_epsilon = 3\.0"
+    ):
+        ledger.check_next("client 1", 100_000, round_=7)
+    restored = PrivacyLedger(p, batch_size=10)
+    restored.load_state_dict(ledger.state_dict())
+    assert restored.report() == report
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (['privacy.mode="dp-sgd"'], "needs privacy.target_epsilon"),
+        (
+            ['privacy.mode="dp-sgd"', "privacy.target_epsilon=5", 'paradigm="decentralized"'],
+            "centralized and federated",
+        ),
+        (
+            [
+                'privacy.mode="dp-sgd"',
+                "privacy.target_epsilon=5",
+                'paradigm="federated"',
+                'strategy.name="scaffold"',
+            ],
+            "scaffold",
+        ),
+        (['privacy.mode="dp-sgd"', "privacy.target_epsilon=5", "privacy.delta=1"], "below 1"),
+    ],
+)
+def test_privacy_config_errors(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/digits-centralized.toml", [*TINY_OVERRIDES, *sets])
+
+
+def test_math_isfinite_guard():
+    assert math.isfinite(epsilon([(0.8, 0.1, 50)], 1e-5))
+
+
+DP = ['privacy.mode="dp-sgd"', "privacy.target_epsilon=5"]
+
+
+def test_centralized_dp_run_states_epsilon_grows_it_and_stops_before_the_budget(tmp_path):
+    from fedsynth.pipeline import run_all
+
+    cfg = load_config("configs/digits-centralized.toml", [*TINY_OVERRIDES, *DP, "federation.rounds=3"])
+    run = run_all(cfg, tmp_path / "r")
+    lines = run.read_metrics()
+    eps = [line["epsilon_max"] for line in lines]
+    assert eps == sorted(eps) and len(set(eps)) == 3 and eps[-1] <= 5.0 + 0.01
+    saved = load_config(run.config)
+    assert saved.privacy.noise_multiplier > 0  # the calibrated σ is recorded for resume
+    summary = json.loads(run.summary.read_text())
+    assert summary["epsilon"] == eps[-1] and summary["privacy"] == "dp-sgd"
+    assert summary["delta"] == pytest.approx(1 / (10 * 1438))  # the union of the digits' training split
+    with pytest.raises(PrivacyBudgetError, match="round 4 would take central"):
+        run_all(load_config(run.config, ["federation.rounds=4"]), tmp_path / "r", resume=True)
+
+
+def test_federated_dp_run_reports_each_clients_epsilon(tmp_path):
+    from fedsynth.pipeline import run_all
+
+    cfg = load_config("configs/digits-federated.toml", [*TINY_OVERRIDES, *DP, "eval.enabled=false"])
+    run = run_all(cfg, tmp_path / "r")
+    lines = run.read_metrics()
+    assert set(lines[-1]["epsilon"]) == {"client 0", "client 1"}
+    assert 0 < lines[0]["epsilon_max"] < lines[-1]["epsilon_max"] <= 5.0 + 0.01
