@@ -203,3 +203,29 @@ def test_federated_dp_run_reports_each_clients_epsilon(tmp_path):
     lines = run.read_metrics()
     assert set(lines[-1]["epsilon"]) == {"client 0", "client 1"}
     assert 0 < lines[0]["epsilon_max"] < lines[-1]["epsilon_max"] <= 5.0 + 0.01
+
+
+def test_membership_attack_scores_by_hand():
+    import numpy as np
+
+    from fedsynth.evaluation.membership import attack_scores
+
+    # lower loss ⇒ "member"; pairs (member, non-member) ranked right: 0.1<0.3, 0.1<0.4, 0.35<0.4 → 3/4
+    got = attack_scores(np.array([0.1, 0.35]), np.array([0.3, 0.4]))
+    assert got["mia_auc"] == pytest.approx(0.75)
+    perfect = attack_scores(np.array([0.1, 0.2]), np.array([0.3, 0.4]))
+    assert perfect == {"mia_auc": 1.0, "mia_tpr_at_1pct_fpr": 1.0}
+    same = attack_scores(np.full(50, 0.2), np.full(50, 0.2))
+    assert same["mia_auc"] == pytest.approx(0.5)
+
+
+def test_membership_audit_is_in_eval_json_and_the_summary(tmp_path):
+    from fedsynth.pipeline import run_all
+
+    cfg = load_config("configs/digits-centralized.toml", [*TINY_OVERRIDES, "eval.membership_samples=40"])
+    run = run_all(cfg, tmp_path / "r")
+    audit = json.loads(run.eval.read_text())["membership"]
+    summary = json.loads(run.summary.read_text())
+    assert audit["mia_samples"] == 40 and 0.0 <= audit["mia_auc"] <= 1.0
+    assert summary["mia_auc"] == audit["mia_auc"]
+    assert "membership attack AUC" in run.report.read_text()

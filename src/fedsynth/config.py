@@ -227,6 +227,7 @@ class EvalConfig:
     classifier_epochs: int = _at_least(40, 1)
     cas_epochs: int = _at_least(40, 1)
     copy_ratio: float = _at_least(0.5, 0.0)  # memorisation: near-copy below this relative NN distance
+    membership_samples: int = _at_least(500, 0)  # per side of the membership-inference audit; 0 = off
     tsne_points: int = _at_least(400, 0)  # per set (real, synthetic) in the t-SNE figure; 0 = none
     cache_dir: str = ""  # domain-classifier cache; "" = $FEDSYNTH_CACHE or ~/.cache/fedsynth
     inception_weights: str = ""  # local Inception-v3 weights file: adds standard FID and IS; "" = off

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedsynth.checkpoint import load_model
 from fedsynth.config import Config, DataConfig
 from fedsynth.data.datasets import ImageData, folder_name, load_dataset, load_images
 from fedsynth.diffusion.training import resolve_device
@@ -20,6 +21,7 @@ from fedsynth.errors import RunDirError
 from fedsynth.evaluation.classifier import predict, train_classifier
 from fedsynth.evaluation.domain import domain_classifier
 from fedsynth.evaluation.inception import inception_metrics
+from fedsynth.evaluation.membership import membership_audit
 from fedsynth.evaluation.metrics import (
     classification_scores,
     distance_from_uniform,
@@ -31,7 +33,7 @@ from fedsynth.evaluation.metrics import (
 )
 from fedsynth.progress import progress_bar
 from fedsynth.report.plots import plot_tsne
-from fedsynth.rundir import RunDir, write_json_atomic
+from fedsynth.rundir import RunDir, read_json, write_json_atomic
 
 SUMMARY_KEYS = (
     "fd",
@@ -48,6 +50,7 @@ SUMMARY_KEYS = (
     "near_copy_fraction",
 )
 INCEPTION_KEYS = ("fid", "inception_is_mean")  # only with eval.inception_weights
+AUDIT_KEYS = ("mia_auc", "mia_tpr_at_1pct_fpr")  # membership-inference audit of the model
 
 
 def load_synthetic(folder: Path, real: ImageData, image_size: int) -> ImageData:
@@ -177,13 +180,26 @@ def mean_over_clients(per_client: dict[str, dict]) -> dict:
     return out
 
 
+def audit_model(cfg: Config, run: RunDir, members: ImageData, nonmembers: ImageData, device) -> dict:
+    """The membership-inference audit of ``run/model`` (none without a global model), added to
+    eval.json and summary.json."""
+    if cfg.eval.membership_samples <= 0 or not (run.model / "unet").is_dir():
+        return {}
+    unet, scheduler = load_model(run, device)
+    audit = membership_audit(unet, scheduler, members, nonmembers, cfg.eval.membership_samples, cfg.seed)
+    write_json_atomic(run.eval, {**read_json(run.eval), "membership": audit})
+    run.update_summary(**{k: audit[k] for k in AUDIT_KEYS})
+    return audit
+
+
 def evaluate_run(cfg: Config, run: RunDir) -> dict:
     """Judge ``run/synthetic``; for personal-model runs, every ``clients/*/synthetic`` and their mean."""
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.data)
     clients = run.client_runs()
     if run.synthetic.is_dir() or not clients:
-        return _evaluate_dir(cfg, run, data.train, data.test, device)
+        result = _evaluate_dir(cfg, run, data.train, data.test, device)
+        return {**result, **audit_model(cfg, run, data.train, data.test, device)}
     per_client = {c.root.name: _evaluate_dir(cfg, c, data.train, data.test, device) for c in clients}
     result = mean_over_clients(per_client)
     write_json_atomic(run.eval, result)

@@ -24,6 +24,8 @@ SUMMARY_ROWS = (
     ("real-data classifier accuracy", "real_accuracy", "{:.2%}"),
     ("class distribution TV from uniform ↓", "class_tv_from_uniform", "{:.3f}"),
     ("near-copies of training images ↓", "near_copy_fraction", "{:.2%}"),
+    ("membership attack AUC (0.5: chance)", "mia_auc", "{:.3f}"),
+    ("membership attack TPR at 1% FPR", "mia_tpr_at_1pct_fpr", "{:.2%}"),
     ("privacy", "privacy", "{}"),
     ("ε (largest party)", "epsilon", "{:.3f}"),
     ("δ", "delta", "{:.2e}"),
