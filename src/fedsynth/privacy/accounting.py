@@ -13,12 +13,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from opacus.accountants import create_accountant
+from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedsynth.config import Config, PrivacyConfig
 from fedsynth.errors import FedsynthError
 
+RDP_ALPHAS = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 1025, 8)]
 History = list[tuple[float, float, int]]  # (σ, q, steps) segments, in Opacus' layout
 
 
@@ -41,6 +42,8 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
+    if accountant == "rdp":  # orders past Opacus' 63 too: short, low-noise runs need them
+        return float(acc.get_epsilon(delta=delta, alphas=RDP_ALPHAS))
     return float(acc.get_epsilon(delta=delta))
 
 

@@ -19,6 +19,7 @@ is drawn per example as in non-private training.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -84,6 +85,70 @@ def per_example_losses(
     return PER_EXAMPLE[loss](pred, noise).flatten(1).mean(1) / multiplicity
 
 
+class PrivateGradients:
+    """Steps 1–4 for one UNet: ``step()`` sets every parameter's ``.grad`` to the privatised
+    gradient of a fresh Poisson batch. Holds Opacus' wrapper until ``close()``."""
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: DDPMScheduler,
+        data: ImageData,
+        *,
+        train: TrainConfig,
+        diffusion: DiffusionConfig,
+        privacy: PrivacyConfig,
+        generator: torch.Generator,
+    ) -> None:
+        device = next(unet.parameters()).device
+        self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.scheduler, self.diffusion, self.privacy, self.generator = (
+            scheduler,
+            diffusion,
+            privacy,
+            generator,
+        )
+        self.null, self.n = null_label(unet), len(data)
+        self.q = min(1.0, train.batch_size / self.n)
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.model = GradSampleModule(unet, batch_first=True, loss_reduction="sum", force_functorch=True)
+
+    def per_example(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], float | None]:
+        """Step 2 for the drawn examples: their gradients and mean objective (None if none)."""
+        if not len(idx):
+            return [p.new_zeros((0, *p.shape)) for p in self.params], None
+        k, d = self.privacy.noise_multiplicity, self.diffusion
+        y = (
+            None
+            if self.null is None
+            else drop_labels(self.labels[idx], d.cfg_dropout, self.null, self.generator)
+        )
+        rows = per_example_losses(
+            self.model, self.scheduler, self.images[idx], y, self.generator, multiplicity=k, loss=d.loss
+        )
+        self.model.zero_grad(set_to_none=True)
+        rows.sum().backward()
+        grads = [p.grad_sample.view(k, len(idx), *p.shape).sum(0) for p in self.params]
+        return grads, float(rows.detach().sum() / len(idx))
+
+    def step(self) -> float | None:
+        idx = poisson_batch(self.n, self.q, self.generator)  # 1.
+        per_example, loss = self.per_example(idx)  # 2.
+        grads = clip_and_noise(  # 3.–4.
+            per_example,
+            max_norm=self.privacy.max_grad_norm,
+            noise_multiplier=self.privacy.noise_multiplier,
+            expected_batch=self.q * self.n,
+            generator=self.generator,
+        )
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad_sample, p.grad = None, g
+        return loss
+
+    def close(self) -> None:
+        self.model._close()  # removes Opacus' hooks and attributes from the UNet
+
+
 def dp_train_steps(
     unet: UNet2DModel,
     optimizer: torch.optim.Optimizer,
@@ -98,43 +163,27 @@ def dp_train_steps(
     ema: EMAModel | None = None,
     on_step: Callable[[float], None] | None = None,
 ) -> list[float]:
-    """``steps`` DP-SGD steps (module docstring); the per-step mean objective of the drawn batch."""
-    device = next(unet.parameters()).device
-    images, labels = data.images.to(device), data.labels.to(device)
-    null, n, k = null_label(unet), len(data), privacy.noise_multiplicity
-    q = min(1.0, train.batch_size / n)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    model = GradSampleModule(unet, batch_first=True, loss_reduction="sum", force_functorch=True)
+    """``steps`` DP-SGD steps (module docstring); the mean objective of each non-empty batch."""
     unet.train()
     losses: list[float] = []
-    try:
-        for _ in range(steps):
-            idx = poisson_batch(n, q, generator)  # 1.
-            per_example = [p.new_zeros((0, *p.shape)) for p in params]
-            if len(idx):
-                y = None if null is None else drop_labels(labels[idx], diffusion.cfg_dropout, null, generator)
-                rows = per_example_losses(
-                    model, scheduler, images[idx], y, generator, multiplicity=k, loss=diffusion.loss
-                )
-                model.zero_grad(set_to_none=True)
-                rows.sum().backward()  # 2.
-                per_example = [p.grad_sample.view(k, len(idx), *p.shape).sum(0) for p in params]
-                losses.append(float(rows.detach().sum() / len(idx)))
-            grads = clip_and_noise(  # 3.–4.
-                per_example,
-                max_norm=privacy.max_grad_norm,
-                noise_multiplier=privacy.noise_multiplier,
-                expected_batch=q * n,
-                generator=generator,
-            )
-            for p, g in zip(params, grads, strict=True):
-                p.grad_sample = None
-                p.grad = g
-            optimizer.step()
-            if ema is not None:
-                ema.step(unet.parameters())
-            if on_step is not None:
-                on_step(losses[-1] if losses else float("nan"))
-    finally:
-        model._close()  # removes Opacus' hooks and attributes from the UNet
+    with warnings.catch_warnings():
+        # Opacus' functorch path: its backward hooks fire on outputs (the images need no
+        # gradient) and it asks CPU autocast for float32; neither affects the result
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype")
+        private = PrivateGradients(
+            unet, scheduler, data, train=train, diffusion=diffusion, privacy=privacy, generator=generator
+        )
+        try:
+            for _ in range(steps):
+                loss = private.step()
+                optimizer.step()
+                if ema is not None:
+                    ema.step(unet.parameters())
+                if loss is not None:
+                    losses.append(loss)
+                if on_step is not None:
+                    on_step(losses[-1] if losses else float("nan"))
+        finally:
+            private.close()
     return losses or [float("nan")]
