@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from fedsynth.config import Config, PrivacyConfig
-from fedsynth.errors import FedsynthError
+from fedsynth.errors import ConfigError, FedsynthError
 
 RDP_ALPHAS = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 1025, 8)]
 History = list[tuple[float, float, int]]  # (σ, q, steps) segments, in Opacus' layout
@@ -48,16 +47,19 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
 
 
 def calibrate(target_epsilon: float, delta: float, q: float, steps: int, accountant: str = "rdp") -> float:
-    """The smallest σ (to Opacus' tolerance 0.01 in ε) with ε(σ, q, steps, δ) ≤ target."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=q,
-            steps=steps,
-            accountant=accountant,
-        )
-    )
+    """The smallest σ (bisection to 0.1% of σ) with ε(σ, q, steps, δ) ≤ target, by the same
+    accountant that reports ε."""
+    lo, hi = 0.0, 1.0
+    while epsilon([(hi, q, steps)], delta, accountant) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e4:
+            raise ConfigError(
+                f"privacy.target_epsilon = {target_epsilon} cannot be met at q = {q:.3g}, {steps} steps"
+            )
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if epsilon([(mid, q, steps)], delta, accountant) > target_epsilon else (lo, mid)
+    return hi
 
 
 def planned_steps(cfg: Config, central_steps_per_round: int) -> int:
