@@ -97,8 +97,8 @@ def run_row(setting: str, method: str, rounds: int, seed: int, runs: Path) -> di
     }
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
+def fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "–" if value is None else format(scale * value, spec)
 
 
 def table(rows: list[dict]) -> str:
@@ -110,7 +110,7 @@ def table(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["setting"], r["method"], r["rounds"], r["seed"])):
         lines.append(
             f"| {r['setting']} | {r['method']} | {r['rounds']} × {r['local_steps']} | {r['seed']} | "
-            f"{fmt(100 * r['cas_accuracy'], '.1f')}% | {fmt(r['label_fidelity'], '.2f')} | "
+            f"{fmt(r['cas_accuracy'], '.1f', 100)}% | {fmt(r['label_fidelity'], '.2f')} | "
             f"{fmt(r['fd'], '.2f')} | {fmt(r['precision'], '.2f')} | {fmt(r['recall'], '.2f')} | "
             f"{fmt(r['class_tv_from_uniform'], '.3f')} | {r['mb_exchanged']:.0f} | {r['wall_s']:.0f} |"
         )
