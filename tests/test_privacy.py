@@ -229,3 +229,54 @@ def test_membership_audit_is_in_eval_json_and_the_summary(tmp_path):
     assert audit["mia_samples"] == 40 and 0.0 <= audit["mia_auc"] <= 1.0
     assert summary["mia_auc"] == audit["mia_auc"]
     assert "membership attack AUC" in run.report.read_text()
+
+
+def test_client_update_clipping_by_hand():
+    from fedsynth.privacy.client_level import clip_update
+
+    ref = {"a": torch.zeros(2), "b": torch.zeros(1)}
+    # Δ = (3, 0, 4): norm 5 → scaled to norm 1
+    got = clip_update({"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}, ref, clip=1.0)
+    assert torch.allclose(got["a"], torch.tensor([0.6, 0.0]))
+    assert torch.allclose(got["b"], torch.tensor([0.8]))
+    small = clip_update({"a": torch.tensor([0.3, 0.0]), "b": torch.tensor([0.4])}, ref, clip=1.0)
+    assert torch.allclose(small["a"], torch.tensor([0.3, 0.0]))  # norm 0.5 ≤ C: unchanged
+
+
+def test_noised_mean_centre_and_noise_scale():
+    from fedsynth.privacy.client_level import noised_mean
+
+    ref = {"w": torch.ones(200_000)}
+    ups = [{"w": torch.ones(200_000) + 1e-4}, {"w": torch.ones(200_000) - 1e-4}]  # clipped norms ≈ 0.045 < 1
+    out = noised_mean(ups, ref, clip=1.0, noise_multiplier=2.0, generator=torch.Generator().manual_seed(0))
+    assert float(out["w"].mean()) == pytest.approx(1.0, abs=0.01)
+    assert float(out["w"].std()) == pytest.approx(2.0 * 1.0 / 2, rel=0.01)  # σC/m
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (['strategy.name="krum"'], "mean-based strategy"),
+        (['paradigm="centralized"'], "federated paradigm"),
+        (["strategy.class_aware=true"], "class_aware"),
+    ],
+)
+def test_dp_fedavg_config_errors(sets, message):
+    base = ['privacy.mode="dp-fedavg"', "privacy.target_epsilon=5", 'strategy.name="fedavgm"']
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/digits-federated.toml", [*TINY_OVERRIDES, *base, *sets])
+
+
+def test_dp_fedavg_run_reports_user_level_epsilon_and_stops_at_the_budget(tmp_path):
+    from fedsynth.pipeline import run_all
+
+    sets = ['privacy.mode="dp-fedavg"', "privacy.target_epsilon=5", "eval.enabled=false"]
+    run = run_all(load_config("configs/digits-federated.toml", [*TINY_OVERRIDES, *sets]), tmp_path / "r")
+    lines = run.read_metrics()
+    assert [list(line["epsilon"]) for line in lines] == [["clients (user-level)"]] * 2
+    assert 0 < lines[0]["epsilon_max"] < lines[1]["epsilon_max"] <= 5.01
+    saved = load_config(run.config)
+    assert saved.privacy.noise_multiplier > 0
+    assert json.loads(run.summary.read_text())["delta"] == pytest.approx(1 / (10 * 2))
+    with pytest.raises(PrivacyBudgetError, match="round 3 would take clients"):
+        run_all(load_config(run.config, ["federation.rounds=3"]), tmp_path / "r", resume=True)

@@ -202,8 +202,10 @@ class LedgerConfig:
 class PrivacyConfig:
     """Sample-level differential privacy of each training party (README, "Privacy")."""
 
-    mode: str = _choice("none", ("none", "dp-sgd"))
-    max_grad_norm: float = _at_least(1.0, 0.0, exclusive=True)  # C: per-example clipping norm
+    mode: str = _choice("none", ("none", "dp-sgd", "dp-fedavg"))
+    max_grad_norm: float = _at_least(
+        1.0, 0.0, exclusive=True
+    )  # C: per example (dp-sgd), per client update (dp-fedavg)
     noise_multiplier: float = _at_least(0.0, 0.0)  # σ; 0 with target_epsilon: calibrated, recorded
     target_epsilon: float = _at_least(0.0, 0.0)  # ε budget of each party; the run stops before it
     delta: float = _at_least(0.0, 0.0)  # 0: 1 / (10 N) of each party's N examples
@@ -472,11 +474,11 @@ def _privacy_problem(cfg: Config) -> str | None:
     if p.mode == "none":
         return None
     if p.noise_multiplier <= 0 and p.target_epsilon <= 0:
-        return (
-            "privacy.mode = 'dp-sgd' needs privacy.target_epsilon (σ calibrated) or privacy.noise_multiplier"
-        )
+        return f"privacy.mode = {p.mode!r} needs privacy.target_epsilon (σ is calibrated) or noise_multiplier"
     if p.delta >= 1:
         return f"privacy.delta = {p.delta} must be below 1 (0: 1 / (10 N))"
+    if p.mode == "dp-fedavg":
+        return _client_level_problem(cfg)
     if cfg.paradigm not in ("centralized", "federated"):
         return (
             f"privacy.mode = 'dp-sgd' runs in the centralized and federated paradigms, not {cfg.paradigm!r}"
@@ -488,6 +490,26 @@ def _privacy_problem(cfg: Config) -> str | None:
         )
     if cfg.train.local_epochs > 0:
         return "privacy.mode = 'dp-sgd' counts steps: use train.local_steps, not train.local_epochs"
+    return None
+
+
+# strategies whose aggregate is a weighted mean followed by a server optimizer: with
+# dp-fedavg they receive the noised mean as their only reply (privacy/client_level.py)
+CLIENT_LEVEL_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
+
+
+def _client_level_problem(cfg: Config) -> str | None:
+    if cfg.paradigm != "federated":
+        return f"privacy.mode = 'dp-fedavg' runs in the federated paradigm, not {cfg.paradigm!r}"
+    if cfg.strategy.name not in CLIENT_LEVEL_STRATEGIES:
+        return (
+            f"privacy.mode = 'dp-fedavg' needs a mean-based strategy ({', '.join(CLIENT_LEVEL_STRATEGIES)}), "
+            f"not {cfg.strategy.name!r}"
+        )
+    if cfg.exchange.plan != "full" or cfg.calibration.mode != "off" or cfg.phoenix.filter_from:
+        return "privacy.mode = 'dp-fedavg' needs exchange.plan = 'full', no calibration and no filtering"
+    if cfg.strategy.class_aware:
+        return "privacy.mode = 'dp-fedavg' does not combine with strategy.class_aware (per-client rows)"
     return None
 
 

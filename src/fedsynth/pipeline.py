@@ -115,10 +115,11 @@ def privacy_sizes(cfg: Config, prepared: Prepared) -> list[int]:
 def privacy_summary(cfg: Config, prepared: Prepared, metrics: list[dict]) -> dict:
     """The run's (ε, δ): the largest ε any party spent, with the largest δ among the parties."""
     p = cfg.privacy
+    n = cfg.partition.num_clients if p.mode == "dp-fedavg" else min(privacy_sizes(cfg, prepared))
     return {
         "privacy": p.mode,
         "epsilon": metrics[-1].get("epsilon_max", 0.0) if metrics else 0.0,
-        "delta": default_delta(p, min(privacy_sizes(cfg, prepared))),
+        "delta": default_delta(p, n),
         "noise_multiplier": p.noise_multiplier,
         "accountant": p.accountant,
     }

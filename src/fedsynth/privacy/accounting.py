@@ -74,8 +74,12 @@ def resolve_noise(cfg: Config, sizes: list[int], central_steps_per_round: int) -
     party that needs the most noise (the smallest N: the largest q, and its δ), recorded in
     the run's config.toml so that a resumed run keeps the same σ."""
     p = cfg.privacy
-    if p.mode != "dp-sgd" or p.noise_multiplier > 0:
+    if p.mode == "none" or p.noise_multiplier > 0:
         return cfg
+    if p.mode == "dp-fedavg":  # one release per round, no amplification
+        n = cfg.partition.num_clients
+        sigma = calibrate(p.target_epsilon, default_delta(p, n), 1.0, cfg.federation.rounds, p.accountant)
+        return dataclasses.replace(cfg, privacy=dataclasses.replace(p, noise_multiplier=round(sigma, 6)))
     n = min(sizes)
     steps = planned_steps(cfg, central_steps_per_round)
     sigma = calibrate(
@@ -122,6 +126,10 @@ class PrivacyLedger:
                 "the run stops here with its checkpoints (sample from the last model, or start a new run)"
             )
 
+    def check_round(self, round_: int, selected: list[int], steps: int) -> None:
+        for pid in selected:
+            self.check_next(f"client {pid}", steps, round_)
+
     def after_aggregate(self, round_: int, updates: list) -> dict[str, Any]:
         for u in updates:
             self.record(f"client {u.info.client}", u.info.num_steps, u.info.num_examples)
@@ -132,3 +140,30 @@ class PrivacyLedger:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps, self.sizes = dict(state["steps"]), dict(state["sizes"])
+
+
+class ClientLevelLedger(PrivacyLedger):
+    """DP-FedAvg's ledger: one party (every client, user-level), one release per round at
+    sampling rate 1 (``batch_size`` = N = the number of clients); δ defaults to 1 / (10 N)."""
+
+    party = "clients (user-level)"
+
+    def __init__(self, privacy: PrivacyConfig, num_clients: int) -> None:
+        super().__init__(privacy, batch_size=num_clients)
+        self.num_clients = num_clients
+
+    def check_round(self, round_: int, selected: list[int], steps: int) -> None:
+        self.check_next(self.party, 1, round_)
+
+    def after_aggregate(self, round_: int, updates: list) -> dict[str, Any]:
+        self.record(self.party, 1, self.num_clients)
+        return self.report()
+
+
+def privacy_ledger(cfg: Config) -> PrivacyLedger | None:
+    """The federated server's ledger for ``privacy.mode`` (None without DP)."""
+    if cfg.privacy.mode == "dp-sgd":
+        return PrivacyLedger(cfg.privacy, cfg.train.batch_size)
+    if cfg.privacy.mode == "dp-fedavg":
+        return ClientLevelLedger(cfg.privacy, cfg.partition.num_clients)
+    return None

@@ -27,10 +27,12 @@ from fedsynth.checkpoint import Checkpoint, ema_unet, save_personal_model
 from fedsynth.config import Config, dump_config
 from fedsynth.exchange.plans import UNITS, upload_groups
 from fedsynth.exchange.transfer import Layout, ServerExchange, has_personal_models
-from fedsynth.privacy.accounting import PrivacyLedger
-from fedsynth.protocol import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedsynth.privacy.accounting import privacy_ledger
+from fedsynth.privacy.client_level import noised_mean
+from fedsynth.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, UpdateInfo
 from fedsynth.rounds import Model, RoundRecord, ServerEma, Tick, select_clients
 from fedsynth.rundir import RunDir
+from fedsynth.seeding import torch_generator
 from fedsynth.server.hooks import Calibration, RoundHook, ThresholdFilter, build_auxiliary, hook_state
 from fedsynth.server.messages import (
     FederationError,
@@ -73,9 +75,7 @@ class FederatedDriver(ServerEma):
         self.class_names = class_names
         self.calibration = Calibration(cfg, model) if cfg.calibration.mode != "off" else None
         self.filter = ThresholdFilter(cfg) if cfg.phoenix.filter_from else None
-        self.privacy = (
-            PrivacyLedger(cfg.privacy, cfg.train.batch_size) if cfg.privacy.mode == "dp-sgd" else None
-        )
+        self.privacy = privacy_ledger(cfg)
         hooks = (self.calibration, self.filter, self.privacy)
         self.hooks: list[RoundHook] = [h for h in hooks if h is not None]
         if cfg.strategy.name == "scaffold":
@@ -159,8 +159,8 @@ class FederatedDriver(ServerEma):
         selected = select_clients(
             cfg.seed, round_, attempt, cfg.partition.num_clients, fed.clients_per_round, exclude
         )
-        for pid in selected if self.privacy else ():
-            self.privacy.check_next(f"client {pid}", cfg.train.local_steps, round_)
+        if self.privacy is not None:
+            self.privacy.check_round(round_, selected, cfg.train.local_steps)
         uploads = upload_groups(cfg.exchange.plan, selected, cfg.seed, round_, attempt)
         global_w = self.global_weights()
         extras = self.begin_round(global_w)
@@ -192,11 +192,26 @@ class FederatedDriver(ServerEma):
                 merged.setdefault(record_name, {}).update(record.items())
         return {name: ArrayRecord(arrays) for name, arrays in merged.items()}
 
+    def noised_mean(self, round_: int, valid: list[Update], before: Weights) -> Update:
+        """DP-FedAvg: the clipped, noised mean as the strategy's only reply (client_level.py)."""
+        p = self.cfg.privacy
+        weights = noised_mean(
+            [u.weights for u in valid],
+            {k: before[k] for k in valid[0].weights},
+            clip=p.max_grad_norm,
+            noise_multiplier=p.noise_multiplier,
+            generator=torch_generator(self.cfg.seed, "dp-fedavg", round_),
+        )
+        info = UpdateInfo(client=-1, num_examples=1, num_steps=1, train_loss=0.0, compute_s=0.0)
+        return Update(info=info, weights=weights)
+
     def aggregate_units(self, round_: int, valid: list[Update]) -> Weights:
         """Each unit aggregated by its strategy over the clients that sent it; a unit nobody
         sent keeps its global value."""
         before = self.global_weights()
         new = dict(before)
+        if self.cfg.privacy.mode == "dp-fedavg":
+            valid = [self.noised_mean(round_, valid, before)]
         for name, keys in self.units.items():
             sent = [u for u in valid if keys[0] in u.weights]
             if sent:
