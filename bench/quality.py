@@ -43,6 +43,8 @@ METHODS = {
     "fedavg-sgd": ['strategy.name="fedavg"', 'train.optimizer="sgd"', "train.lr=0.05"],
     "fedprox": ['strategy.name="fedprox"'],
     "fedavgm-lr3e-4": ['strategy.name="fedavgm"', "train.lr=3e-4"],
+    "fedavgm-lr1e-4": ['strategy.name="fedavgm"', "train.lr=1e-4"],
+    "fedexp-lr3e-4": ['strategy.name="fedexp"', "train.lr=3e-4"],
     **{
         f"fedadam-eta{eta}": ['strategy.name="fedadam"', f"strategy.eta={eta}", "strategy.tau=1e-3"]
         for eta in ("1e-3", "3e-3", "1e-2")
