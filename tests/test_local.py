@@ -1,11 +1,15 @@
 """Paradigm ``local``: one-shot mixture of local models."""
 
 import json
+import time
 
 import numpy as np
 import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
 from conftest import TINY_OVERRIDES
+from fedsynth.client.app import handle_query, handle_train
 from fedsynth.config import ConfigError, config_from_dict, load_config
 from fedsynth.local import mixture_counts
 from fedsynth.pipeline import run_all
@@ -65,3 +69,25 @@ def test_uploading_samples_gives_the_same_synthetic_set_as_uploading_models(tmp_
 def test_samples_upload_needs_images_to_send():
     with pytest.raises(ConfigError, match=r"local.upload = 'samples' needs sample.per_class > 0"):
         config_from_dict({"paradigm": "local", "local": {"upload": "samples"}, "sample": {"per_class": 0}})
+
+
+slow = ClientApp()
+slow.query()(handle_query)
+
+
+@slow.train()
+def slow_train(msg: Message, context: Context) -> Message:
+    if int(context.node_config["partition-id"]) == 1:
+        time.sleep(12)  # past federation.rounds × federation.round_timeout
+    return handle_train(msg, context)
+
+
+@pytest.mark.slow
+def test_a_client_that_never_answers_the_one_shot_is_dropped_and_the_rest_kept(tmp_path):
+    overrides = [*TINY_OVERRIDES, 'paradigm="local"', 'partition.scheme="class_disjoint"', "local.steps=2"]
+    overrides += ["federation.round_timeout=2", "sample.per_class=0", "eval.enabled=false"]
+    out = run_all(load_config(CENTRAL, overrides), tmp_path / "run", client_app=slow)
+    (record,) = out.read_metrics()
+    assert record["clients"] == [0]
+    assert record["dropped"] == [{"client": 1, "reason": "no local model"}]
+    assert [c.root.name for c in out.client_runs()] == ["client-00"]
