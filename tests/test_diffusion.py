@@ -24,6 +24,16 @@ def test_presets_build_and_null_label():
     assert 0.5e6 < count_parameters(small) < 0.8e6  # ~0.65 M as measured in the design
 
 
+@pytest.mark.parametrize("size", [16, 28])
+def test_every_preset_takes_digits_and_fashion_mnist_sizes(size):
+    from fedsynth.config import MODEL_PRESETS
+
+    for preset in MODEL_PRESETS:
+        unet = build_unet(ModelConfig(preset=preset), size, 1, 10)
+        out = unet(torch.randn(1, 1, size, size), torch.tensor([3]), class_labels=torch.tensor([2])).sample
+        assert out.shape == (1, 1, size, size), preset
+
+
 def test_cosine_and_linear_schedules_differ():
     lin = build_train_scheduler(DiffusionConfig(schedule="linear"))
     cos = build_train_scheduler(DiffusionConfig(schedule="cosine"))

@@ -37,6 +37,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 8,
         "attention_head_dim": 16,
     },
+    "large": {  # GPU size (configs/fashion-gpu.toml)
+        "block_out_channels": (64, 128, 128),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 32,
+        "attention_head_dim": 32,
+    },
 }
 
 
