@@ -267,7 +267,7 @@ def test_dp_fedavg_config_errors(sets, message):
         load_config("configs/digits-federated.toml", [*TINY_OVERRIDES, *base, *sets])
 
 
-def test_dp_fedavg_run_reports_user_level_epsilon_and_stops_at_the_budget(tmp_path):
+def test_dp_fedavg_run_reports_user_level_epsilon(tmp_path):
     from fedsynth.pipeline import run_all
 
     sets = ['privacy.mode="dp-fedavg"', "privacy.target_epsilon=5", "eval.enabled=false"]
@@ -278,5 +278,22 @@ def test_dp_fedavg_run_reports_user_level_epsilon_and_stops_at_the_budget(tmp_pa
     saved = load_config(run.config)
     assert saved.privacy.noise_multiplier > 0
     assert json.loads(run.summary.read_text())["delta"] == pytest.approx(1 / (10 * 2))
-    with pytest.raises(PrivacyBudgetError, match="round 3 would take clients"):
-        run_all(load_config(run.config, ["federation.rounds=3"]), tmp_path / "r", resume=True)
+
+
+def test_client_level_ledger_counts_one_release_per_round_and_stops_at_the_budget():
+    from fedsynth.privacy.accounting import ClientLevelLedger
+
+    p = PrivacyConfig(mode="dp-fedavg", noise_multiplier=2.0, target_epsilon=4.0)
+    ledger = ClientLevelLedger(p, num_clients=10)
+    for round_ in (1, 2, 3):
+        ledger.check_round(round_, [0, 1], steps=50)  # local steps do not count: one release a round
+        report = ledger.after_aggregate(round_, [])
+    # three Gaussian releases with σ = 2 at sampling rate 1, δ = 1/(10 · 10)
+    assert report["epsilon_max"] == pytest.approx(epsilon([(2.0, 1.0, 3)], 1e-2), abs=1e-4)
+    with pytest.raises(
+        PrivacyBudgetError, match=r"round \d+ would take clients \(user-level\) to ε = 4\.\d+"
+    ):
+        for round_ in range(4, 41):
+            ledger.check_round(round_, [0], steps=50)
+            ledger.after_aggregate(round_, [])
+    assert ledger.report()["epsilon_max"] <= 4.0 + 0.01  # stopped before the budget, not after
