@@ -72,6 +72,7 @@ def overrides(setting: str, method: str, rounds: int, seed: int) -> list[str]:
     return [
         f"seed={seed}",
         *SETTINGS[setting],
+        "train.lr=1e-3",  # every method's client lr unless it sets its own (the demo config's may differ)
         *METHODS[method],
         f"federation.rounds={rounds}",
         f"train.local_steps={local_steps}",
@@ -149,12 +150,13 @@ def plot(rows: list[dict]) -> None:
 
 HEADER = (
     "# Quality vs communication at fixed compute (`bench/quality.py`)\n\n"
-    "Demo config (`configs/digits-federated.toml`: digits 16×16, small UNet, AdamW lr 1e-3, "
-    "server EMA 0.8, DDIM-25, guidance 2 unless the method says w1) with 2,400 client optimizer "
-    "steps, 4 clients per round. `disjoint`: 8 class-disjoint clients (seed 000's setting); "
-    "`dirichlet`: 10 clients, α = 0.1. Centralized rows: `equal-compute` 2,400 steps, "
-    "`equal-sequential` rounds × local steps. Wall times are measured on a shared 2-core "
-    "machine and are not comparable between rows.\n\n"
+    "Demo config (`configs/digits-federated.toml`: digits 16×16, small UNet, AdamW with client "
+    "lr 1e-3 unless the method names another (`-lr…`), server EMA 0.8, DDIM-25, guidance 2 "
+    "unless the method says w1) with 2,400 client optimizer steps, 4 clients per round. "
+    "`disjoint`: 8 class-disjoint clients (seed 000's setting); `dirichlet`: 10 clients, "
+    "α = 0.1. Centralized rows: `equal-compute` 2,400 steps, `equal-sequential` rounds × local "
+    "steps. Wall times are measured on a shared 2-core machine and are not comparable between "
+    "rows.\n\n"
 )
 
 
