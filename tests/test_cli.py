@@ -202,9 +202,10 @@ def test_interrupted_run_exits_non_zero_says_how_to_resume_and_resumes(tmp_path,
     assert "Traceback" not in err and "SIGTERM received" not in err  # no stack dumps on the way out
     done = len(list((out / "checkpoints").glob("round-*")))
     res = _cli("run", "--resume", str(out), "--set", "train.lr=0.01")
+    trained = load_config(config).train.lr
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        "error: --resume cannot change train.lr (the run was trained with 0.001); start a new run with "
-        "--out for that"
+        f"error: --resume cannot change train.lr (the run was trained with {trained!r}); start a new run "
+        "with --out for that"
     ], res.stderr[-2000:]
     res = _cli("run", "--resume", str(out), "--set", f"federation.rounds={done + 1}")
     assert res.returncode == 0, res.stderr[-2000:]
