@@ -11,7 +11,7 @@ from fedsynth.config import DiffusionConfig, PrivacyConfig, load_config
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.errors import ConfigError
 from fedsynth.privacy.accounting import PrivacyBudgetError, PrivacyLedger, calibrate, epsilon
-from fedsynth.privacy.dpsgd import clip_and_noise, per_example_losses, poisson_batch
+from fedsynth.privacy.dpsgd import clip_and_noise, poisson_batch
 
 
 def _attn_unet() -> UNet2DModel:
@@ -31,38 +31,59 @@ def _attn_unet() -> UNet2DModel:
     )
 
 
-def _per_example_grads(mode: str, multiplicity: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(Opacus per-example gradients in ``mode``, reference: one example at a time)."""
-    unet = _attn_unet()
+def _draws(multiplicity: int):
+    """Three examples, their K (t, ε) draws from seed 2 (rows k·B + i), and the scheduler."""
     scheduler = build_train_scheduler(DiffusionConfig(num_train_timesteps=50))
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2])
-    params = list(unet.parameters())
-    model = GradSampleModule(
-        unet, batch_first=True, loss_reduction="sum", force_functorch=mode == "functorch"
-    )
-    rows = per_example_losses(
-        model, scheduler, x, y, torch.Generator().manual_seed(2), multiplicity=multiplicity, loss="mse"
-    )
-    rows.sum().backward()
-    got = [p.grad_sample.view(multiplicity, 3, *p.shape).sum(0) for p in params]
-    model._close()
-    # the same (t, ε) draws, one example at a time: the rows are [k·B + i]
     gen = torch.Generator().manual_seed(2)
     xs = x.repeat(multiplicity, 1, 1, 1)
     t = torch.randint(0, 50, (3 * multiplicity,), generator=gen)
     noise = torch.randn(xs.shape, generator=gen)
-    noisy = scheduler.add_noise(xs, noise, t)
-    want = [torch.zeros_like(g) for g in got]
+    return scheduler, x, y, scheduler.add_noise(xs, noise, t), t, noise
+
+
+def _reference(unet, multiplicity: int) -> list[torch.Tensor]:
+    """Per-example gradients of ℓ_i = (1/K) Σ_k ‖ε − ε_θ‖², one row at a time."""
+    _, _, y, noisy, t, noise = _draws(multiplicity)
+    params = list(unet.parameters())
+    want = [torch.zeros(3, *p.shape) for p in params]
     for row in range(3 * multiplicity):
         unet.zero_grad()
         pred = unet(
             noisy[row : row + 1], t[row : row + 1], class_labels=y.repeat(multiplicity)[row : row + 1]
-        ).sample
-        (((pred - noise[row : row + 1]) ** 2).mean() / multiplicity).backward()
+        )
+        (((pred.sample - noise[row : row + 1]) ** 2).mean() / multiplicity).backward()
         for w, p in zip(want, params, strict=True):
             w[row % 3] += p.grad
-    return got, want
+    return want
+
+
+def _ours(unet, multiplicity: int) -> list[torch.Tensor]:
+    from fedsynth.config import TrainConfig
+    from fedsynth.data.datasets import ImageData
+    from fedsynth.privacy.dpsgd import PrivateGradients
+
+    scheduler, x, y, *_ = _draws(multiplicity)
+    privacy = PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, noise_multiplicity=multiplicity)
+    private = PrivateGradients(
+        unet, scheduler, ImageData(x, y, ("a", "b", "c")), train=TrainConfig(batch_size=3),
+        diffusion=DiffusionConfig(num_train_timesteps=50, cfg_dropout=0.0), privacy=privacy,
+        generator=torch.Generator().manual_seed(2),
+    )  # fmt: skip
+    grads, _ = private.per_example(torch.arange(3))
+    return grads
+
+
+def _opacus_hooks(unet) -> list[torch.Tensor]:
+    """Opacus' default per-example gradients (``hooks`` mode) of the same losses, K = 1."""
+    _, _, y, noisy, t, noise = _draws(1)
+    params = list(unet.parameters())
+    model = GradSampleModule(unet, batch_first=True, loss_reduction="sum")
+    ((model(noisy, t, class_labels=y).sample - noise) ** 2).flatten(1).mean(1).sum().backward()
+    got = [p.grad_sample.clone() for p in params]
+    model._close()
+    return got
 
 
 def _mismatched(got, want) -> list[int]:
@@ -72,14 +93,15 @@ def _mismatched(got, want) -> list[int]:
 
 
 @pytest.mark.parametrize("multiplicity", [1, 2])
-def test_functorch_per_example_gradients_match_one_example_at_a_time(multiplicity):
-    got, want = _per_example_grads("functorch", multiplicity)
-    assert _mismatched(got, want) == []
+def test_per_example_gradients_match_one_example_at_a_time(multiplicity):
+    unet = _attn_unet()
+    assert _mismatched(_ours(unet, multiplicity), _reference(unet, multiplicity)) == []
 
 
-def test_hooks_mode_gets_the_convolutions_after_attention_wrong():
-    """Why dpsgd.py uses functorch mode: the default mode fails the same comparison."""
-    got, want = _per_example_grads("hooks")
+def test_opacus_hooks_mode_gets_the_convolutions_after_attention_wrong():
+    """Why dpsgd.py does not use Opacus' default: it fails the same comparison."""
+    unet = _attn_unet()
+    got, want = _opacus_hooks(unet), _reference(unet, 1)
     wrong = _mismatched(got, want)
     names = [n for n, _ in _attn_unet().named_parameters()]
     assert wrong and all(got[i].abs().max() == 0 for i in wrong), [names[i] for i in wrong]

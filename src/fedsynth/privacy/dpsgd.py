@@ -7,9 +7,12 @@ C = ``privacy.max_grad_norm``, σ = ``privacy.noise_multiplier``, K =
 1. Poisson sampling: each example joins the batch with probability q (the accountant's
    assumption; the batch size varies, and may be 0).
 2. Per-example gradients g_i of ℓ_i = (1/K) Σ_k ‖ε_k − ε_θ(x_{t_k}, t_k, y_i)‖² (K draws of
-   (t, ε) per example, DPDM's noise multiplicity), by Opacus in ``functorch`` mode: its
-   default ``hooks`` mode returns zero gradients for the convolutions after attention
-   blocks (channels-last inputs; ``tests/test_privacy.py`` shows it).
+   (t, ε) per example, DPDM's noise multiplicity): ``torch.func.vmap`` of ``grad`` over the
+   examples, the whole UNet in one batched pass. (Opacus' ``GradSampleModule`` was measured
+   slower — its ``functorch`` mode recomputes every layer per example — and its default
+   ``hooks`` mode returns zero gradients for the convolutions after attention blocks, whose
+   inputs are channels-last; ``tests/test_privacy.py`` shows both the error and that the
+   gradients here match a one-example-at-a-time reference.)
 3. Clip: ḡ_i = g_i · min(1, C / ‖g_i‖) (the norm over all parameters).
 4. Noise: g̃ = (Σ_i ḡ_i + N(0, σ² C² I)) / (q N), then the configured optimizer's step.
 
@@ -19,14 +22,13 @@ is drawn per example as in non-private training.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
-from opacus import GradSampleModule
+from torch.func import functional_call, grad_and_value, vmap
 
 from fedsynth.config import DiffusionConfig, PrivacyConfig, TrainConfig
 from fedsynth.data.datasets import ImageData
@@ -66,28 +68,14 @@ def clip_and_noise(
     return out
 
 
-def per_example_losses(
-    model: torch.nn.Module,
-    scheduler: DDPMScheduler,
-    x0: torch.Tensor,
-    labels: torch.Tensor | None,
-    generator: torch.Generator,
-    *,
-    multiplicity: int,
-    loss: str,
-) -> torch.Tensor:
-    """Step 2's ℓ over K·B rows (the batch repeated K times), each row scaled by 1/K so that
-    summing a row's K per-example gradients gives ∇ℓ_i."""
-    x = x0.repeat(multiplicity, *([1] * (x0.dim() - 1)))
-    y = None if labels is None else labels.repeat(multiplicity)
-    noisy, t, noise = noisy_inputs(scheduler, x, generator)
-    pred = model(noisy, t, class_labels=y).sample
-    return PER_EXAMPLE[loss](pred, noise).flatten(1).mean(1) / multiplicity
+def by_example(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows k·B + i of a K-times repeated batch → shape (B, K, …): example i's K draws."""
+    return a.view(k, -1, *a.shape[1:]).transpose(0, 1)
 
 
 class PrivateGradients:
     """Steps 1–4 for one UNet: ``step()`` sets every parameter's ``.grad`` to the privatised
-    gradient of a fresh Poisson batch. Holds Opacus' wrapper until ``close()``."""
+    gradient of a fresh Poisson batch."""
 
     def __init__(
         self,
@@ -102,34 +90,33 @@ class PrivateGradients:
     ) -> None:
         device = next(unet.parameters()).device
         self.images, self.labels = data.images.to(device), data.labels.to(device)
-        self.scheduler, self.diffusion, self.privacy, self.generator = (
-            scheduler,
-            diffusion,
-            privacy,
-            generator,
-        )
+        self.scheduler, self.diffusion = scheduler, diffusion
+        self.privacy, self.generator = privacy, generator
         self.null, self.n = null_label(unet), len(data)
         self.q = min(1.0, train.batch_size / self.n)
-        self.params = [p for p in unet.parameters() if p.requires_grad]
-        self.model = GradSampleModule(unet, batch_first=True, loss_reduction="sum", force_functorch=True)
+        named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.unet, self.buffers = unet, dict(unet.named_buffers())
+        labelled = (None, 0, 0, None if self.null is None else 0, 0)
+        self.grad_fn = vmap(grad_and_value(self.example_loss), in_dims=labelled)
+
+    def example_loss(self, params: dict, noisy: torch.Tensor, t: torch.Tensor, y, noise: torch.Tensor):
+        """ℓ_i over example i's K draws (step 2), as a function of the parameters."""
+        pred = functional_call(self.unet, (params, self.buffers), (noisy, t), {"class_labels": y}).sample
+        return PER_EXAMPLE[self.diffusion.loss](pred, noise).flatten(1).mean(1).mean()
 
     def per_example(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], float | None]:
         """Step 2 for the drawn examples: their gradients and mean objective (None if none)."""
         if not len(idx):
             return [p.new_zeros((0, *p.shape)) for p in self.params], None
-        k, d = self.privacy.noise_multiplicity, self.diffusion
-        y = (
-            None
-            if self.null is None
-            else drop_labels(self.labels[idx], d.cfg_dropout, self.null, self.generator)
-        )
-        rows = per_example_losses(
-            self.model, self.scheduler, self.images[idx], y, self.generator, multiplicity=k, loss=d.loss
-        )
-        self.model.zero_grad(set_to_none=True)
-        rows.sum().backward()
-        grads = [p.grad_sample.view(k, len(idx), *p.shape).sum(0) for p in self.params]
-        return grads, float(rows.detach().sum() / len(idx))
+        k, dropout = self.privacy.noise_multiplicity, self.diffusion.cfg_dropout
+        y = None if self.null is None else drop_labels(self.labels[idx], dropout, self.null, self.generator)
+        x = self.images[idx].repeat(k, *([1] * (self.images.dim() - 1)))  # rows k·B + i
+        noisy, t, noise = noisy_inputs(self.scheduler, x, self.generator)
+        y = None if y is None else by_example(y.repeat(k), k)
+        params = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
+        grads, losses = self.grad_fn(params, by_example(noisy, k), by_example(t, k), y, by_example(noise, k))
+        return [grads[n] for n in self.names], float(losses.mean())
 
     def step(self) -> float | None:
         idx = poisson_batch(self.n, self.q, self.generator)  # 1.
@@ -142,11 +129,8 @@ class PrivateGradients:
             generator=self.generator,
         )
         for p, g in zip(self.params, grads, strict=True):
-            p.grad_sample, p.grad = None, g
+            p.grad = g
         return loss
-
-    def close(self) -> None:
-        self.model._close()  # removes Opacus' hooks and attributes from the UNet
 
 
 def dp_train_steps(
@@ -166,24 +150,16 @@ def dp_train_steps(
     """``steps`` DP-SGD steps (module docstring); the mean objective of each non-empty batch."""
     unet.train()
     losses: list[float] = []
-    with warnings.catch_warnings():
-        # Opacus' functorch path: its backward hooks fire on outputs (the images need no
-        # gradient) and it asks CPU autocast for float32; neither affects the result
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype")
-        private = PrivateGradients(
-            unet, scheduler, data, train=train, diffusion=diffusion, privacy=privacy, generator=generator
-        )
-        try:
-            for _ in range(steps):
-                loss = private.step()
-                optimizer.step()
-                if ema is not None:
-                    ema.step(unet.parameters())
-                if loss is not None:
-                    losses.append(loss)
-                if on_step is not None:
-                    on_step(losses[-1] if losses else float("nan"))
-        finally:
-            private.close()
+    private = PrivateGradients(
+        unet, scheduler, data, train=train, diffusion=diffusion, privacy=privacy, generator=generator
+    )
+    for _ in range(steps):
+        loss = private.step()
+        optimizer.step()
+        if ema is not None:
+            ema.step(unet.parameters())
+        if loss is not None:
+            losses.append(loss)
+        if on_step is not None:
+            on_step(losses[-1] if losses else float("nan"))
     return losses or [float("nan")]
