@@ -67,8 +67,9 @@ KEYS = ("cas_accuracy", "label_fidelity", "fd", "precision", "recall", "class_tv
 def overrides(setting: str, method: str, rounds: int, seed: int) -> list[str]:
     """The ``--set`` values of one row: setting, method and the rounds × local steps split."""
     local_steps = CLIENT_STEPS // (4 * rounds)
-    if method == "centralized-equal-compute":
-        rounds, local_steps = CLIENT_STEPS // local_steps, local_steps
+    # a centralized round does clients_per_round × local_steps steps: 4 gives the federated
+    # row's total compute, 1 its sequential steps (rounds × local steps)
+    per_round = 1 if method == "centralized-equal-sequential" else 4
     return [
         f"seed={seed}",
         *SETTINGS[setting],
@@ -76,7 +77,7 @@ def overrides(setting: str, method: str, rounds: int, seed: int) -> list[str]:
         *METHODS[method],
         f"federation.rounds={rounds}",
         f"train.local_steps={local_steps}",
-        "federation.clients_per_round=4",
+        f"federation.clients_per_round={per_round}",
         f"federation.checkpoint_every={rounds}",
     ]
 
