@@ -300,6 +300,7 @@ def test_dp_fedavg_run_reports_user_level_epsilon(tmp_path):
     saved = load_config(run.config)
     assert saved.privacy.noise_multiplier > 0
     assert json.loads(run.summary.read_text())["delta"] == pytest.approx(1 / (10 * 2))
+    assert "**Client-level DP-FedAvg**: (ε, δ) = (" in run.report.read_text()
 
 
 def test_client_level_ledger_counts_one_release_per_round_and_stops_at_the_budget():

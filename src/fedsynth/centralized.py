@@ -24,7 +24,7 @@ from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema, make_optimizer, resolve_device, steps_for, train_steps
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.prepare import Prepared
-from fedsynth.privacy.accounting import PrivacyLedger
+from fedsynth.privacy.accounting import privacy_ledger
 from fedsynth.privacy.dpsgd import dp_train_steps
 from fedsynth.rounds import Model, RoundRecord, Tick, run_rounds
 from fedsynth.rundir import RunDir
@@ -52,9 +52,7 @@ class CentralDriver:
         self.model = Model(unet, self.make_ema(unet), build_train_scheduler(cfg.diffusion))
         self.optimizer = make_optimizer(unet.parameters(), cfg.train)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        self.privacy = (
-            PrivacyLedger(cfg.privacy, cfg.train.batch_size) if cfg.privacy.mode == "dp-sgd" else None
-        )
+        self.privacy = privacy_ledger(cfg)
         self.round = 0
 
     def make_ema(self, unet: UNet2DModel) -> EMAModel:

@@ -33,7 +33,7 @@ from fedsynth.evaluation.metrics import (
 )
 from fedsynth.progress import progress_bar
 from fedsynth.report.plots import plot_tsne
-from fedsynth.rundir import RunDir, read_json, write_json_atomic
+from fedsynth.rundir import RunDir, write_json_atomic
 
 SUMMARY_KEYS = (
     "fd",
@@ -151,15 +151,21 @@ def evaluate_synthetic(
     return metrics, figures
 
 
-def _evaluate_dir(cfg: Config, run: RunDir, real_train: ImageData, real_test: ImageData, device) -> dict:
+def _evaluate_dir(
+    cfg: Config, run: RunDir, real_train: ImageData, real_test: ImageData, device, audit: dict | None = None
+) -> dict:
+    """Judge ``run/synthetic``; ``audit`` (the model's membership audit) is stored beside it."""
     start = time.perf_counter()
     fake = load_synthetic(run.synthetic, real_test, cfg.data.image_size)
     result, figures = evaluate_synthetic(cfg, real_train, real_test, fake, device)
     if cfg.eval.tsne_points > 0:
         plot_tsne(figures, list(real_test.class_names), run.root / "tsne.png", cfg.eval.tsne_points, cfg.seed)
     result["eval_wall_s"] = time.perf_counter() - start
+    if audit:
+        result["membership"] = audit
     write_json_atomic(run.eval, result)
-    run.update_summary(**{k: result[k] for k in SUMMARY_KEYS + INCEPTION_KEYS if k in result})
+    summary = {k: result[k] for k in SUMMARY_KEYS + INCEPTION_KEYS if k in result}
+    run.update_summary(**summary, **{k: audit[k] for k in AUDIT_KEYS if audit})
     return result
 
 
@@ -181,15 +187,11 @@ def mean_over_clients(per_client: dict[str, dict]) -> dict:
 
 
 def audit_model(cfg: Config, run: RunDir, members: ImageData, nonmembers: ImageData, device) -> dict:
-    """The membership-inference audit of ``run/model`` (none without a global model), added to
-    eval.json and summary.json."""
+    """The membership-inference audit of ``run/model`` (none without a global model)."""
     if cfg.eval.membership_samples <= 0 or not (run.model / "unet").is_dir():
         return {}
     unet, scheduler = load_model(run, device)
-    audit = membership_audit(unet, scheduler, members, nonmembers, cfg.eval.membership_samples, cfg.seed)
-    write_json_atomic(run.eval, {**read_json(run.eval), "membership": audit})
-    run.update_summary(**{k: audit[k] for k in AUDIT_KEYS})
-    return audit
+    return membership_audit(unet, scheduler, members, nonmembers, cfg.eval.membership_samples, cfg.seed)
 
 
 def evaluate_run(cfg: Config, run: RunDir) -> dict:
@@ -198,8 +200,8 @@ def evaluate_run(cfg: Config, run: RunDir) -> dict:
     data = load_dataset(cfg.data)
     clients = run.client_runs()
     if run.synthetic.is_dir() or not clients:
-        result = _evaluate_dir(cfg, run, data.train, data.test, device)
-        return {**result, **audit_model(cfg, run, data.train, data.test, device)}
+        audit = audit_model(cfg, run, data.train, data.test, device)
+        return {**_evaluate_dir(cfg, run, data.train, data.test, device, audit), **audit}
     per_client = {c.root.name: _evaluate_dir(cfg, c, data.train, data.test, device) for c in clients}
     result = mean_over_clients(per_client)
     write_json_atomic(run.eval, result)

@@ -169,6 +169,14 @@ def _privacy(run: RunDir, summary: dict) -> list[str]:
             "It bounds what the model and everything derived from it (updates, samples) reveal about "
             "any one training image; it does not hide which classes a party holds."
         )
+    elif cfg.privacy.mode == "dp-fedavg":
+        p = cfg.privacy
+        lines.append(
+            f"- **Client-level DP-FedAvg**: (ε, δ) = ({_fmt('{:.2f}', summary.get('epsilon', '?'))}, "
+            f"{_fmt('{:.2e}', summary.get('delta', '?'))}) for each client's whole dataset (each update "
+            f"clipped to C = {p.max_grad_norm}, Gaussian noise σC/m on their mean, σ = {p.noise_multiplier}, "
+            f"{p.accountant} accountant, no amplification by client sampling)."
+        )
     else:
         lines.append(
             '- **No formal guarantee** (`privacy.mode = "none"`): model updates and the final model '
