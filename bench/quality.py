@@ -5,7 +5,9 @@ Every federated row spends 2,400 client optimizer steps (4 clients per round): 1
 overrides on top of the demo's config (``configs/digits-federated.toml``); a setting is the
 partition (class-disjoint digits, seed 000's: 8 clients; Dirichlet α = 0.1: 10 clients).
 Centralized rows train one model with the same total compute (2,400 steps) or the same
-sequential steps (rounds × local steps = 600).
+sequential steps (rounds × local steps = 600). A fine-tuning method (``…-ft<steps>``:
+``federation.finetune_steps``) spends <steps> on every client after the last round; its rounds
+get the rest of the 2,400 steps (8 clients × 100 fine-tuning steps → 20 rounds × 20).
 
 Rows are keyed (setting, method, rounds, seed); a row already in the results is kept, so an
 interrupted benchmark goes on where it stopped and new methods add rows. Results:
@@ -45,6 +47,9 @@ METHODS = {
     "fedavgm-lr3e-4": ['strategy.name="fedavgm"', "train.lr=3e-4"],
     "fedavgm-lr1e-4": ['strategy.name="fedavgm"', "train.lr=1e-4"],
     "fedexp-lr3e-4": ['strategy.name="fedexp"', "train.lr=3e-4"],
+    # a shorter client trajectory (less drift) scaled back up by the server step
+    "fedavgm-lr1e-4-slr3": ['strategy.name="fedavgm"', "train.lr=1e-4", "strategy.server_lr=3.0"],
+    "fedavgm-lr1.5e-4-slr2": ['strategy.name="fedavgm"', "train.lr=1.5e-4", "strategy.server_lr=2.0"],
     **{
         f"fedadam-eta{eta}": ['strategy.name="fedadam"', f"strategy.eta={eta}", "strategy.tau=1e-3"]
         for eta in ("1e-3", "3e-3", "1e-2")
@@ -57,6 +62,14 @@ METHODS = {
         f"fedadagrad-eta{eta}": ['strategy.name="fedadagrad"', f"strategy.eta={eta}", "strategy.tau=1e-3"]
         for eta in ("1e-3", "3e-3", "1e-2")
     },
+    **{
+        f"fedavgm-lr3e-4-ft{ft}": [
+            'strategy.name="fedavgm"',
+            "train.lr=3e-4",
+            f"federation.finetune_steps={ft}",
+        ]
+        for ft in (50, 100, 200)
+    },
     # centralized at its own best guidance (w = 1, README "Guidance")
     "centralized-equal-compute": ['paradigm="centralized"', "sample.guidance=1.0"],
     "centralized-equal-sequential": ['paradigm="centralized"', "sample.guidance=1.0"],
@@ -64,9 +77,24 @@ METHODS = {
 KEYS = ("cas_accuracy", "label_fidelity", "fd", "precision", "recall", "class_tv_from_uniform")
 
 
+def finetune_steps(method: str) -> int:
+    """Steps each client fine-tunes after the last round (methods ``…-ft<steps>``)."""
+    return int(method.rsplit("-ft", 1)[1]) if "-ft" in method else 0
+
+
+def num_clients(setting: str) -> int:
+    return 10 if setting == "dirichlet" else 8
+
+
+def local_steps_of(setting: str, method: str, rounds: int) -> int:
+    """Local steps per round so that the row spends CLIENT_STEPS in all: a fine-tuning
+    method's rounds get what the fine-tuning (every client, ``-ft<steps>`` each) leaves."""
+    return (CLIENT_STEPS - num_clients(setting) * finetune_steps(method)) // (4 * rounds)
+
+
 def overrides(setting: str, method: str, rounds: int, seed: int) -> list[str]:
     """The ``--set`` values of one row: setting, method and the rounds × local steps split."""
-    local_steps = CLIENT_STEPS // (4 * rounds)
+    local_steps = local_steps_of(setting, method, rounds)
     # a centralized round does clients_per_round × local_steps steps: 4 gives the federated
     # row's total compute, 1 its sequential steps (rounds × local steps)
     per_round = 1 if method == "centralized-equal-sequential" else 4
@@ -92,13 +120,18 @@ def run_row(setting: str, method: str, rounds: int, seed: int, runs: Path) -> di
         "setting": setting,
         "method": method,
         "rounds": rounds,
-        "local_steps": CLIENT_STEPS // (4 * rounds),
+        "local_steps": local_steps_of(setting, method, rounds),
+        "finetune_steps": finetune_steps(method),
         "seed": seed,
         **{k: summary.get(k) for k in KEYS},
         "mb_exchanged": round(mb, 1),
         "wall_s": round(wall, 1),
         "run": str(out),
     }
+
+
+def _ft(row: dict) -> str:
+    return f" + {row['finetune_steps']} fine-tuning" if row.get("finetune_steps") else ""
 
 
 def fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
@@ -113,7 +146,7 @@ def table(rows: list[dict]) -> str:
     ]
     for r in sorted(rows, key=lambda r: (r["setting"], r["method"], r["rounds"], r["seed"])):
         lines.append(
-            f"| {r['setting']} | {r['method']} | {r['rounds']} × {r['local_steps']} | {r['seed']} | "
+            f"| {r['setting']} | {r['method']} | {r['rounds']} × {r['local_steps']}{_ft(r)} | {r['seed']} | "
             f"{fmt(r['cas_accuracy'], '.1f', 100)}% | {fmt(r['label_fidelity'], '.2f')} | "
             f"{fmt(r['fd'], '.2f')} | {fmt(r['precision'], '.2f')} | {fmt(r['recall'], '.2f')} | "
             f"{fmt(r['class_tv_from_uniform'], '.3f')} | {r['mb_exchanged']:.0f} | {r['wall_s']:.0f} |"
@@ -156,7 +189,9 @@ HEADER = (
     "unless the method says w1) with 2,400 client optimizer steps, 4 clients per round. "
     "`disjoint`: 8 class-disjoint clients (seed 000's setting); `dirichlet`: 10 clients, "
     "α = 0.1. Centralized rows: `equal-compute` 2,400 steps, `equal-sequential` rounds × local "
-    "steps. Wall times are measured on a shared 2-core machine and are not comparable between "
+    "steps. `-ft<s>`: after the last round every client fine-tunes for s steps (taken from the "
+    "2,400) and the synthetic set is the per-class mixture of the fine-tuned models. "
+    "Wall times are measured on a shared 2-core machine and are not comparable between "
     "rows.\n\n"
 )
 

@@ -91,3 +91,39 @@ def test_a_client_that_never_answers_the_one_shot_is_dropped_and_the_rest_kept(t
     assert record["clients"] == [0]
     assert record["dropped"] == [{"client": 1, "reason": "no local model"}]
     assert [c.root.name for c in out.client_runs()] == ["client-00"]
+
+
+def test_finetuning_needs_a_federated_run_without_personal_modules():
+    with pytest.raises(ConfigError, match=r"federation.finetune_steps needs paradigm = 'federated'"):
+        config_from_dict({"paradigm": "centralized", "federation": {"finetune_steps": 5}})
+    with pytest.raises(ConfigError, match=r"exchange.personal = 'last-block'"):
+        config_from_dict(
+            {
+                "paradigm": "federated",
+                "federation": {"finetune_steps": 5},
+                "exchange": {"personal": "last-block"},
+            }
+        )
+    with pytest.raises(ConfigError, match=r"not in the privacy accounting"):
+        private = {"mode": "dp-sgd", "noise_multiplier": 1.0}
+        config_from_dict({"paradigm": "federated", "federation": {"finetune_steps": 5}, "privacy": private})
+
+
+@pytest.mark.slow
+def test_federated_run_with_finetuning_samples_the_clients_finetuned_mixture(tmp_path):
+    overrides = [*TINY_OVERRIDES, 'partition.scheme="class_disjoint"', "federation.finetune_steps=3"]
+    out = run_all(load_config(CENTRAL, [*overrides, 'paradigm="federated"']), tmp_path / "run")
+    *rounds, last = out.read_metrics()
+    assert [r["round"] for r in rounds] == list(range(1, len(rounds) + 1)) and "phase" not in rounds[-1]
+    assert last["phase"] == "finetune" and last["round"] == len(rounds) + 1 and last["steps_per_client"] == 3
+    assert (out.model / "unet").is_dir()  # the global model is kept beside the clients' fine-tuned ones
+    assert [c.root.name for c in out.client_runs()] == ["client-00", "client-01"]
+    manifest = json.loads((out.synthetic / "manifest.json").read_text())
+    held = {int(p): np.flatnonzero(h).tolist() for p, h in last["class_counts_per_client"].items()}
+    for pid, row in manifest["mixture"].items():
+        assert [c for c, n in enumerate(row) if n] == held[int(pid)]
+    summary = json.loads(out.summary.read_text())
+    assert summary["rounds"] == len(rounds) and summary["finetune_steps"] == 3
+    report = (out.root / "report.md").read_text()
+    assert "## Local models (one per client; the synthetic set is their mixture)" in report
+    assert "uploaded its fine-tuned model" in report

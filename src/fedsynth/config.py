@@ -118,6 +118,7 @@ class FederationConfig:
     client_cpus: float = _at_least(1.0, 0.0, exclusive=True)
     client_gpus: float = _at_least(0.0, 0.0)
     server_ema_decay: float = _at_least(0.8, 0.0)  # per round (bench/server_ema.py); 0: last global model
+    finetune_steps: int = _at_least(0, 0)  # >0: clients fine-tune the final model, synthetic = their mixture
 
 
 @dataclass(frozen=True)
@@ -290,12 +291,21 @@ class Config:
             raise ConfigError(f"exchange.topk_ratio = {self.exchange.topk_ratio} must be in (0, 1]")
         if self.paradigm == "decentralized":
             _check_decentralized(self)
+        if fed.finetune_steps and (self.paradigm != "federated" or self.exchange.personal):
+            raise ConfigError(
+                "federation.finetune_steps needs paradigm = 'federated' without exchange.personal "
+                f"(here paradigm = {self.paradigm!r}, exchange.personal = {self.exchange.personal!r})"
+            )
+        if fed.finetune_steps and self.privacy.mode != "none":
+            raise ConfigError(
+                f"federation.finetune_steps is not available with privacy.mode = {self.privacy.mode!r}: "
+                "the fine-tuning steps are not in the privacy accounting"
+            )
         if self.paradigm == "local":
             _check_unsupported(self)
-            if self.local.upload == "samples" and self.sample.per_class == 0:
-                raise ConfigError(
-                    "local.upload = 'samples' needs sample.per_class > 0: the clients send those"
-                )
+        mixture = self.paradigm == "local" or fed.finetune_steps
+        if mixture and self.local.upload == "samples" and self.sample.per_class == 0:
+            raise ConfigError("local.upload = 'samples' needs sample.per_class > 0: the clients send those")
 
 
 def _unsupported(cfg: Config) -> dict[str, tuple[Any, Any]]:

@@ -1,6 +1,7 @@
 """Stage 2 (federated paradigm): train over Flower's simulation engine, or over a
 given Grid (a real SuperLink). One round is ``server/driver.py``; the loop around the
-rounds is :func:`fedsynth.rounds.run_rounds`."""
+rounds is :func:`fedsynth.rounds.run_rounds`; with ``federation.finetune_steps`` one more
+round (:func:`fedsynth.local.finetune_round`) has every client fine-tune the result."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fedsynth.config import Config
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema, resolve_device
 from fedsynth.diffusion.unet import seeded_unet
+from fedsynth.local import finetune_round
 from fedsynth.prepare import Prepared
 from fedsynth.rounds import Model, run_rounds
 from fedsynth.rundir import RunDir
@@ -38,6 +40,8 @@ def train_federated(
 
     def body(g: Grid) -> None:
         run_rounds(FederatedDriver(cfg, run, model, tuple(full.class_names), g), run, cfg, resume=resume)
+        if cfg.federation.finetune_steps:
+            finetune_round(cfg, run, prepared, g, model)
 
     on_grid(cfg, body, grid, client_app)
 

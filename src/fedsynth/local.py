@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from fedsynth.checkpoint import load_model, save_personal_model
+from fedsynth.checkpoint import ema_unet, load_model, save_personal_model
 from fedsynth.config import Config, dump_config
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema, resolve_device, steps_for
@@ -94,17 +94,38 @@ def train_local(
     on_grid(cfg, lambda g: one_shot(cfg, run, prepared, g), grid, client_app)
 
 
-def one_shot(cfg: Config, run: RunDir, prepared: Prepared, grid: Grid) -> None:
-    start = time.perf_counter()
+def initial_model(cfg: Config, prepared: Prepared) -> Model:
+    """The seeded initial weights every local model starts from."""
     full = prepared.data.full
     unet = seeded_unet(cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes)
     unet = unet.to(resolve_device(cfg.train.device))
-    model = Model(unet, make_ema(unet, 0.0), build_train_scheduler(cfg.diffusion))
-    base = base_config(cfg, tuple(full.class_names))
-    timeout = max(60.0, cfg.federation.round_timeout)
-    nodes, histograms = discover_nodes(grid, cfg.partition.num_clients, base, timeout)
-    steps = local_steps(cfg, prepared)
-    timeout = cfg.federation.rounds * cfg.federation.round_timeout  # the whole run's time, once
+    return Model(unet, make_ema(unet, 0.0), build_train_scheduler(cfg.diffusion))
+
+
+def finetune_round(cfg: Config, run: RunDir, prepared: Prepared, grid: Grid, trained: Model) -> None:
+    """``federation.finetune_steps``: after the last federated round every client fine-tunes the
+    global model (its server-EMA weights, the ones sampled otherwise) on its own data and
+    uploads it once (or its share of samples, ``local.upload``); the synthetic set is their
+    per-class mixture, as in paradigm ``local``."""
+    start = Model(ema_unet(trained.unet, trained.ema), make_ema(trained.unet, 0.0), trained.scheduler)
+    one_shot(cfg, run, prepared, grid, start=start)
+
+
+def one_shot(cfg: Config, run: RunDir, prepared: Prepared, grid: Grid, start: Model | None = None) -> None:
+    """One round in which every client trains once from ``start`` (default: the seeded initial
+    weights, paradigm ``local``) and uploads its model or its samples."""
+    began = time.perf_counter()
+    model = start or initial_model(cfg, prepared)
+    unet = model.unet
+    base = base_config(cfg, tuple(prepared.data.full.class_names))
+    fed = cfg.federation
+    nodes, histograms = discover_nodes(grid, cfg.partition.num_clients, base, max(60.0, fed.round_timeout))
+    if start is None:
+        steps = local_steps(cfg, prepared)
+        timeout = fed.rounds * fed.round_timeout  # the whole run's time, once
+    else:
+        steps = fed.finetune_steps
+        timeout = -(-steps // max(1, cfg.train.local_steps)) * fed.round_timeout  # as many rounds' time
     if cfg.local.upload == "model":
         models, infos, down, up = local_models(
             cfg, model, Layout.of(unet.state_dict()), grid, nodes, base, steps, timeout
@@ -121,17 +142,19 @@ def one_shot(cfg: Config, run: RunDir, prepared: Prepared, grid: Grid) -> None:
     n = np.array([infos[p].num_examples for p in sorted(infos)], float)
     losses = np.array([infos[p].train_loss for p in sorted(infos)])
     extra = {
+        **({} if start is None else {"phase": "finetune"}),
         "steps_per_client": steps,
         "train_loss_per_client": {p: i.train_loss for p, i in infos.items()},
         "client_compute_s": {p: i.compute_s for p, i in infos.items()},
         "examples_per_client": {p: i.num_examples for p, i in infos.items()},
         "class_counts_per_client": {p: histograms[p] for p in sorted(models)},  # as the nodes report
     }
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - began
     loss = float((n * losses).sum() / n.sum())
-    record = RoundRecord(1, loss, wall, up, down, sorted(models), dropped, extra)
+    round_ = len(run.read_metrics()) + 1
+    record = RoundRecord(round_, loss, wall, up, down, sorted(models), dropped, extra)
     run.append_metrics(record.to_json())
-    run.update_summary(local_steps=steps)
+    run.update_summary(**{"local_steps" if start is None else "finetune_steps": steps})
 
 
 def collect_shares(
@@ -208,7 +231,7 @@ def sample_mixture(cfg: Config, run: RunDir, class_names: list[str]) -> dict:
     """Stage 3 for paradigm ``local``, ``local.upload = "model"``: ``synthetic/`` drawn from the
     clients' models (with ``"samples"`` the clients' images were written in stage 2)."""
     device = resolve_device(cfg.train.device)
-    (record,) = run.read_metrics()
+    record = run.read_metrics()[-1]  # the one-shot round (paradigm local) or the fine-tuning round
     hist = {int(p): h for p, h in record["class_counts_per_client"].items()}
     models = {p: load_model(run.client(p), device)[0] for p in sorted(hist)}
     scheduler = load_model(run.client(min(hist)), device)[1]

@@ -95,8 +95,8 @@ def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None, client
 
 def sample_stage(cfg: Config, run: RunDir, names: list[str], personal: bool) -> None:
     """``synthetic/``: from the model; from each client's own model (personal models); or
-    drawn from the clients' models per class (paradigm ``local``)."""
-    if cfg.paradigm == "local":
+    drawn from the clients' models per class (paradigm ``local``, ``federation.finetune_steps``)."""
+    if cfg.paradigm == "local" or cfg.federation.finetune_steps:
         if cfg.sample.per_class > 0 and cfg.local.upload == "model":
             sample_mixture(cfg, run, names)
         return
@@ -149,7 +149,7 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None, client_a
     run.update_summary(
         paradigm=cfg.paradigm,
         strategy=cfg.strategy.name if cfg.paradigm in ("federated", "decentralized") else "none",
-        rounds=len(metrics),
+        rounds=sum(1 for r in metrics if r.get("phase") != "finetune"),
         train_wall_s=sum(r["wall_s"] for r in metrics),
         bytes_up=sum(r.get("bytes_up", 0) for r in metrics),
         bytes_down=sum(r.get("bytes_down", 0) for r in metrics),

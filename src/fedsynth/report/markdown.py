@@ -115,8 +115,9 @@ def _evaluation(run: RunDir) -> list[str]:
 
 
 def _local_models(run: RunDir) -> list[str]:
-    """Paradigm local: who holds which classes, and how many images each model drew."""
-    (record,) = run.read_metrics()
+    """Paradigm local (or a federated run's fine-tuning round): who holds which classes, and
+    how many images each model drew."""
+    record = run.read_metrics()[-1]
     manifest = run.synthetic / "manifest.json"
     drawn = read_json(manifest).get("mixture", {}) if manifest.is_file() else {}
     lines = [
@@ -135,8 +136,9 @@ def _personal(run: RunDir) -> list[str]:
     clients = run.client_runs()
     if not clients:
         return []
-    if run.summary.is_file() and read_json(run.summary).get("paradigm") == "local":
-        return _local_models(run)
+    metrics = run.read_metrics()
+    if metrics and "class_counts_per_client" in metrics[-1]:
+        return _local_models(run)  # paradigm local, or federation.finetune_steps
     lines = [
         "",
         "## Personal models (one per client; the table above shows their mean)",
@@ -188,6 +190,8 @@ def _privacy(run: RunDir, summary: dict) -> list[str]:
         lines.append(f"- Each client uploaded once: its whole local {cfg.local.upload}.")
     else:
         lines.append("- Images stayed with their holders; model weights (or their deltas) left every round.")
+        if cfg.federation.finetune_steps:
+            lines.append(f"- After the last round each client uploaded its fine-tuned {cfg.local.upload}.")
     if cfg.phoenix.beta > 0:
         lines.append(
             f"- Data sharing: {cfg.phoenix.beta}% of the clients' images were sent to the server (set G)."
