@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -62,6 +63,24 @@ METHODS = {
         f"fedadagrad-eta{eta}": ['strategy.name="fedadagrad"', f"strategy.eta={eta}", "strategy.tau=1e-3"]
         for eta in ("1e-3", "3e-3", "1e-2")
     },
+    # the FedOpt family at the demo's client lr (Reddi et al. 2021's grid, η ∈ {1e-3, 1e-2, 1e-1})
+    **{
+        f"{opt}-lr3e-4-eta{eta}": [f'strategy.name="{opt}"', "train.lr=3e-4", f"strategy.eta={eta}"]
+        for opt in ("fedadam", "fedyogi", "fedadagrad")
+        for eta in ("1e-3", "1e-2", "1e-1")
+    },
+    **{
+        f"{name}-sgd-lr{lr}": [f'strategy.name="{name}"', 'train.optimizer="sgd"', f"train.lr={lr}"]
+        for name in ("scaffold", "fedavg")
+        for lr in ("0.2", "0.5")
+    },
+    "fedavg-lr3e-4-ft100": ['strategy.name="fedavg"', "train.lr=3e-4", "federation.finetune_steps=100"],
+    "fedavgm-lr3e-4-ft100-w1": [
+        'strategy.name="fedavgm"',
+        "train.lr=3e-4",
+        "federation.finetune_steps=100",
+        "sample.guidance=1.0",
+    ],
     **{
         f"fedavgm-lr3e-4-ft{ft}": [
             'strategy.name="fedavgm"',
@@ -79,7 +98,8 @@ KEYS = ("cas_accuracy", "label_fidelity", "fd", "precision", "recall", "class_tv
 
 def finetune_steps(method: str) -> int:
     """Steps each client fine-tunes after the last round (methods ``…-ft<steps>``)."""
-    return int(method.rsplit("-ft", 1)[1]) if "-ft" in method else 0
+    found = re.search(r"-ft(\d+)", method)
+    return int(found.group(1)) if found else 0
 
 
 def num_clients(setting: str) -> int:

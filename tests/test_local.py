@@ -11,8 +11,8 @@ from flwr.clientapp import ClientApp
 from conftest import TINY_OVERRIDES
 from fedsynth.client.app import handle_query, handle_train
 from fedsynth.config import ConfigError, config_from_dict, load_config
-from fedsynth.local import mixture_counts
 from fedsynth.pipeline import run_all
+from fedsynth.server.oneshot import mixture_counts
 from test_cli import CENTRAL
 
 

@@ -1,7 +1,7 @@
 """Stage 2 (federated paradigm): train over Flower's simulation engine, or over a
 given Grid (a real SuperLink). One round is ``server/driver.py``; the loop around the
 rounds is :func:`fedsynth.rounds.run_rounds`; with ``federation.finetune_steps`` one more
-round (:func:`fedsynth.local.finetune_round`) has every client fine-tune the result."""
+round (:func:`fedsynth.server.oneshot.finetune_round`) has every client fine-tune the result."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from fedsynth.config import Config
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema, resolve_device
 from fedsynth.diffusion.unet import seeded_unet
-from fedsynth.local import finetune_round
 from fedsynth.prepare import Prepared
 from fedsynth.rounds import Model, run_rounds
 from fedsynth.rundir import RunDir
 from fedsynth.server.calibration import server_train
 from fedsynth.server.driver import FederatedDriver
+from fedsynth.server.oneshot import finetune_round
 from fedsynth.simulation import on_grid
 
 
