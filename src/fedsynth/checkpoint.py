@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from fedsynth.errors import RunDirError, first_line
@@ -28,7 +28,7 @@ from fedsynth.rundir import RunDir, write_dir_atomic
 log = logging.getLogger("fedsynth.checkpoint")
 
 
-def ema_unet(unet: UNet2DModel, ema: EMAModel) -> UNet2DModel:
+def ema_unet(unet: ModelMixin, ema: EMAModel) -> ModelMixin:
     """A copy of ``unet`` carrying the EMA weights."""
     shadow = copy.deepcopy(unet)
     ema.copy_to(shadow.parameters())
@@ -46,9 +46,9 @@ class Checkpoint:
 def save_checkpoint(
     run: RunDir,
     round_: int,
-    unet: UNet2DModel,
+    unet: ModelMixin,
     ema: EMAModel,
-    scheduler: DDPMScheduler,
+    scheduler: DDPMScheduler | None,
     state: dict[str, Any],
     meta: dict[str, Any] | None = None,
 ) -> Path:
@@ -57,7 +57,8 @@ def save_checkpoint(
     def fill(tmp: Path) -> None:
         unet.save_pretrained(tmp / "unet")
         ema_unet(unet, ema).save_pretrained(tmp / "ema")
-        scheduler.save_pretrained(tmp / "scheduler")
+        if scheduler is not None:
+            scheduler.save_pretrained(tmp / "scheduler")
         torch.save({"round": round_, "ema": ema.state_dict(), **state}, tmp / "state.pt")
         files = {str(f.relative_to(tmp)): _digest(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / "meta.json").write_text(
@@ -68,15 +69,18 @@ def save_checkpoint(
     return target
 
 
-EmaFactory = Callable[[UNet2DModel], EMAModel]
+EmaFactory = Callable[[ModelMixin], EMAModel]
 
 
-def load_checkpoint(path: Path, make_ema: EmaFactory, device: torch.device) -> Checkpoint:
+def load_checkpoint(
+    path: Path, make_ema: EmaFactory, device: torch.device, model_class: type[ModelMixin] = UNet2DModel
+) -> Checkpoint:
     """The checkpoint at ``path``; its EMA is the configured one (``make_ema``: its decay
-    schedule) carrying the saved shadow weights and step count."""
+    schedule) carrying the saved shadow weights and step count. ``model_class``: what was
+    trained (the denoiser, or task ``classifier``'s CNN)."""
     if not (path / "meta.json").is_file():
         raise RunDirError(f"incomplete checkpoint (no meta.json): {path}")
-    unet = UNet2DModel.from_pretrained(path / "unet", low_cpu_mem_usage=False).to(device)
+    unet = model_class.from_pretrained(path / "unet", low_cpu_mem_usage=False).to(device)
     state = torch.load(path / "state.pt", map_location=device, weights_only=True)
     ema = make_ema(unet)
     schedule = {"decay": ema.decay, "min_decay": ema.min_decay}
@@ -107,7 +111,9 @@ def verify_checkpoint(path: Path) -> None:
             raise RunDirError(f"{f} is missing or changed since it was written")
 
 
-def load_latest_checkpoint(run: RunDir, make_ema: EmaFactory, device: torch.device) -> Checkpoint:
+def load_latest_checkpoint(
+    run: RunDir, make_ema: EmaFactory, device: torch.device, model_class: type[ModelMixin] = UNet2DModel
+) -> Checkpoint:
     """The newest intact checkpoint of ``run``: a damaged one (verification or loading fails)
     is skipped with a warning for the one before; a clear error when none is intact."""
     paths = run.checkpoints_newest_first()
@@ -116,7 +122,7 @@ def load_latest_checkpoint(run: RunDir, make_ema: EmaFactory, device: torch.devi
     for path in paths:
         try:
             verify_checkpoint(path)
-            return load_checkpoint(path, make_ema, device)
+            return load_checkpoint(path, make_ema, device, model_class)
         except (
             RunDirError,
             OSError,
@@ -133,13 +139,19 @@ def load_latest_checkpoint(run: RunDir, make_ema: EmaFactory, device: torch.devi
 
 
 def save_model(
-    run: RunDir, unet: UNet2DModel, ema: EMAModel, scheduler: DDPMScheduler, ema_info: dict | None = None
+    run: RunDir,
+    unet: ModelMixin,
+    ema: EMAModel,
+    scheduler: DDPMScheduler | None,
+    ema_info: dict | None = None,
 ) -> Path:
-    """``model/``: the EMA weights and the noise schedule; ``model/ema.json`` says which EMA."""
+    """``model/``: the EMA weights and the noise schedule (none for task ``classifier``);
+    ``model/ema.json`` says which EMA."""
 
     def fill(tmp: Path) -> None:
         ema_unet(unet, ema).save_pretrained(tmp / "unet")
-        scheduler.save_pretrained(tmp / "scheduler")
+        if scheduler is not None:
+            scheduler.save_pretrained(tmp / "scheduler")
         if ema_info is not None:
             (tmp / "ema.json").write_text(json.dumps(ema_info, indent=2) + "\n")
 
@@ -165,6 +177,8 @@ def save_personal_model(
 def load_model(run: RunDir, device: torch.device) -> tuple[UNet2DModel, DDPMScheduler]:
     if not (run.model / "unet").is_dir():
         raise RunDirError(f"no trained model in {run.model} (run `fedsynth run` first)")
+    if not (run.model / "scheduler").is_dir():
+        raise RunDirError(f"{run.model} holds a classifier (task = 'classifier'), not a generative model")
     unet = UNet2DModel.from_pretrained(run.model, subfolder="unet", low_cpu_mem_usage=False).to(device).eval()
     scheduler = DDPMScheduler.from_pretrained(run.model, subfolder="scheduler")
     return unet, scheduler

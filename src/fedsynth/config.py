@@ -240,6 +240,7 @@ class EvalConfig:
 class Config:
     seed: int = 0
     paradigm: str = _choice("centralized", PARADIGMS)
+    task: str = _choice("diffusion", ("diffusion", "classifier"))  # what is trained (src/fedsynth/tasks.py)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -276,7 +277,7 @@ class Config:
             raise ConfigError(f"data.path is required for data.dataset = {self.data.dataset!r}")
         if self.phoenix.beta > 100 or self.phoenix.alpha > 100:
             raise ConfigError("phoenix.beta and phoenix.alpha are percentages in [0, 100]")
-        problem = _privacy_problem(self)
+        problem = _privacy_problem(self) or _classifier_problem(self)
         if problem:
             raise ConfigError(problem)
         if self.phoenix.warmup_steps and not self.phoenix.beta:
@@ -500,6 +501,30 @@ def _privacy_problem(cfg: Config) -> str | None:
         )
     if cfg.train.local_epochs > 0:
         return "privacy.mode = 'dp-sgd' counts steps: use train.local_steps, not train.local_epochs"
+    return None
+
+
+def _classifier_problem(cfg: Config) -> str | None:
+    """Task ``classifier`` trains the domain-classifier CNN over the federated paradigm with
+    every strategy; what only makes sense for a denoiser is refused."""
+    if cfg.task != "classifier":
+        return None
+    if cfg.paradigm != "federated":
+        return f"task = 'classifier' runs in the federated paradigm, not {cfg.paradigm!r}"
+    denoiser_only = {
+        "exchange.plan": (cfg.exchange.plan, "full"),
+        "exchange.personal": (cfg.exchange.personal, ""),
+        "calibration.mode": (cfg.calibration.mode, "off"),
+        "phoenix.filter_from": (cfg.phoenix.filter_from, 0),
+        "phoenix.warmup_steps": (cfg.phoenix.warmup_steps, 0),
+        "strategy.class_aware": (cfg.strategy.class_aware, False),
+        "federation.finetune_steps": (cfg.federation.finetune_steps, 0),
+    }
+    for key, (value, supported) in denoiser_only.items():
+        if value != supported:
+            return f"{key} = {value!r} is not available with task = 'classifier' (it is the denoiser's)"
+    if cfg.privacy.mode == "dp-sgd":
+        return "privacy.mode = 'dp-sgd' is not available with task = 'classifier' (use 'dp-fedavg')"
     return None
 
 

@@ -11,7 +11,6 @@ from flwr.serverapp import Grid
 from fedsynth.config import Config
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema, resolve_device
-from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.prepare import Prepared
 from fedsynth.rounds import Model, run_rounds
 from fedsynth.rundir import RunDir
@@ -19,6 +18,7 @@ from fedsynth.server.calibration import server_train
 from fedsynth.server.driver import FederatedDriver
 from fedsynth.server.oneshot import finetune_round
 from fedsynth.simulation import on_grid
+from fedsynth.tasks import seeded_model
 
 
 def train_federated(
@@ -31,15 +31,16 @@ def train_federated(
     client_app: ClientApp | None = None,
 ) -> None:
     full = prepared.data.full
-    unet = seeded_unet(cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes)
+    unet = seeded_model(cfg, cfg.seed, full.shape[1], full.shape[0], full.num_classes)
     unet = unet.to(resolve_device(cfg.train.device))
-    scheduler = build_train_scheduler(cfg.diffusion)
+    scheduler = build_train_scheduler(cfg.diffusion) if cfg.task == "diffusion" else None
     if not resume and cfg.phoenix.warmup_steps > 0:
         warm_up(cfg, run, unet, scheduler, prepared)
     model = Model(unet, make_ema(unet, cfg.federation.server_ema_decay), scheduler)
 
     def body(g: Grid) -> None:
-        run_rounds(FederatedDriver(cfg, run, model, tuple(full.class_names), g), run, cfg, resume=resume)
+        driver = FederatedDriver(cfg, run, model, tuple(full.class_names), g, test=prepared.data.test)
+        run_rounds(driver, run, cfg, resume=resume)
         if cfg.federation.finetune_steps:
             finetune_round(cfg, run, prepared, g, model)
 

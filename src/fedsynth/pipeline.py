@@ -65,7 +65,7 @@ def _check_fresh(root: Path) -> None:
 
 def check_eval_sizes(cfg: Config, prepared: Prepared, k: int = 3) -> None:
     """Evaluation's k-NN precision/recall need more than k real test and k generated images."""
-    if not (cfg.eval.enabled and cfg.sample.per_class > 0):
+    if not (cfg.eval.enabled and cfg.sample.per_class > 0) or cfg.task == "classifier":
         return
     generated = cfg.sample.per_class * prepared.data.full.num_classes
     tested = len(prepared.data.test_indices)
@@ -125,6 +125,17 @@ def privacy_summary(cfg: Config, prepared: Prepared, metrics: list[dict]) -> dic
     }
 
 
+def accuracy_summary(metrics: list[dict], share: float = 0.95) -> dict:
+    """Task ``classifier``: the last and best test accuracy and the first round reaching
+    ``share`` of the best (FedDiff's Table 1 measures)."""
+    acc = [m["test_accuracy"] for m in metrics if "test_accuracy" in m]
+    if not acc:
+        return {}
+    best = max(acc)
+    first = next(m["round"] for m in metrics if m.get("test_accuracy", -1.0) >= share * best)
+    return {"test_accuracy": acc[-1], "best_test_accuracy": best, "rounds_to_95pct_best": first}
+
+
 def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None, client_app=None) -> RunDir:
     """Every stage into ``out``. ``grid``: a real SuperLink's Grid (else a simulation);
     ``client_app``: the simulated clients' ClientApp (default: fedsynth's)."""
@@ -148,6 +159,7 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None, client_a
     metrics = run.read_metrics()
     run.update_summary(
         paradigm=cfg.paradigm,
+        task=cfg.task,
         strategy=cfg.strategy.name if cfg.paradigm in ("federated", "decentralized") else "none",
         rounds=sum(1 for r in metrics if r.get("phase") != "finetune"),
         train_wall_s=sum(r["wall_s"] for r in metrics),
@@ -157,8 +169,11 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None, client_a
     if cfg.privacy.mode != "none":
         run.update_summary(**privacy_summary(cfg, prepared, metrics))
     personal = has_personal_models(cfg.exchange) and cfg.paradigm == "federated"
-    sample_stage(cfg, run, list(prepared.data.full.class_names), personal)
-    if cfg.eval.enabled and cfg.sample.per_class > 0:
+    if cfg.task == "classifier":  # the trained model is the product: no sampling, no evaluation
+        run.update_summary(**accuracy_summary(metrics))
+    else:
+        sample_stage(cfg, run, list(prepared.data.full.class_names), personal)
+    if cfg.eval.enabled and cfg.sample.per_class > 0 and cfg.task == "diffusion":
         evaluate_run(cfg, run)
     for client in run.client_runs() if personal else []:
         write_report(client)

@@ -84,11 +84,12 @@ class RoundRecord:
 
 @dataclass
 class Model:
-    """What is trained and saved: the weights, their EMA and the training noise schedule."""
+    """What is trained and saved: the weights (``unet``: the denoiser, or task ``classifier``'s
+    CNN), their EMA and the training noise schedule (None for the classifier)."""
 
     unet: UNet2DModel
     ema: EMAModel
-    scheduler: DDPMScheduler
+    scheduler: DDPMScheduler | None
 
     @property
     def device(self) -> torch.device:
@@ -150,7 +151,8 @@ def select_clients(
 def run_rounds(driver: RoundDriver, run: RunDir, cfg: Config, *, resume: bool) -> None:
     """Run ``driver`` to ``federation.rounds`` (from the newest checkpoint when resuming)."""
     if resume:
-        checkpoint = load_latest_checkpoint(run, driver.make_ema, driver.model.device)
+        m = driver.model
+        checkpoint = load_latest_checkpoint(run, driver.make_ema, m.device, type(m.unet))
         driver.resume(checkpoint)
         run.truncate_metrics(checkpoint.round)
     total, every = cfg.federation.rounds, cfg.federation.checkpoint_every

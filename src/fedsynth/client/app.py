@@ -54,6 +54,7 @@ from fedsynth.records import numpy_record, record_numpy, record_torch
 from fedsynth.report.plots import to_uint8
 from fedsynth.strategies.scaffold import CONTROL_KEY
 from fedsynth.synthesize import SampleSpec, generate_share
+from fedsynth.tasks import build_model
 
 
 @functools.lru_cache(maxsize=8)
@@ -115,7 +116,7 @@ def _save_state(context: Context, state: dict) -> None:
 @functools.lru_cache(maxsize=4)
 def _layout(config_text: str, image_size: int, channels: int, classes: int) -> Layout:
     cfg = parse_config(config_text)
-    return Layout.of(build_unet(cfg.model, image_size, channels, classes).state_dict(), cfg.exchange.personal)
+    return Layout.of(build_model(cfg, image_size, channels, classes).state_dict(), cfg.exchange.personal)
 
 
 def update_info(update, client_id: int, **extra) -> UpdateInfo:

@@ -20,15 +20,16 @@ from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import (
     load_optimizer_tensors,
     make_optimizer,
+    optimizer_steps,
     optimizer_tensors,
     resolve_device,
     steps_for,
     train_steps,
 )
-from fedsynth.diffusion.unet import build_unet
 from fedsynth.privacy.dpsgd import dp_train_steps
 from fedsynth.seeding import torch_generator
 from fedsynth.strategies.scaffold import client_control_update, corrected_gradient
+from fedsynth.tasks import build_model, classifier_loss, dropout_rng
 
 Weights = dict[str, torch.Tensor]
 
@@ -66,8 +67,8 @@ def scaffold_hook(c: Weights, c_i: Weights):
     return hook
 
 
-def build_client_unet(cfg: Config, data: ImageData, device: torch.device) -> UNet2DModel:
-    return build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes).to(device)
+def build_client_model(cfg: Config, data: ImageData, device: torch.device) -> torch.nn.Module:
+    return build_model(cfg, data.shape[1], data.shape[0], data.num_classes).to(device)
 
 
 def local_train(
@@ -87,7 +88,7 @@ def local_train(
     ``steps`` overrides the configured local steps (FedDDPM's one-off local model)."""
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
-    unet = build_client_unet(cfg, data, device)
+    unet = build_client_model(cfg, data, device)
     unet.load_state_dict({k: v.to(device) for k, v in global_weights.items()}, strict=True)
     anchor = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     steps = steps or steps_for(cfg.train, len(data))
@@ -103,7 +104,13 @@ def local_train(
         load_optimizer_tensors(optimizer, unet, state["optimizer"])
     generator = round_generator(cfg.seed, round_, client_id, device)
     scheduler = build_train_scheduler(cfg.diffusion)
-    if cfg.privacy.mode == "dp-sgd":
+    if cfg.task == "classifier":
+        with dropout_rng(generator):
+            losses = optimizer_steps(
+                unet, optimizer, data, steps=steps, train=cfg.train, generator=generator,
+                objective=classifier_loss, penalty=penalty, after_backward=hook,
+            )  # fmt: skip
+    elif cfg.privacy.mode == "dp-sgd":
         losses = dp_train_steps(
             unet, optimizer, scheduler, data, steps=steps, train=cfg.train, diffusion=cfg.diffusion,
             privacy=cfg.privacy, generator=generator,

@@ -82,6 +82,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
 def train_steps(
     unet: UNet2DModel,
     optimizer: torch.optim.Optimizer,
@@ -97,31 +100,58 @@ def train_steps(
     after_backward: Callable[[UNet2DModel], None] | None = None,
     on_step: Callable[[float], None] | None = None,
 ) -> list[float]:
-    """Run ``steps`` optimizer steps; returns the per-step objective (without penalty).
+    """``steps`` optimizer steps of the denoising objective (labels dropped with
+    ``diffusion.cfg_dropout`` for guidance); see :func:`optimizer_steps`."""
+    null = null_label(unet)
+
+    def objective(model, images, labels, gen) -> torch.Tensor:
+        y = None if null is None else drop_labels(labels, diffusion.cfg_dropout, null, gen)
+        return diffusion_loss(model, scheduler, images, y, gen, loss=diffusion.loss)
+
+    return optimizer_steps(
+        unet, optimizer, data, steps=steps, train=train, generator=generator, objective=objective,
+        ema=ema, penalty=penalty, after_backward=after_backward, on_step=on_step,
+    )  # fmt: skip
+
+
+def optimizer_steps(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: ImageData,
+    *,
+    steps: int,
+    train: TrainConfig,
+    generator: torch.Generator,
+    objective: Objective,
+    ema: EMAModel | None = None,
+    penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    after_backward: Callable[[torch.nn.Module], None] | None = None,
+    on_step: Callable[[float], None] | None = None,
+) -> list[float]:
+    """Run ``steps`` optimizer steps of ``objective(model, images, labels, generator)`` on
+    mini-batches of ``data``; returns the per-step objective (without penalty).
 
     ``penalty`` adds a term to the loss (e.g. FedProx's proximal term);
     ``after_backward`` may edit gradients before the step (e.g. SCAFFOLD's correction).
     """
-    device = next(unet.parameters()).device
+    device = next(model.parameters()).device
     images, labels = data.images.to(device), data.labels.to(device)
-    null = null_label(unet)
-    unet.train()
+    model.train()
     losses: list[float] = []
     batches = batch_indices(len(data), train.batch_size, generator)
     for _ in range(steps):
         idx = next(batches).to(device)
-        y = None if null is None else drop_labels(labels[idx], diffusion.cfg_dropout, null, generator)
-        loss = diffusion_loss(unet, scheduler, images[idx], y, generator, loss=diffusion.loss)
-        total = loss if penalty is None else loss + penalty(unet)
+        loss = objective(model, images[idx], labels[idx], generator)
+        total = loss if penalty is None else loss + penalty(model)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if after_backward is not None:
-            after_backward(unet)
+            after_backward(model)
         if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
         if ema is not None:
-            ema.step(unet.parameters())
+            ema.step(model.parameters())
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(losses[-1])

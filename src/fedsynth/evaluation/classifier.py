@@ -4,13 +4,19 @@ the real-data ceiling) and the CAS classifier (trained on synthetic data only)."
 from __future__ import annotations
 
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.training import batch_indices
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(ModelMixin, ConfigMixin):
+    """Three strided convolutions, global pooling and a linear head; a diffusers model so a
+    federation can checkpoint and save it as it does the denoiser (task ``classifier``)."""
+
+    @register_to_config
     def __init__(self, channels: int, num_classes: int, width: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
@@ -33,9 +39,9 @@ class SmallCNN(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random shifts of up to 1 pixel (keeps digits legible at 16x16)."""
-    dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=generator))
+    dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=generator, device=generator.device))
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 
@@ -70,7 +76,7 @@ def _fit(
     model.train()
     for _ in range(total):
         idx = next(batches).to(device)
-        loss = nn.functional.cross_entropy(model(_augment(images[idx], generator)), labels[idx])
+        loss = nn.functional.cross_entropy(model(augment(images[idx], generator)), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -25,6 +25,9 @@ MODULE_GROUP = {
     "up_blocks": "up",
     "conv_norm_out": "up",
     "conv_out": "up",
+    # task classifier's CNN (exchanged whole: plan "full" only)
+    "features": "down",
+    "head": "up",
 }
 
 

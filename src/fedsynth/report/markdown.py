@@ -9,11 +9,15 @@ from fedsynth.rundir import RunDir, read_json
 
 SUMMARY_ROWS = (
     ("paradigm", "paradigm", "{}"),
+    ("task", "task", "{}"),
     ("strategy", "strategy", "{}"),
     ("rounds", "rounds", "{}"),
     ("wall time (s)", "wall_s", "{:.1f}"),
     ("bytes up", "bytes_up", "{:,}"),
     ("bytes down", "bytes_down", "{:,}"),
+    ("test accuracy (last round) ↑", "test_accuracy", "{:.2%}"),
+    ("best test accuracy ↑", "best_test_accuracy", "{:.2%}"),
+    ("rounds to 95% of the best", "rounds_to_95pct_best", "{}"),
     ("FD ↓", "fd", "{:.3f}"),
     ("IS-style score ↑", "is_mean", "{:.2f}"),
     ("precision ↑", "precision", "{:.3f}"),
@@ -48,11 +52,22 @@ def _training(run: RunDir) -> list[str]:
         rounds,
         {"train loss": [m["train_loss"] for m in metrics]},
         "round",
-        "diffusion loss",
+        "cross-entropy" if any("test_accuracy" in m for m in metrics) else "diffusion loss",
         run.root / "loss.png",
         "training loss per round",
     )
     lines = ["", "## Training", "", "![loss](loss.png)"]
+    if any("test_accuracy" in m for m in metrics):  # task classifier
+        tested = [m for m in metrics if "test_accuracy" in m]
+        plot_curve(
+            [m["round"] for m in tested],
+            {"global model": [m["test_accuracy"] for m in tested]},
+            "round",
+            "test accuracy",
+            run.root / "accuracy.png",
+            "held-out test accuracy per round",
+        )
+        lines += ["", "![accuracy](accuracy.png)"]
     if any(m.get("bytes_up") or m.get("bytes_down") for m in metrics):
         plot_curve(
             rounds,

@@ -4,7 +4,8 @@ Per round: seeded client selection → one TRAIN message per selected node (its 
 the run config, the strategy's extras) → replies screened (``server/messages.py``) →
 each aggregation unit aggregated by its own strategy over the clients that sent it
 (``strategies/adapter.py``) → round hooks (``server/hooks.py``: FedDDPM calibration,
-Phoenix filtering; only those configured) → server EMA. With fewer than
+Phoenix filtering, the privacy ledger, task ``classifier``'s test accuracy; only those
+configured) → server EMA. With fewer than
 ``federation.min_clients`` valid updates the round is retried with a fresh selection
 (``federation.max_retries`` times), then the run stops with a clear error; the last
 checkpoint stays intact. The loop around rounds is :func:`fedsynth.rounds.run_rounds`.
@@ -25,6 +26,7 @@ from flwr.serverapp import Grid
 
 from fedsynth.checkpoint import Checkpoint, ema_unet, save_personal_model
 from fedsynth.config import Config, dump_config
+from fedsynth.data.datasets import ImageData
 from fedsynth.exchange.plans import UNITS, upload_groups
 from fedsynth.exchange.transfer import Layout, ServerExchange, has_personal_models
 from fedsynth.privacy.accounting import privacy_ledger
@@ -33,7 +35,14 @@ from fedsynth.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, UpdateInfo
 from fedsynth.rounds import Model, RoundRecord, ServerEma, Tick, select_clients
 from fedsynth.rundir import RunDir
 from fedsynth.seeding import torch_generator
-from fedsynth.server.hooks import Calibration, RoundHook, ThresholdFilter, build_auxiliary, hook_state
+from fedsynth.server.hooks import (
+    Calibration,
+    HeldoutAccuracy,
+    RoundHook,
+    ThresholdFilter,
+    build_auxiliary,
+    hook_state,
+)
 from fedsynth.server.messages import (
     FederationError,
     Nodes,
@@ -61,7 +70,13 @@ class FederatedDriver(ServerEma):
     units_per_round = 1
 
     def __init__(
-        self, cfg: Config, run: RunDir, model: Model, class_names: tuple[str, ...], grid: Grid
+        self,
+        cfg: Config,
+        run: RunDir,
+        model: Model,
+        class_names: tuple[str, ...],
+        grid: Grid,
+        test: ImageData | None = None,
     ) -> None:
         self.cfg, self.run, self.model, self.grid = cfg, run, model, grid
         self.label = f"federated {cfg.strategy.name}"
@@ -76,7 +91,8 @@ class FederatedDriver(ServerEma):
         self.calibration = Calibration(cfg, model) if cfg.calibration.mode != "off" else None
         self.filter = ThresholdFilter(cfg) if cfg.phoenix.filter_from else None
         self.privacy = privacy_ledger(cfg)
-        hooks = (self.calibration, self.filter, self.privacy)
+        tested = HeldoutAccuracy(model, test) if cfg.task == "classifier" and test is not None else None
+        hooks = (self.calibration, self.filter, self.privacy, tested)
         self.hooks: list[RoundHook] = [h for h in hooks if h is not None]
         if cfg.strategy.name == "scaffold":
             warn_if_adaptive(cfg.train.optimizer)

@@ -7,6 +7,7 @@ updates) -> dict`` (keys merged into the round's metrics line) and its own
   auxiliary set (always, or when the auxiliary loss stalls); :func:`build_auxiliary`
   makes that set once, from the clients' one-off local models.
 - :class:`ThresholdFilter` — Phoenix threshold filtering: warnings, two strikes, exclusions.
+- :class:`HeldoutAccuracy` — task ``classifier``: the global model's test accuracy every round.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from fedsynth.server.calibration import (
 from fedsynth.server.filtering import exclusions, strikes_after, warned
 from fedsynth.server.messages import FederationError, Nodes, broadcast
 from fedsynth.strategies.adapter import Update
+from fedsynth.tasks import heldout_accuracy
 from fedsynth.validate import Expected, check_arrays
 
 log = logging.getLogger("fedsynth.server")
@@ -177,6 +179,28 @@ def local_models(
     if not models:
         raise FederationError("no client returned a local model")
     return models, infos, down, up
+
+
+# ------------------------------------------------------------------ task classifier
+
+
+class HeldoutAccuracy:
+    """Task ``classifier``: the aggregated global model's top-1 accuracy on the held-out
+    test split after every round (``test_accuracy``; FedDiff's Table 1 measure)."""
+
+    name = "test-accuracy"
+
+    def __init__(self, model: Model, test: ImageData) -> None:
+        self.model, self.test = model, test
+
+    def after_aggregate(self, round_: int, updates: list[Update]) -> dict[str, Any]:
+        return {"test_accuracy": heldout_accuracy(self.model.unet, self.test)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 # ------------------------------------------------------------------ Phoenix filtering

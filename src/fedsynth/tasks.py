@@ -1,0 +1,69 @@
+"""What a federation trains (``task``): the class-conditional denoiser (``"diffusion"``, the
+default: a generative model whose synthetic data is the product) or the domain-classifier
+architecture (``"classifier"``: the downstream model itself, trained on the clients' data,
+FedDiff's setting). Everything else — partitions, strategies, transports, faults,
+checkpoints — is the same for both; this module holds what differs: the model, the
+objective of a local step and the per-round test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from diffusers import ModelMixin, UNet2DModel
+from torch import nn
+
+from fedsynth.config import Config
+from fedsynth.data.datasets import ImageData
+from fedsynth.diffusion.unet import build_unet
+from fedsynth.evaluation.classifier import SmallCNN, augment, predict
+
+TASKS = ("diffusion", "classifier")
+
+
+def model_class(cfg: Config) -> type[ModelMixin]:
+    return SmallCNN if cfg.task == "classifier" else UNet2DModel
+
+
+def build_model(cfg: Config, image_size: int, channels: int, num_classes: int) -> ModelMixin:
+    """The task's model, freshly initialised from the global RNG."""
+    if cfg.task == "classifier":
+        return SmallCNN(channels, num_classes)
+    return build_unet(cfg.model, image_size, channels, num_classes)
+
+
+def seeded_model(cfg: Config, seed: int, image_size: int, channels: int, num_classes: int) -> ModelMixin:
+    """:func:`build_model` with weights initialised from ``seed`` (global RNG left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(cfg, image_size, channels, num_classes)
+
+
+def classifier_loss(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Cross-entropy on a batch shifted by up to a pixel, as the domain classifier trains."""
+    return nn.functional.cross_entropy(model(augment(images, generator)), labels)
+
+
+@contextlib.contextmanager
+def dropout_rng(generator: torch.Generator) -> Iterator[None]:
+    """The CNN's dropout draws from torch's global RNG: seed it from ``generator`` (the
+    round's, derived from seed, round and client) and restore it afterwards, so a client's
+    update stays a function of those alone and a resumed run repeats it exactly."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    devices = [generator.device] if generator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def heldout_accuracy(model: SmallCNN, test: ImageData) -> float:
+    """Top-1 accuracy of ``model`` on ``test`` (evaluation mode, restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    logits, _ = predict(model, test.images)
+    model.train(was_training)
+    return float((logits.argmax(1) == test.labels).float().mean())
