@@ -47,7 +47,7 @@ fashion-mnist:
 	rm -rf $$tmp
 
 demo: install
-	$(BIN)/fedsynth run configs/digits-federated.toml --out $(RUN_DIR)
+	$(BIN)/fedsynth run configs/digits-federated-finetune.toml --out $(RUN_DIR)
 
 test: install
 	$(BIN)/ruff check src tests bench

@@ -26,3 +26,14 @@ def test_quiet_framework_drops_only_the_messages_a_user_cannot_act_on(caplog):
         )
         warnings.warn("another future change", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["another future change"]
+
+
+def test_client_module_drops_the_actor_shutdown_line_in_every_process_that_runs_clients(caplog):
+    from flwr.simulation.ray_transport.ray_actor import WARNING, log
+
+    import fedsynth.client.app  # noqa: F401  (installs the filter, as in Ray's workers)
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        log(WARNING, "Manually terminating %s", "ClientAppActor")  # what Flower's actor logs
+        log(WARNING, "ClientApp raised an exception")
+    assert [r.getMessage() for r in caplog.records] == ["ClientApp raised an exception"]

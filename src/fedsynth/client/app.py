@@ -10,6 +10,7 @@ SuperNode, its own folder / ``.npz`` given by ``data-path`` in the node config.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,15 @@ from fedsynth.report.plots import to_uint8
 from fedsynth.strategies.scaffold import CONTROL_KEY
 from fedsynth.synthesize import SampleSpec, generate_share
 from fedsynth.tasks import build_model
+
+
+def _not_actor_shutdown(record: logging.LogRecord) -> bool:
+    return "Manually terminating" not in record.getMessage()
+
+
+# Flower's simulation workers import this module before they run a client; their actors' normal
+# shutdown at the end of a run ("Manually terminating ClientAppActor") is not news to a user.
+logging.getLogger("flwr").addFilter(_not_actor_shutdown)
 
 
 @functools.lru_cache(maxsize=8)
