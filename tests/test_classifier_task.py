@@ -109,3 +109,17 @@ def test_classifier_resume_matches_uninterrupted(tmp_path):
     assert [m["test_accuracy"] for m in RunDir(full.root).read_metrics()] == [
         m["test_accuracy"] for m in part.read_metrics()
     ]
+
+
+def test_compare_sets_a_federated_classifier_beside_the_cas_of_a_generative_run():
+    from pathlib import Path
+
+    from fedsynth.report.compare import comparison_table, run_label
+
+    generative = {"paradigm": "federated", "strategy": "fedavgm", "cas_accuracy": 0.9, "fd": 1.0}
+    classifier = {"paradigm": "federated", "strategy": "fedavgm", "task": "classifier", "test_accuracy": 0.25}
+    rows = {run_label(s, Path(name)): s for name, s in (("gen", generative), ("cls", classifier))}
+    table = comparison_table(rows).splitlines()
+    assert table[0].startswith("| run | classifier on real test ↑ |")
+    assert table[2].startswith("| gen (fedavgm) | 90.00% |")
+    assert table[3].startswith("| cls (fedavgm, federated classifier) | 25.00% | – |")

@@ -9,6 +9,9 @@ from fedsynth.report.plots import plot_bars
 from fedsynth.rundir import RunDir, read_json
 
 COLUMNS = (
+    # the question a federation asks: how good is the downstream classifier on real test data
+    # — trained on the synthetic set (CAS, task diffusion) or federatedly itself (task classifier)
+    ("classifier on real test ↑", "downstream", "{:.2%}"),
     ("IS ↑", "is_mean", "{:.2f}"),
     ("FD ↓", "fd", "{:.3f}"),
     ("CAS accuracy ↑", "cas_accuracy", "{:.2%}"),
@@ -33,14 +36,16 @@ def comparison_table(rows: dict[str, dict]) -> str:
         if "error" in s:
             lines.append(f"| {name} | error: {s['error']} |" + " |" * (len(COLUMNS) - 1))
             continue
-        s = {**s, "mb": (s.get("bytes_up", 0) + s.get("bytes_down", 0)) / 1e6}
+        downstream = s.get("test_accuracy", s.get("cas_accuracy"))
+        s = {**s, "downstream": downstream, "mb": (s.get("bytes_up", 0) + s.get("bytes_down", 0)) / 1e6}
         lines.append(f"| {name} | " + " | ".join(_cell(f, s.get(k)) for _, k, f in COLUMNS) + " |")
     return "\n".join(lines)
 
 
 def run_label(summary: dict, root: Path) -> str:
     kind = summary.get("strategy") if summary.get("paradigm") == "federated" else summary.get("paradigm")
-    return f"{root.name} ({kind})"
+    task = ", federated classifier" if summary.get("task") == "classifier" else ""
+    return f"{root.name} ({kind}{task})"
 
 
 def write_comparison(run_dirs: list[Path], out: Path) -> str:
