@@ -126,6 +126,7 @@ def overrides(setting: str, method: str, rounds: int, seed: int) -> list[str]:
         f"federation.rounds={rounds}",
         f"train.local_steps={local_steps}",
         f"federation.clients_per_round={per_round}",
+        f"federation.min_clients={min(per_round, 2)}",
         f"federation.checkpoint_every={rounds}",
     ]
 

@@ -511,15 +511,9 @@ def _classifier_problem(cfg: Config) -> str | None:
         return None
     if cfg.paradigm != "federated":
         return f"task = 'classifier' runs in the federated paradigm, not {cfg.paradigm!r}"
-    denoiser_only = {
-        "exchange.plan": (cfg.exchange.plan, "full"),
-        "exchange.personal": (cfg.exchange.personal, ""),
-        "calibration.mode": (cfg.calibration.mode, "off"),
-        "phoenix.filter_from": (cfg.phoenix.filter_from, 0),
-        "phoenix.warmup_steps": (cfg.phoenix.warmup_steps, 0),
-        "strategy.class_aware": (cfg.strategy.class_aware, False),
-        "federation.finetune_steps": (cfg.federation.finetune_steps, 0),
-    }
+    # what the decentralized and local paradigms lack, but codecs (they compress any weights)
+    denoiser_only = {k: v for k, v in _unsupported(cfg).items() if k != "exchange.codec"}
+    denoiser_only["federation.finetune_steps"] = (cfg.federation.finetune_steps, 0)
     for key, (value, supported) in denoiser_only.items():
         if value != supported:
             return f"{key} = {value!r} is not available with task = 'classifier' (it is the denoiser's)"
