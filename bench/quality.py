@@ -25,6 +25,8 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from _common import RESULTS, timed_fedsynth_run, write_result
 
 CONFIG = "configs/digits-federated.toml"
@@ -182,16 +184,20 @@ def plot(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for setting, marker in zip(SETTINGS, "os", strict=True):
-        for method in sorted({r["method"] for r in rows if r["setting"] == setting}):
-            pts = sorted(
-                (r["mb_exchanged"], r["cas_accuracy"], r["label_fidelity"])
-                for r in rows
-                if r["setting"] == setting and r["method"] == method
-            )
-            xs = [max(p[0], 1.0) for p in pts]
-            axes[0].plot(xs, [p[1] for p in pts], marker=marker, label=f"{setting}: {method}")
-            axes[1].plot(xs, [p[2] for p in pts], marker=marker)
+    series = sorted({(r["setting"], r["method"]) for r in rows})
+    colors = plt.cm.tab20(np.linspace(0, 1, max(len(series), 2)))
+    for (setting, method), color in zip(series, colors, strict=True):
+        pts = sorted(
+            (r["mb_exchanged"], r["cas_accuracy"], r["label_fidelity"])
+            for r in rows
+            if r["setting"] == setting and r["method"] == method
+        )
+        xs = [max(p[0], 1.0) for p in pts]
+        # squares: Dirichlet; stars: federated pre-training + local fine-tuning
+        marker = "s" if setting == "dirichlet" else "*" if finetune_steps(method) else "o"
+        style = {"marker": marker, "color": color, "markersize": 9 if marker == "*" else 6}
+        axes[0].plot(xs, [p[1] for p in pts], label=f"{setting}: {method}", **style)
+        axes[1].plot(xs, [p[2] for p in pts], **style)
     for ax, name in zip(axes, ("CAS accuracy", "label fidelity"), strict=True):
         ax.set_xscale("log")
         ax.set_xlabel("MB exchanged (log; centralized drawn at 1)")
