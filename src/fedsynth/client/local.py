@@ -103,7 +103,7 @@ def local_train(
     if cfg.train.keep_optimizer and "optimizer" in state:
         load_optimizer_tensors(optimizer, unet, state["optimizer"])
     generator = round_generator(cfg.seed, round_, client_id, device)
-    scheduler = build_train_scheduler(cfg.diffusion)
+    scheduler = build_train_scheduler(cfg.diffusion) if cfg.task == "diffusion" else None
     if cfg.task == "classifier":
         with dropout_rng(generator):
             losses = optimizer_steps(

@@ -48,17 +48,17 @@ def _training(run: RunDir) -> list[str]:
     if not metrics:
         return []
     rounds = [m["round"] for m in metrics]
+    tested = [m for m in metrics if "test_accuracy" in m]  # task classifier
     plot_curve(
         rounds,
         {"train loss": [m["train_loss"] for m in metrics]},
         "round",
-        "cross-entropy" if any("test_accuracy" in m for m in metrics) else "diffusion loss",
+        "cross-entropy" if tested else "diffusion loss",
         run.root / "loss.png",
         "training loss per round",
     )
     lines = ["", "## Training", "", "![loss](loss.png)"]
-    if any("test_accuracy" in m for m in metrics):  # task classifier
-        tested = [m for m in metrics if "test_accuracy" in m]
+    if tested:
         plot_curve(
             [m["round"] for m in tested],
             {"global model": [m["test_accuracy"] for m in tested]},
@@ -129,10 +129,9 @@ def _evaluation(run: RunDir) -> list[str]:
     return lines
 
 
-def _local_models(run: RunDir) -> list[str]:
-    """Paradigm local (or a federated run's fine-tuning round): who holds which classes, and
-    how many images each model drew."""
-    record = run.read_metrics()[-1]
+def _local_models(run: RunDir, record: dict) -> list[str]:
+    """Paradigm local (or a federated run's fine-tuning round, ``record``: its metrics line):
+    who holds which classes, and how many images each model drew."""
     manifest = run.synthetic / "manifest.json"
     drawn = read_json(manifest).get("mixture", {}) if manifest.is_file() else {}
     lines = [
@@ -153,7 +152,7 @@ def _personal(run: RunDir) -> list[str]:
         return []
     metrics = run.read_metrics()
     if metrics and "class_counts_per_client" in metrics[-1]:
-        return _local_models(run)  # paradigm local, or federation.finetune_steps
+        return _local_models(run, metrics[-1])  # paradigm local, or federation.finetune_steps
     lines = [
         "",
         "## Personal models (one per client; the table above shows their mean)",
@@ -176,21 +175,20 @@ def _privacy(run: RunDir, summary: dict) -> list[str]:
     """What is protected and what is not, from the run's config (README, "Privacy")."""
     cfg = load_config(run.config)
     lines = ["", "## Privacy", ""]
-    if cfg.privacy.mode == "dp-sgd":
-        p = cfg.privacy
+    p = cfg.privacy
+    epsilon, delta = _fmt("{:.2f}", summary.get("epsilon", "?")), _fmt("{:.2e}", summary.get("delta", "?"))
+    spent = f"(ε, δ) = ({epsilon}, {delta})"
+    if p.mode == "dp-sgd":
         lines.append(
-            f"- **Sample-level DP-SGD**: (ε, δ) = ({_fmt('{:.2f}', summary.get('epsilon', '?'))}, "
-            f"{_fmt('{:.2e}', summary.get('delta', '?'))}) for each training party "
+            f"- **Sample-level DP-SGD**: {spent} for each training party "
             f"({'the central trainer' if cfg.paradigm == 'centralized' else 'every client'}; σ = "
             f"{p.noise_multiplier}, C = {p.max_grad_norm}, {p.accountant} accountant, Poisson sampling). "
             "It bounds what the model and everything derived from it (updates, samples) reveal about "
             "any one training image; it does not hide which classes a party holds."
         )
-    elif cfg.privacy.mode == "dp-fedavg":
-        p = cfg.privacy
+    elif p.mode == "dp-fedavg":
         lines.append(
-            f"- **Client-level DP-FedAvg**: (ε, δ) = ({_fmt('{:.2f}', summary.get('epsilon', '?'))}, "
-            f"{_fmt('{:.2e}', summary.get('delta', '?'))}) for each client's whole dataset (each update "
+            f"- **Client-level DP-FedAvg**: {spent} for each client's whole dataset (each update "
             f"clipped to C = {p.max_grad_norm}, Gaussian noise σC/m on their mean, σ = {p.noise_multiplier}, "
             f"{p.accountant} accountant, no amplification by client sampling)."
         )
