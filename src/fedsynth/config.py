@@ -53,6 +53,7 @@ STRATEGY_NAMES = (
     "bulyan",
     "scaffold",
     "fedexp",
+    "feddiff",
 )
 EXCHANGE_PLANS = ("full", "usplit", "udec", "ulatdec")
 CODECS = ("fp32", "fp16", "bf16", "int8", "topk")
@@ -175,6 +176,32 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class FedDiffConfig:
+    """FedDiff (seed 002; ``strategy.name = "feddiff"``): a subset of the parameters is
+    consolidated by a weight-space latent diffusion model pre-trained on the proxy set
+    (Phoenix's shared set G: ``phoenix.beta`` > 0); ``strategies/feddiff.py``."""
+
+    base: str = _choice("fedavg", tuple(n for n in STRATEGY_NAMES if n != "feddiff"))  # every parameter first
+    subset: str = ""  # comma-separated parameter-name prefixes; "" = the model's last normalisation layer
+    pool_runs: int = _at_least(4, 1)  # training runs on the proxy set, from the initial model
+    pool_steps: int = _at_least(200, 1)  # optimizer steps per run
+    pool_every: int = _at_least(10, 1)  # a pool entry every k steps
+    ae_steps: int = _at_least(2000, 1)  # autoencoder pre-training (eq. 6)
+    ldm_steps: int = _at_least(2000, 1)  # latent DDPM pre-training (eq. 7)
+    lr: float = _at_least(1e-3, 0.0, exclusive=True)  # of both pre-trainings
+    latent_channels: int = _at_least(4, 1)
+    timesteps: int = _at_least(200, 1)  # T of the latent DDPM
+    t_final: int = _at_least(20, 1)  # LDM steps in the last round (t_r ∝ r); the paper's reading: timesteps
+    renoise: bool = False  # diffuse Z_s to step t_r before denoising (SDEdit) instead of starting at it
+    encoder_steps: int = _at_least(10, 0)  # encoder fine-tuning per round (eqs. 9–11)
+    encoder_lr: float = _at_least(1e-4, 0.0, exclusive=True)
+    kl_weight: float = _at_least(1e-2, 0.0)  # α of eq. 9
+    contrastive_weight: float = _at_least(0.1, 0.0)  # β of eq. 11
+    input_noise: float = _at_least(0.01, 0.0)  # ξ_V
+    latent_noise: float = _at_least(0.1, 0.0, exclusive=True)  # ξ_Z, also σ_i of eq. 8
+
+
+@dataclass(frozen=True)
 class LocalConfig:
     """Paradigm ``local``: every client trains its own model once; the synthetic set is drawn
     per class from the clients holding that class, in proportion to their counts."""
@@ -251,6 +278,7 @@ class Config:
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
     phoenix: PhoenixConfig = field(default_factory=PhoenixConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    feddiff: FedDiffConfig = field(default_factory=FedDiffConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -277,7 +305,7 @@ class Config:
             raise ConfigError(f"data.path is required for data.dataset = {self.data.dataset!r}")
         if self.phoenix.beta > 100 or self.phoenix.alpha > 100:
             raise ConfigError("phoenix.beta and phoenix.alpha are percentages in [0, 100]")
-        problem = _privacy_problem(self) or _classifier_problem(self)
+        problem = _privacy_problem(self) or _classifier_problem(self) or _feddiff_problem(self)
         if problem:
             raise ConfigError(problem)
         if self.phoenix.warmup_steps and not self.phoenix.beta:
@@ -519,6 +547,24 @@ def _classifier_problem(cfg: Config) -> str | None:
             return f"{key} = {value!r} is not available with task = 'classifier' (it is the denoiser's)"
     if cfg.privacy.mode == "dp-sgd":
         return "privacy.mode = 'dp-sgd' is not available with task = 'classifier' (use 'dp-fedavg')"
+    return None
+
+
+def _feddiff_problem(cfg: Config) -> str | None:
+    """FedDiff needs the proxy set on the server and one aggregation unit holding every parameter."""
+    if cfg.strategy.name != "feddiff":
+        return None
+    if cfg.paradigm != "federated":
+        return f"strategy.name = 'feddiff' runs in the federated paradigm, not {cfg.paradigm!r}"
+    if cfg.phoenix.beta <= 0:
+        return "strategy.name = 'feddiff' needs a proxy set on the server: set phoenix.beta > 0 (e.g. 4)"
+    if cfg.exchange.plan != "full" or cfg.exchange.personal:
+        return "strategy.name = 'feddiff' needs exchange.plan = 'full' without exchange.personal"
+    fd = cfg.feddiff
+    if fd.pool_every > fd.pool_steps:
+        return f"feddiff.pool_every = {fd.pool_every} exceeds feddiff.pool_steps = {fd.pool_steps}"
+    if fd.t_final > fd.timesteps:
+        return f"feddiff.t_final = {fd.t_final} exceeds feddiff.timesteps = {fd.timesteps}"
     return None
 
 

@@ -39,7 +39,8 @@ def train_federated(
     model = Model(unet, make_ema(unet, cfg.federation.server_ema_decay), scheduler)
 
     def body(g: Grid) -> None:
-        driver = FederatedDriver(cfg, run, model, tuple(full.class_names), g, test=prepared.data.test)
+        names, test, proxy = tuple(full.class_names), prepared.data.test, prepared.shared_data()
+        driver = FederatedDriver(cfg, run, model, names, g, test=test, proxy=proxy)
         run_rounds(driver, run, cfg, resume=resume)
         if cfg.federation.finetune_steps:
             finetune_round(cfg, run, prepared, g, model)

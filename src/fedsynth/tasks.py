@@ -12,11 +12,12 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from diffusers import ModelMixin, UNet2DModel
+from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 from torch import nn
 
 from fedsynth.config import Config
 from fedsynth.data.datasets import ImageData
+from fedsynth.diffusion.training import optimizer_steps, train_steps
 from fedsynth.diffusion.unet import build_unet
 from fedsynth.evaluation.classifier import SmallCNN, augment, predict
 
@@ -58,6 +59,33 @@ def dropout_rng(generator: torch.Generator) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def task_steps(
+    cfg: Config,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: DDPMScheduler | None,
+    data: ImageData,
+    *,
+    steps: int,
+    generator: torch.Generator,
+    penalty=None,
+    after_backward=None,
+) -> list[float]:
+    """``steps`` optimizer steps of the task's objective (the denoising loss, or the
+    classifier's cross-entropy with its dropout seeded from ``generator``)."""
+    if cfg.task == "classifier":
+        with dropout_rng(generator):
+            return optimizer_steps(
+                model, optimizer, data, steps=steps, train=cfg.train, generator=generator,
+                objective=classifier_loss, penalty=penalty, after_backward=after_backward,
+            )  # fmt: skip
+    assert scheduler is not None, "the diffusion task needs its noise scheduler"
+    return train_steps(
+        model, optimizer, scheduler, data, steps=steps, train=cfg.train, diffusion=cfg.diffusion,
+        generator=generator, penalty=penalty, after_backward=after_backward,
+    )  # fmt: skip
 
 
 def heldout_accuracy(model: SmallCNN, test: ImageData) -> float:

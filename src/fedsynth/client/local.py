@@ -20,16 +20,14 @@ from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import (
     load_optimizer_tensors,
     make_optimizer,
-    optimizer_steps,
     optimizer_tensors,
     resolve_device,
     steps_for,
-    train_steps,
 )
 from fedsynth.privacy.dpsgd import dp_train_steps
 from fedsynth.seeding import torch_generator
 from fedsynth.strategies.scaffold import client_control_update, corrected_gradient
-from fedsynth.tasks import build_model, classifier_loss, dropout_rng
+from fedsynth.tasks import build_model, task_steps
 
 Weights = dict[str, torch.Tensor]
 
@@ -104,21 +102,15 @@ def local_train(
         load_optimizer_tensors(optimizer, unet, state["optimizer"])
     generator = round_generator(cfg.seed, round_, client_id, device)
     scheduler = build_train_scheduler(cfg.diffusion) if cfg.task == "diffusion" else None
-    if cfg.task == "classifier":
-        with dropout_rng(generator):
-            losses = optimizer_steps(
-                unet, optimizer, data, steps=steps, train=cfg.train, generator=generator,
-                objective=classifier_loss, penalty=penalty, after_backward=hook,
-            )  # fmt: skip
-    elif cfg.privacy.mode == "dp-sgd":
+    if cfg.privacy.mode == "dp-sgd":
         losses = dp_train_steps(
             unet, optimizer, scheduler, data, steps=steps, train=cfg.train, diffusion=cfg.diffusion,
             privacy=cfg.privacy, generator=generator,
         )  # fmt: skip
     else:
-        losses = train_steps(
-            unet, optimizer, scheduler, data, steps=steps, train=cfg.train, diffusion=cfg.diffusion,
-            generator=generator, penalty=penalty, after_backward=hook,
+        losses = task_steps(
+            cfg, unet, optimizer, scheduler, data, steps=steps, generator=generator,
+            penalty=penalty, after_backward=hook,
         )  # fmt: skip
     weights = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
     if cfg.train.keep_optimizer:

@@ -85,6 +85,40 @@ def _training(run: RunDir) -> list[str]:
     return lines
 
 
+def _feddiff(run: RunDir, summary: dict) -> list[str]:
+    """FedDiff's cost and, per round, the proxy-set score of the generated subset beside the
+    base aggregate's (what the consolidation gained or lost)."""
+    metrics = [m for m in run.read_metrics() if "feddiff" in m]
+    info = summary.get("feddiff")
+    if not metrics or not info:
+        return []
+    plot_curve(
+        [m["round"] for m in metrics],
+        {
+            "generated subset": [m["feddiff"]["score"] for m in metrics],
+            "base aggregate": [m["feddiff"]["base_score"] for m in metrics],
+        },
+        "round",
+        "proxy-set score (higher is better)",
+        run.root / "feddiff.png",
+        "FedDiff consolidation per round",
+    )
+    server_s = sum(m["feddiff"]["server_s"] for m in metrics) / len(metrics)
+    return [
+        "",
+        "## FedDiff",
+        "",
+        f"Subset generated: {', '.join(info['subset'])} ({info['subset_params']} parameters). "
+        f"Pool: {info['pool_size']} checkpoints from {info['proxy_images']} proxy images "
+        f"(scores {info['pool_score_range'][0]:.3g} … {info['pool_score_range'][1]:.3g}); pre-training "
+        f"{info['pretrain_s']:.0f} s (pool {info['pool_s']:.0f} s); "
+        f"consolidation {server_s:.2f} s per round. "
+        "The pool and the weight-space models never left the server.",
+        "",
+        "![feddiff](feddiff.png)",
+    ]
+
+
 def _evaluation(run: RunDir) -> list[str]:
     if not run.eval.is_file():
         return []
@@ -206,8 +240,10 @@ def _privacy(run: RunDir, summary: dict) -> list[str]:
         if cfg.federation.finetune_steps:
             lines.append(f"- After the last round each client uploaded its fine-tuned {cfg.local.upload}.")
     if cfg.phoenix.beta > 0:
+        use = " (FedDiff's proxy set)" if cfg.strategy.name == "feddiff" else ""
         lines.append(
-            f"- Data sharing: {cfg.phoenix.beta}% of the clients' images were sent to the server (set G)."
+            f"- Data sharing: {cfg.phoenix.beta}% of the clients' images were sent to the server "
+            f"(set G){use}."
         )
     if cfg.calibration.mode != "off":
         lines.append(
@@ -230,7 +266,9 @@ def write_report(run: RunDir) -> str:
     ]
     if (run.root / "samples.png").is_file():
         lines += ["", "## Samples (one row per class)", "", "![samples](samples.png)"]
-    lines += _personal(run) + _training(run) + _evaluation(run) + _privacy(run, summary)
+    lines += (
+        _personal(run) + _training(run) + _feddiff(run, summary) + _evaluation(run) + _privacy(run, summary)
+    )
     if (run.root / "partitions.png").is_file():
         lines += ["", "## Data partitions", "", "![partitions](partitions.png)"]
     text = "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@
 Per round: seeded client selection → one TRAIN message per selected node (its download,
 the run config, the strategy's extras) → replies screened (``server/messages.py``) →
 each aggregation unit aggregated by its own strategy over the clients that sent it
-(``strategies/adapter.py``) → round hooks (``server/hooks.py``: FedDDPM calibration,
+(``strategies/adapter.py``; FedDiff's weight space pre-trained at the start of the
+session: ``server/weight_pool.py``) → round hooks (``server/hooks.py``: FedDDPM calibration,
 Phoenix filtering, the privacy ledger, task ``classifier``'s test accuracy; only those
 configured) → server EMA. With fewer than
 ``federation.min_clients`` valid updates the round is retried with a fresh selection
@@ -55,9 +56,11 @@ from fedsynth.server.messages import (
     screen,
     train_message,
 )
+from fedsynth.server.weight_pool import attach_weight_space
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 from fedsynth.strategies.adapter import Update, aggregate
 from fedsynth.strategies.class_rows import CLASS_KEY, class_rows
+from fedsynth.strategies.feddiff import FedDiff
 from fedsynth.strategies.scaffold import warn_if_adaptive
 
 log = logging.getLogger("fedsynth.server")
@@ -77,8 +80,9 @@ class FederatedDriver(ServerEma):
         class_names: tuple[str, ...],
         grid: Grid,
         test: ImageData | None = None,
+        proxy: ImageData | None = None,
     ) -> None:
-        self.cfg, self.run, self.model, self.grid = cfg, run, model, grid
+        self.cfg, self.run, self.model, self.grid, self.proxy = cfg, run, model, grid, proxy
         self.label = f"federated {cfg.strategy.name}"
         self.layout = Layout.of(model.unet.state_dict(), cfg.exchange.personal)
         self.exchange = ServerExchange(cfg.exchange, self.layout)
@@ -138,6 +142,10 @@ class FederatedDriver(ServerEma):
                 self.histograms,
                 self.base,
             )
+        for strategy in self.strategies.values():
+            if isinstance(strategy, FedDiff):
+                assert self.proxy is not None, "config validation guarantees a proxy set for feddiff"
+                attach_weight_space(self.cfg, self.run, self.model, self.proxy, strategy)
         yield
 
     # ------------------------------------------------------------------ a round
@@ -159,6 +167,8 @@ class FederatedDriver(ServerEma):
         valid = attempts[-1][1].valid
         self.model.load_weights(self.aggregate_units(round_, valid))
         extra: dict[str, Any] = {}
+        for strategy in self.strategies.values():
+            extra.update(strategy.round_metrics())
         for hook in self.hooks:
             extra.update(hook.after_aggregate(round_, valid))
         self.model.ema.step(self.model.unet.parameters())

@@ -8,6 +8,7 @@ from typing import Any
 from fedsynth.config import STRATEGY_NAMES, Config
 from fedsynth.errors import ConfigError
 from fedsynth.strategies import flower
+from fedsynth.strategies.feddiff import FedDiff
 from fedsynth.strategies.fedexp import FedExP
 from fedsynth.strategies.scaffold import Scaffold
 from fedsynth.strategies.state import Stateful
@@ -64,6 +65,9 @@ STRATEGIES: dict[str, Callable[[Config, dict], Stateful]] = {
         num_clients=cfg.partition.num_clients, server_lr=cfg.strategy.server_lr, **common
     ),
     "fedexp": lambda cfg, common: FedExP(eps=cfg.strategy.fedexp_eps, **common),
+    "feddiff": lambda cfg, common: FedDiff(
+        STRATEGIES[cfg.feddiff.base](cfg, common), cfg.feddiff, rounds=cfg.federation.rounds, seed=cfg.seed
+    ),
 }
 assert tuple(STRATEGIES) == STRATEGY_NAMES, "registry and config choices must agree"
 

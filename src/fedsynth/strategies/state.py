@@ -47,6 +47,10 @@ class Stateful:
         """Extra records sent to every selected client with the global weights (none by default)."""
         return {}
 
+    def round_metrics(self) -> dict[str, Any]:
+        """Keys added to the round's metrics line (none by default)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {name: _to_tensors(getattr(self, name)) for name in self.state_attrs}
 
