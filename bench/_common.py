@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: JSON output and machine description."""
+"""Helpers shared by the benchmarks: runs, resumable result rows, JSON output and machine description."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -51,3 +52,33 @@ def write_result(name: str, payload: dict) -> Path:
     print(json.dumps(payload, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def load_rows(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def run_missing(
+    name: str,
+    keys: Iterable[tuple],
+    key_of: Callable[[dict], tuple],
+    run: Callable[..., dict],
+    render: Callable[[list[dict]], str],
+    *,
+    payload: Callable[[list[dict]], dict] = lambda rows: {},
+    rerun: bool = False,
+) -> list[dict]:
+    """``run(*key)`` for every key without a row in ``RESULTS/name.json`` yet (every key with
+    ``rerun``, replacing its row); after each, ``name.json`` (``payload(rows)`` + rows) and
+    ``name.md`` (``render(rows)``) are rewritten, so an interrupted benchmark goes on where
+    it stopped and loses nothing it finished."""
+    rows = load_rows(name)
+    for key in keys:
+        done = [r for r in rows if key_of(r) == tuple(key)]
+        if done and not rerun:
+            continue
+        rows = [r for r in rows if r not in done] + [run(*key)]
+        write_result(name, {**payload(rows), "rows": rows})
+        (RESULTS / f"{name}.md").write_text(render(rows))
+    return rows

@@ -16,11 +16,12 @@ rounds, seed) and kept when already present.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 from pathlib import Path
 
-from _common import RESULTS, timed_fedsynth_run, write_result
+from _common import RESULTS, run_missing, timed_fedsynth_run
 
 CONFIG = "configs/digits-classifier.toml"
 SEQUENTIAL_STEPS = 600
@@ -107,18 +108,15 @@ def main() -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench-classifier"))
     args = p.parse_args()
-    path = RESULTS / "classifier.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    for setting in args.settings.split(","):
-        for strategy in args.strategies.split(","):
-            for rounds in map(int, args.rounds.split(",")):
-                for seed in map(int, args.seeds.split(",")):
-                    key = (setting, strategy, rounds, seed)
-                    if any((r["setting"], r["strategy"], r["rounds"], r["seed"]) == key for r in rows):
-                        continue
-                    rows.append(run_row(*key, args.runs_dir))
-                    write_result("classifier", {"config": CONFIG, "rows": rows})
-                    (RESULTS / "classifier.md").write_text(HEADER + table(rows))
+    keys = itertools.product(
+        args.settings.split(","), args.strategies.split(","), map(int, args.rounds.split(",")),
+        map(int, args.seeds.split(",")),
+    )  # fmt: skip
+    run_missing(
+        "classifier", keys, lambda r: (r["setting"], r["strategy"], r["rounds"], r["seed"]),
+        lambda *key: run_row(*key, args.runs_dir), lambda rows: HEADER + table(rows),
+        payload=lambda rows: {"config": CONFIG},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ count and scores it on the held-out split; rows are kept as they finish.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from _common import RESULTS, ROOT, write_result
+from _common import ROOT, run_missing
 from fedsynth.config import load_config
 from fedsynth.data.datasets import load_dataset
 from fedsynth.evaluation.classifier import predict, train_classifier
@@ -60,15 +59,12 @@ def main() -> None:
     p.add_argument("--config", default="configs/fashion-federated.toml")
     p.add_argument("--epochs", default="5,10,20")
     args = p.parse_args()
-    path = RESULTS / "domain_classifier.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
     dataset = load_config(ROOT / args.config).data.dataset
-    for epochs in map(int, args.epochs.split(",")):
-        if any((r["dataset"], r["epochs"]) == (dataset, epochs) for r in rows):
-            continue
-        rows.append(row(args.config, epochs))
-        write_result("domain_classifier", {"rows": rows})
-        (RESULTS / "domain_classifier.md").write_text(table(rows))
+    keys = ((epochs,) for epochs in map(int, args.epochs.split(",")))
+    run_missing(
+        "domain_classifier", keys, lambda r: (r["epochs"],) if r["dataset"] == dataset else (),
+        lambda epochs: row(args.config, epochs), table,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

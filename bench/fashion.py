@@ -13,6 +13,7 @@ Results: bench/results/fashion.{json,md}; rows are kept as they finish.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import RESULTS, ROOT, write_result
+from _common import ROOT, run_missing
 
 METHODS = {
     "centralized": ("configs/fashion-centralized.toml", []),
@@ -154,19 +155,17 @@ def main() -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench-fashion"))
     args = p.parse_args()
-    path = RESULTS / "fashion.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    for method in args.methods.split(","):
-        for seed in map(int, args.seeds.split(",")):
-            if any((r["method"], r["seed"]) == (method, seed) for r in rows):
-                continue
-            rows.append(run_row(method, seed, args.runs_dir))
-            write_result(
-                "fashion", {"methods": {m: METHODS[m] for m in {r["method"] for r in rows}}, "rows": rows}
-            )
-            real = next((r["real_accuracy"] for r in rows if r.get("real_accuracy")), None)
-            note = f"Domain classifier on the real test split: {fmt(real, '.1f', 100)}%.\n\n" if real else ""
-            (RESULTS / "fashion.md").write_text(HEADER + note + table(rows))
+
+    def render(rows: list[dict]) -> str:
+        real = next((r["real_accuracy"] for r in rows if r.get("real_accuracy")), None)
+        note = f"Domain classifier on the real test split: {fmt(real, '.1f', 100)}%.\n\n" if real else ""
+        return HEADER + note + table(rows)
+
+    keys = itertools.product(args.methods.split(","), map(int, args.seeds.split(",")))
+    run_missing(
+        "fashion", keys, lambda r: (r["method"], r["seed"]), lambda *key: run_row(*key, args.runs_dir),
+        render, payload=lambda rows: {"methods": {m: METHODS[m] for m in {r["method"] for r in rows}}},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ Rows are keyed (part, method, seed) and kept when already present.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
 from pathlib import Path
 
-from _common import RESULTS, timed_fedsynth_run, write_result
+from _common import run_missing, timed_fedsynth_run
 
 PROXY = ["phoenix.beta=4", "phoenix.alpha=0"]
 CLASSIFIER = {
@@ -163,18 +164,17 @@ def main() -> None:
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench-feddiff"))
     args = p.parse_args()
-    path = RESULTS / "feddiff.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    for method in args.methods.split(","):
-        for seed in map(int, args.seeds.split(",")):
-            if any((r["part"], r["method"], r["seed"]) == (args.part, method, seed) for r in rows):
-                continue
-            if args.part == "classifier":
-                rows.append(classifier_row(method, seed, args.rounds, args.local_steps, args.runs_dir))
-            else:
-                rows.append(generative_row(method, seed, args.runs_dir))
-            write_result("feddiff", {"rows": rows})
-            (RESULTS / "feddiff.md").write_text(HEADER + table(rows))
+
+    def run(method: str, seed: int) -> dict:
+        if args.part == "classifier":
+            return classifier_row(method, seed, args.rounds, args.local_steps, args.runs_dir)
+        return generative_row(method, seed, args.runs_dir)
+
+    keys = itertools.product(args.methods.split(","), map(int, args.seeds.split(",")))
+    run_missing(
+        "feddiff", keys, lambda r: (r["method"], r["seed"]) if r["part"] == args.part else (),
+        run, lambda rows: HEADER + table(rows),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ bench/results/quality.{json,md} and quality.png (CAS and label fidelity against 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import shutil
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import RESULTS, timed_fedsynth_run, write_result
+from _common import RESULTS, run_missing, timed_fedsynth_run
 
 CONFIG = "configs/digits-federated.toml"
 CLIENT_STEPS = 2400
@@ -232,21 +233,20 @@ def main() -> None:
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench-quality"))
     p.add_argument("--rerun", action="store_true", help="replace rows already in the results")
     args = p.parse_args()
-    path = RESULTS / "quality.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    for setting in args.settings.split(","):
-        for method in args.methods.split(","):
-            for rounds in map(int, args.rounds.split(",")):
-                for seed in map(int, args.seeds.split(",")):
-                    key = (setting, method, rounds, seed)
-                    done = [r for r in rows if (r["setting"], r["method"], r["rounds"], r["seed"]) == key]
-                    if done and not args.rerun:
-                        continue
-                    row = run_row(*key, args.runs_dir)
-                    rows = [r for r in rows if r not in done] + [row]
-                    write_result("quality", {"config": CONFIG, "client_steps": CLIENT_STEPS, "rows": rows})
-                    (RESULTS / "quality.md").write_text(HEADER + table(rows))
-                    plot(rows)
+
+    def render(rows: list[dict]) -> str:
+        plot(rows)
+        return HEADER + table(rows)
+
+    keys = itertools.product(
+        args.settings.split(","), args.methods.split(","), map(int, args.rounds.split(",")),
+        map(int, args.seeds.split(",")),
+    )  # fmt: skip
+    run_missing(
+        "quality", keys, lambda r: (r["setting"], r["method"], r["rounds"], r["seed"]),
+        lambda *key: run_row(*key, args.runs_dir), render,
+        payload=lambda rows: {"config": CONFIG, "client_steps": CLIENT_STEPS}, rerun=args.rerun,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ def test_tiny_local_run_trains_each_client_once_and_draws_classes_from_their_hol
     assert manifest["counts"] == dict.fromkeys(manifest["class_names"], 3)
     summary = json.loads(out.summary.read_text())
     assert summary["paradigm"] == "local" and summary["strategy"] == "none" and "cas_accuracy" in summary
+    # the models behind the synthetic set are audited, each on its own members; the worst is the run's
+    audit = json.loads(out.eval.read_text())["membership"]
+    assert sorted(audit["mia_per_client"]) == ["0", "1"] and summary["mia_model"].startswith("each client's")
+    assert summary["mia_auc"] == max(a["mia_auc"] for a in audit["mia_per_client"].values())
     report = (out.root / "report.md").read_text()
     assert "## Local models (one per client; the synthetic set is their mixture)" in report
     assert "Personal models" not in report
@@ -124,6 +128,7 @@ def test_federated_run_with_finetuning_samples_the_clients_finetuned_mixture(tmp
         assert [c for c, n in enumerate(row) if n] == held[int(pid)]
     summary = json.loads(out.summary.read_text())
     assert summary["rounds"] == len(rounds) and summary["finetune_steps"] == 3
+    assert summary["mia_model"].startswith("each client's model")  # the fine-tuned ones, not the global
     report = (out.root / "report.md").read_text()
     assert "## Local models (one per client; the synthetic set is their mixture)" in report
     assert "uploaded its fine-tuned model" in report

@@ -15,7 +15,7 @@ import torch
 
 from fedsynth.checkpoint import load_model
 from fedsynth.config import Config, DataConfig
-from fedsynth.data.datasets import ImageData, folder_name, load_dataset, load_images
+from fedsynth.data.datasets import ImageData, SplitDataset, folder_name, load_dataset, load_images
 from fedsynth.diffusion.training import resolve_device
 from fedsynth.errors import RunDirError
 from fedsynth.evaluation.classifier import predict, train_classifier
@@ -33,7 +33,7 @@ from fedsynth.evaluation.metrics import (
 )
 from fedsynth.progress import progress_bar
 from fedsynth.report.plots import plot_tsne
-from fedsynth.rundir import RunDir, write_json_atomic
+from fedsynth.rundir import RunDir, read_json, write_json_atomic
 
 SUMMARY_KEYS = (
     "fd",
@@ -50,7 +50,7 @@ SUMMARY_KEYS = (
     "near_copy_fraction",
 )
 INCEPTION_KEYS = ("fid", "inception_is_mean")  # only with eval.inception_weights
-AUDIT_KEYS = ("mia_auc", "mia_tpr_at_1pct_fpr")  # membership-inference audit of the model
+AUDIT_KEYS = ("mia_auc", "mia_tpr_at_1pct_fpr", "mia_model")  # membership-inference audit of the model
 
 
 def load_synthetic(folder: Path, real: ImageData, image_size: int) -> ImageData:
@@ -186,12 +186,31 @@ def mean_over_clients(per_client: dict[str, dict]) -> dict:
     return out
 
 
-def audit_model(cfg: Config, run: RunDir, members: ImageData, nonmembers: ImageData, device) -> dict:
-    """The membership-inference audit of ``run/model`` (none without a global model)."""
-    if cfg.eval.membership_samples <= 0 or not (run.model / "unet").is_dir():
+def audit_models(cfg: Config, run: RunDir, data: SplitDataset, device) -> dict:
+    """The membership-inference audit of the model(s) behind ``run/synthetic``: ``run/model``,
+    or, for a mixture of client models (paradigm ``local``, ``federation.finetune_steps`` with
+    ``local.upload = "model"``), every client's model on its own training images against the
+    test split — the worst client's result is the run's (``mia_model`` says which)."""
+    n = cfg.eval.membership_samples
+    clients = run.client_runs()
+    if n <= 0 or not (clients or (run.model / "unet").is_dir()):
         return {}
-    unet, scheduler = load_model(run, device)
-    return membership_audit(unet, scheduler, members, nonmembers, cfg.eval.membership_samples, cfg.seed)
+    if not clients:
+        unet, scheduler = load_model(run, device)
+        which = "global model"
+        if cfg.federation.finetune_steps:  # local.upload = "samples": the fine-tuned models stayed home
+            which = "global model before fine-tuning (the clients' fine-tuned models were not uploaded)"
+        return {**membership_audit(unet, scheduler, data.train, data.test, n, cfg.seed), "mia_model": which}
+    parts = read_json(run.partitions)["clients"]
+    per_client = {}
+    for client in clients:
+        pid = int(client.root.name.removeprefix("client-"))
+        members = data.full.subset(np.array(parts[pid]["indices"] + parts[pid]["shared_received"], dtype=int))
+        unet, scheduler = load_model(client, device)
+        per_client[pid] = membership_audit(unet, scheduler, members, data.test, n, cfg.seed)
+    worst = max(per_client, key=lambda pid: per_client[pid]["mia_auc"])
+    which = f"each client's model on its own images; the worst (client {worst}) shown"
+    return {**per_client[worst], "mia_model": which, "mia_per_client": per_client}
 
 
 def evaluate_run(cfg: Config, run: RunDir) -> dict:
@@ -200,7 +219,7 @@ def evaluate_run(cfg: Config, run: RunDir) -> dict:
     data = load_dataset(cfg.data)
     clients = run.client_runs()
     if run.synthetic.is_dir() or not clients:
-        audit = audit_model(cfg, run, data.train, data.test, device)
+        audit = audit_models(cfg, run, data, device)
         return {**_evaluate_dir(cfg, run, data.train, data.test, device, audit), **audit}
     per_client = {c.root.name: _evaluate_dir(cfg, c, data.train, data.test, device) for c in clients}
     result = mean_over_clients(per_client)

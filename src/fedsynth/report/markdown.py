@@ -30,6 +30,7 @@ SUMMARY_ROWS = (
     ("near-copies of training images ↓", "near_copy_fraction", "{:.2%}"),
     ("membership attack AUC (0.5: chance)", "mia_auc", "{:.3f}"),
     ("membership attack TPR at 1% FPR", "mia_tpr_at_1pct_fpr", "{:.2%}"),
+    ("membership attack on", "mia_model", "{}"),
     ("privacy", "privacy", "{}"),
     ("ε (largest party)", "epsilon", "{:.3f}"),
     ("δ", "delta", "{:.2e}"),
