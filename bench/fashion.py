@@ -20,9 +20,13 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 
-from _common import ROOT, run_missing
+import tomli_w
+
+from _common import RESULTS, ROOT, load_rows, run_missing, write_result
+from fedsynth.config import load_config
 
 METHODS = {
     "centralized": ("configs/fashion-centralized.toml", []),
@@ -112,6 +116,22 @@ def run_row(method: str, seed: int, runs: Path) -> dict:
     }
 
 
+def rejudge(row: dict) -> dict:
+    """Judge a row's run again with the domain classifier its config now asks for
+    (``eval.classifier_epochs`` of the row's config file): ``fedsynth evaluate`` on the kept
+    run directory, after setting that key in the run's ``config.toml``."""
+    config, _ = METHODS[row["method"]]
+    epochs = load_config(ROOT / config).eval.classifier_epochs
+    run = Path(row["run"])
+    saved = tomllib.loads((run / "config.toml").read_text())
+    saved.setdefault("eval", {})["classifier_epochs"] = epochs
+    (run / "config.toml").write_text(tomli_w.dumps(saved))
+    fedsynth = str(Path(sys.executable).with_name("fedsynth"))
+    subprocess.run([fedsynth, "evaluate", str(run)], check=True, capture_output=True)
+    summary = json.loads((run / "summary.json").read_text())
+    return {**row, **{k: summary.get(k) for k in KEYS if k != "train_wall_s"}, "judge_epochs": epochs}
+
+
 def fmt(value, spec: str, scale: float = 1.0) -> str:
     return "–" if value is None else format(scale * value, spec)
 
@@ -154,6 +174,9 @@ def main() -> None:
     p.add_argument("--methods", default="centralized,fedavgm")
     p.add_argument("--seeds", default="0")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench-fashion"))
+    p.add_argument(
+        "--rejudge", action="store_true", help="re-evaluate the kept rows' runs with today's judge"
+    )
     args = p.parse_args()
 
     def render(rows: list[dict]) -> str:
@@ -161,6 +184,13 @@ def main() -> None:
         note = f"Domain classifier on the real test split: {fmt(real, '.1f', 100)}%.\n\n" if real else ""
         return HEADER + note + table(rows)
 
+    if args.rejudge:
+        rows = [rejudge(r) if Path(r["run"]).is_dir() else r for r in load_rows("fashion")]
+        write_result(
+            "fashion", {"methods": {m: METHODS[m] for m in {r["method"] for r in rows}}, "rows": rows}
+        )
+        (RESULTS / "fashion.md").write_text(render(rows))
+        return
     keys = itertools.product(args.methods.split(","), map(int, args.seeds.split(",")))
     run_missing(
         "fashion", keys, lambda r: (r["method"], r["seed"]), lambda *key: run_row(*key, args.runs_dir),
