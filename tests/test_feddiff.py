@@ -184,6 +184,7 @@ def test_strategy_state_round_trips_bit_identically():
         ({"phoenix": {"beta": 4}, "feddiff": {"t_final": 300}}, "exceeds feddiff.timesteps"),
         ({"phoenix": {"beta": 4}, "feddiff": {"pool_every": 500}}, "exceeds feddiff.pool_steps"),
         ({"phoenix": {"beta": 4}, "feddiff": {"base": "feddiff"}}, "feddiff.base"),
+        ({"phoenix": {"beta": 4}, "feddiff": {"base": "scaffold"}}, "feddiff.base"),
     ],
 )
 def test_config_refusals(overrides, message):

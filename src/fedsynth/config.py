@@ -181,7 +181,10 @@ class FedDiffConfig:
     consolidated by a weight-space latent diffusion model pre-trained on the proxy set
     (Phoenix's shared set G: ``phoenix.beta`` > 0); ``strategies/feddiff.py``."""
 
-    base: str = _choice("fedavg", tuple(n for n in STRATEGY_NAMES if n != "feddiff"))  # every parameter first
+    # every parameter first; server-side strategies only (SCAFFOLD and FedProx need their clients)
+    base: str = _choice(
+        "fedavg", tuple(n for n in STRATEGY_NAMES if n not in ("feddiff", "scaffold", "fedprox"))
+    )
     subset: str = ""  # comma-separated parameter-name prefixes; "" = the model's last normalisation layer
     pool_runs: int = _at_least(4, 1)  # training runs on the proxy set, from the initial model
     pool_steps: int = _at_least(200, 1)  # optimizer steps per run
