@@ -92,6 +92,16 @@ METHODS = {
         ]
         for ft in (50, 100, 200)
     },
+    # the fine-tuned models uploaded as the EMA of their fine-tuning steps (local.ema_decay)
+    **{
+        f"fedavgm-lr3e-4-ft100-ema{d}": [
+            'strategy.name="fedavgm"',
+            "train.lr=3e-4",
+            "federation.finetune_steps=100",
+            f"local.ema_decay={d}",
+        ]
+        for d in ("0.9", "0.97")
+    },
     # centralized at its own best guidance (w = 1, README "Guidance")
     "centralized-equal-compute": ['paradigm="centralized"', "sample.guidance=1.0"],
     "centralized-equal-sequential": ['paradigm="centralized"', "sample.guidance=1.0"],

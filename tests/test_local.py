@@ -132,3 +132,29 @@ def test_federated_run_with_finetuning_samples_the_clients_finetuned_mixture(tmp
     report = (out.root / "report.md").read_text()
     assert "## Local models (one per client; the synthetic set is their mixture)" in report
     assert "uploaded its fine-tuned model" in report
+
+
+def test_one_off_local_model_can_be_the_ema_of_its_steps():
+    """local.ema_decay = d: the uploaded weights are EMA_2 = d·w_1 + (1 − d)·w_2 after two steps
+    (the first step copied, then the constant decay), not the last iterate w_2."""
+    import torch
+
+    from fedsynth.client.local import local_train
+    from fedsynth.data.datasets import ImageData
+    from fedsynth.diffusion.unet import build_unet
+
+    cfg = config_from_dict({"model": {"preset": "tiny"}, "diffusion": {"num_train_timesteps": 50},
+                            "train": {"batch_size": 4}})  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    data = ImageData(torch.randn(8, 1, 16, 16, generator=g), torch.arange(8) % 2, ("a", "b"))
+    start = {k: v.clone() for k, v in build_unet(cfg.model, 16, 1, 2).state_dict().items()}
+
+    def weights(steps: int, decay: float) -> dict:
+        return local_train(
+            cfg, data, start, round_=0, client_id=0, state={}, steps=steps, ema_decay=decay
+        ).weights
+
+    w1, w2, ema = weights(1, 0.0), weights(2, 0.0), weights(2, 0.25)
+    key = "conv_in.weight"
+    assert not torch.equal(w1[key], w2[key])
+    assert torch.allclose(ema[key], 0.25 * w1[key] + 0.75 * w2[key], atol=1e-6)

@@ -211,6 +211,7 @@ class LocalConfig:
 
     steps: int = _at_least(0, 0)  # per client; 0: the federated run's compute spread over all clients
     upload: str = _choice("model", ("model", "samples"))  # what each client sends once
+    ema_decay: float = _at_least(0.0, 0.0)  # one-off local models: EMA of their weights; 0 = last iterate
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,7 @@ class Config:
         for name, decay in (
             ("diffusion.ema_decay", self.diffusion.ema_decay),
             ("federation.server_ema_decay", fed.server_ema_decay),
+            ("local.ema_decay", self.local.ema_decay),
         ):
             if decay >= 1:
                 raise ConfigError(f"{name} = {decay} must be in [0, 1)")

@@ -72,6 +72,7 @@ def task_steps(
     generator: torch.Generator,
     penalty=None,
     after_backward=None,
+    ema=None,
 ) -> list[float]:
     """``steps`` optimizer steps of the task's objective (the denoising loss, or the
     classifier's cross-entropy with its dropout seeded from ``generator``)."""
@@ -79,12 +80,12 @@ def task_steps(
         with dropout_rng(generator):
             return optimizer_steps(
                 model, optimizer, data, steps=steps, train=cfg.train, generator=generator,
-                objective=classifier_loss, penalty=penalty, after_backward=after_backward,
+                objective=classifier_loss, penalty=penalty, after_backward=after_backward, ema=ema,
             )  # fmt: skip
     assert scheduler is not None, "the diffusion task needs its noise scheduler"
     return train_steps(
         model, optimizer, scheduler, data, steps=steps, train=cfg.train, diffusion=cfg.diffusion,
-        generator=generator, penalty=penalty, after_backward=after_backward,
+        generator=generator, penalty=penalty, after_backward=after_backward, ema=ema,
     )  # fmt: skip
 
 

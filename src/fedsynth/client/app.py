@@ -146,7 +146,10 @@ def handle_pretrain(msg: Message, cfg: Config, client_id: int, data: ImageData) 
     (FedDDPM's one-off models, paradigm ``local``); the client's exchange state is untouched."""
     weights = msg.content[ARRAYS].to_torch_state_dict()
     steps = int(msg.content[CONFIG].get(STEPS_KEY, cfg.calibration.pretrain_steps))
-    update = local_train(cfg, data, weights, round_=0, client_id=client_id, state={}, steps=steps)
+    ema = cfg.local.ema_decay
+    update = local_train(
+        cfg, data, weights, round_=0, client_id=client_id, state={}, steps=steps, ema_decay=ema
+    )
     counts = msg.content[CONFIG].get(COUNTS_KEY)
     if counts is None:
         arrays = ArrayRecord(update.weights)

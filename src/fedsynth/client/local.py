@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.training_utils import EMAModel
 
 from fedsynth.config import Config
 from fedsynth.data.datasets import ImageData
@@ -79,11 +80,14 @@ def local_train(
     state: dict[str, Weights],
     control: Weights | None = None,
     steps: int | None = None,
+    ema_decay: float = 0.0,
 ) -> ClientUpdate:
     """Train on ``data`` from ``global_weights``. ``state`` persists across this client's
     rounds (SCAFFOLD's c_i lives there); ``control`` is the server's c for SCAFFOLD, for
     the parameters this client uploads (only those are corrected and get a new c_i).
-    ``steps`` overrides the configured local steps (FedDDPM's one-off local model)."""
+    ``steps`` overrides the configured local steps (FedDDPM's one-off local model); with
+    ``ema_decay`` > 0 the returned weights are their EMA over the steps (constant decay, the
+    first step copied) instead of the last iterate."""
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     unet = build_client_model(cfg, data, device)
@@ -102,16 +106,19 @@ def local_train(
         load_optimizer_tensors(optimizer, unet, state["optimizer"])
     generator = round_generator(cfg.seed, round_, client_id, device)
     scheduler = build_train_scheduler(cfg.diffusion) if cfg.task == "diffusion" else None
+    ema = EMAModel(unet.parameters(), decay=ema_decay, min_decay=ema_decay) if ema_decay > 0 else None
     if cfg.privacy.mode == "dp-sgd":
         losses = dp_train_steps(
             unet, optimizer, scheduler, data, steps=steps, train=cfg.train, diffusion=cfg.diffusion,
-            privacy=cfg.privacy, generator=generator,
+            privacy=cfg.privacy, generator=generator, ema=ema,
         )  # fmt: skip
     else:
         losses = task_steps(
             cfg, unet, optimizer, scheduler, data, steps=steps, generator=generator,
-            penalty=penalty, after_backward=hook,
+            penalty=penalty, after_backward=hook, ema=ema,
         )  # fmt: skip
+    if ema is not None:
+        ema.copy_to(unet.parameters())
     weights = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
     if cfg.train.keep_optimizer:
         state["optimizer"] = optimizer_tensors(optimizer, unet)
