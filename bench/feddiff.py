@@ -60,19 +60,23 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def classifier_row(method: str, seed: int, rounds: int, local: int, runs: Path) -> dict:
-    out = runs / "classifier" / f"{method}-s{seed}"
+FASHION = ['data.dataset="fashion-mnist"', "data.image_size=28"]
+PARTS = {"classifier": [], "classifier-fashion": FASHION}  # the classifier rows' datasets
+
+
+def classifier_row(part: str, method: str, seed: int, rounds: int, local: int, runs: Path) -> dict:
+    out = runs / part / f"{method}-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    sets = [f"seed={seed}", *CLASSIFIER["sets"], *METHODS[method]]
+    sets = [f"seed={seed}", *CLASSIFIER["sets"], *PARTS[part], *METHODS[method]]
     sets += [
         f"federation.rounds={rounds}",
         f"train.local_steps={local}",
         f"federation.checkpoint_every={rounds}",
     ]
-    wall, lines = timed_fedsynth_run(CLASSIFIER["config"], out, sets, f"classifier/{method}")
+    wall, lines = timed_fedsynth_run(CLASSIFIER["config"], out, sets, f"{part}/{method}")
     summary = json.loads((out / "summary.json").read_text())
     return {
-        "part": "classifier",
+        "part": part,
         "method": method,
         "seed": seed,
         "rounds": rounds,
@@ -115,6 +119,25 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {sd:.1f}"
 
 
+def classifier_table(cls: list[dict]) -> list[str]:
+    out = [
+        "| method | seeds | best test accuracy % (mean ± std) | rounds to 95% of best (mean ± std) "
+        "| last accuracy % | server s / round | pre-training s | MB up + down |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method in [m for m in METHODS if any(r["method"] == m for r in cls)]:
+        mine = [r for r in cls if r["method"] == method]
+        out.append(
+            f"| {method} | {len(mine)} | {_mean_std([100 * r['best_test_accuracy'] for r in mine])} "
+            f"| {_mean_std([r['rounds_to_95pct_best'] for r in mine])} "
+            f"| {_mean_std([100 * r['test_accuracy'] for r in mine])} "
+            f"| {statistics.mean(r['server_s_per_round'] for r in mine):.2f} "
+            f"| {statistics.mean(r['pretrain_s'] for r in mine):.0f} "
+            f"| {statistics.mean(r['mb_exchanged'] for r in mine):.0f} |"
+        )
+    return out
+
+
 PART_CAPTIONS = {
     "generative": "FedDiff consolidating the generative model (`configs/digits-federated.toml`: 8 "
     "class-disjoint clients, 30 rounds × 20 steps, same proxy set), FedAvg as its base and as the "
@@ -127,22 +150,12 @@ PART_CAPTIONS = {
 
 
 def table(rows: list[dict]) -> str:
-    out = [
-        "| method | seeds | best test accuracy % (mean ± std) | rounds to 95% of best (mean ± std) "
-        "| last accuracy % | server s / round | pre-training s | MB up + down |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    cls = [r for r in rows if r["part"] == "classifier"]
-    for method in [m for m in METHODS if any(r["method"] == m for r in cls)]:
-        mine = [r for r in cls if r["method"] == method]
-        out.append(
-            f"| {method} | {len(mine)} | {_mean_std([100 * r['best_test_accuracy'] for r in mine])} "
-            f"| {_mean_std([r['rounds_to_95pct_best'] for r in mine])} "
-            f"| {_mean_std([100 * r['test_accuracy'] for r in mine])} "
-            f"| {statistics.mean(r['server_s_per_round'] for r in mine):.2f} "
-            f"| {statistics.mean(r['pretrain_s'] for r in mine):.0f} "
-            f"| {statistics.mean(r['mb_exchanged'] for r in mine):.0f} |"
-        )
+    out = classifier_table([r for r in rows if r["part"] == "classifier"])
+    fashion = [r for r in rows if r["part"] == "classifier-fashion"]
+    if fashion:
+        rounds = fashion[0]["rounds"]
+        out += ["", f"The same on Fashion-MNIST (28×28, 60,000 images; {rounds} rounds × 10 steps):", ""]
+        out += classifier_table(fashion)
     for part, caption in PART_CAPTIONS.items():
         gen = sorted((r for r in rows if r["part"] == part), key=lambda r: (r["method"], r["seed"]))
         if not gen:
@@ -175,7 +188,7 @@ HEADER = (
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--part", choices=("classifier", "generative", "synthetic"), default="classifier")
+    p.add_argument("--part", choices=(*PARTS, "generative", "synthetic"), default="classifier")
     p.add_argument("--methods", default="fedavg,fedavgm,fedadam,fedavg-sgd,scaffold-sgd,feddiff")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rounds", type=int, default=100)
@@ -184,8 +197,8 @@ def main() -> None:
     args = p.parse_args()
 
     def run(method: str, seed: int) -> dict:
-        if args.part == "classifier":
-            return classifier_row(method, seed, args.rounds, args.local_steps, args.runs_dir)
+        if args.part in PARTS:
+            return classifier_row(args.part, method, seed, args.rounds, args.local_steps, args.runs_dir)
         return generative_row(args.part, method, seed, args.runs_dir)
 
     keys = itertools.product(args.methods.split(","), map(int, args.seeds.split(",")))
