@@ -320,3 +320,17 @@ def test_client_level_ledger_counts_one_release_per_round_and_stops_at_the_budge
             ledger.check_round(round_, [0], steps=50)
             ledger.after_aggregate(round_, [])
     assert ledger.report()["epsilon_max"] <= 4.0 + 0.01  # stopped before the budget, not after
+
+
+def test_class_matched_nonmembers_have_the_members_class_counts():
+    """Members 6 × class 0 and 2 × class 1; the pool has 3 of class 0, 5 of class 1, 4 of class 2:
+    s = min(1, 3/6, 5/2) = 0.5 → 3 of class 0 and 1 of class 1 on each side, none of class 2."""
+    from fedsynth.data.datasets import ImageData
+    from fedsynth.evaluation.membership import class_matched
+
+    def data(labels: list[int]) -> ImageData:
+        return ImageData(torch.zeros(len(labels), 1, 4, 4), torch.tensor(labels), ("a", "b", "c"))
+
+    members, nonmembers = class_matched(data([0] * 6 + [1] * 2), data([0] * 3 + [1] * 5 + [2] * 4), seed=0)
+    for side in (members, nonmembers):
+        assert torch.bincount(side.labels, minlength=3).tolist() == [3, 1, 0]

@@ -21,7 +21,7 @@ from fedsynth.errors import RunDirError
 from fedsynth.evaluation.classifier import predict, train_classifier
 from fedsynth.evaluation.domain import domain_classifier
 from fedsynth.evaluation.inception import inception_metrics
-from fedsynth.evaluation.membership import membership_audit
+from fedsynth.evaluation.membership import class_matched, membership_audit
 from fedsynth.evaluation.metrics import (
     classification_scores,
     distance_from_uniform,
@@ -189,8 +189,9 @@ def mean_over_clients(per_client: dict[str, dict]) -> dict:
 def audit_models(cfg: Config, run: RunDir, data: SplitDataset, device) -> dict:
     """The membership-inference audit of the model(s) behind ``run/synthetic``: ``run/model``,
     or, for a mixture of client models (paradigm ``local``, ``federation.finetune_steps`` with
-    ``local.upload = "model"``), every client's model on its own training images against the
-    test split — the worst client's result is the run's (``mia_model`` says which)."""
+    ``local.upload = "model"``), every client's model on its own training images against test
+    images of the same classes in the same proportions (:func:`class_matched`) — the worst
+    client's result is the run's (``mia_model`` says which)."""
     n = cfg.eval.membership_samples
     clients = run.client_runs()
     if n <= 0 or not (clients or (run.model / "unet").is_dir()):
@@ -205,11 +206,12 @@ def audit_models(cfg: Config, run: RunDir, data: SplitDataset, device) -> dict:
     per_client = {}
     for client in clients:
         pid = int(client.root.name.removeprefix("client-"))
-        members = data.full.subset(np.array(parts[pid]["indices"] + parts[pid]["shared_received"], dtype=int))
+        own = data.full.subset(np.array(parts[pid]["indices"] + parts[pid]["shared_received"], dtype=int))
+        members, nonmembers = class_matched(own, data.test, cfg.seed)
         unet, scheduler = load_model(client, device)
-        per_client[pid] = membership_audit(unet, scheduler, members, data.test, n, cfg.seed)
+        per_client[pid] = membership_audit(unet, scheduler, members, nonmembers, n, cfg.seed)
     worst = max(per_client, key=lambda pid: per_client[pid]["mia_auc"])
-    which = f"each client's model on its own images; the worst (client {worst}) shown"
+    which = f"each client's model on its own images vs test images of its classes; worst: client {worst}"
     return {**per_client[worst], "mia_model": which, "mia_per_client": per_client}
 
 

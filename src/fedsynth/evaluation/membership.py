@@ -58,6 +58,24 @@ def attack_scores(member_loss: np.ndarray, nonmember_loss: np.ndarray) -> dict[s
     }
 
 
+def class_matched(members: ImageData, pool: ImageData, seed: int) -> tuple[ImageData, ImageData]:
+    """Members and non-members (from ``pool``) with the same count per class: n_c = ⌊s·m_c⌋
+    of each, s = min(1, min_c a_c / m_c) (m_c members and a_c pool images of class c). A
+    client's model is attacked on its own classes only; against the whole test split its loss
+    on classes it never saw would tell members apart by class, not by membership."""
+    rng = numpy_rng(seed, "membership-classes")
+    m_labels, p_labels = members.labels.numpy(), pool.labels.numpy()
+    classes, counts = np.unique(m_labels, return_counts=True)
+    scale = min(1.0, *(np.sum(p_labels == c) / m for c, m in zip(classes, counts, strict=True)))
+    take = {int(c): int(scale * m) for c, m in zip(classes, counts, strict=True)}
+
+    def draw(labels: np.ndarray) -> np.ndarray:
+        picks = [rng.choice(np.flatnonzero(labels == c), n, replace=False) for c, n in take.items()]
+        return np.sort(np.concatenate(picks))
+
+    return members.subset(draw(m_labels)), pool.subset(draw(p_labels))
+
+
 def membership_audit(
     unet: UNet2DModel, scheduler: DDPMScheduler, members: ImageData, nonmembers: ImageData, n: int, seed: int
 ) -> dict[str, float]:
