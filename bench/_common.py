@@ -17,11 +17,24 @@ RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+FEDSYNTH = str(Path(sys.executable).with_name("fedsynth"))  # the CLI of this environment
+
+
+def run_command(config: str, out: Path, overrides: list[str]) -> list[str]:
+    """``fedsynth run ROOT/config --out OUT --set ...``"""
+    return [
+        FEDSYNTH,
+        "run",
+        str(ROOT / config),
+        "--out",
+        str(out),
+        *(x for s in overrides for x in ("--set", s)),
+    ]
+
+
 def fedsynth_run(config: str, out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
-    """``fedsynth run ROOT/config --out OUT --set ...`` in a fresh process (output captured)."""
-    cmd = [str(Path(sys.executable).with_name("fedsynth")), "run", str(ROOT / config), "--out", str(out)]
-    cmd += [x for s in overrides for x in ("--set", s)]
-    return subprocess.run(cmd, capture_output=True, text=True)
+    """:func:`run_command` in a fresh process (output captured)."""
+    return subprocess.run(run_command(config, out, overrides), capture_output=True, text=True)
 
 
 def timed_fedsynth_run(config: str, out: Path, overrides: list[str], label: str) -> tuple[float, list[dict]]:

@@ -17,7 +17,6 @@ import itertools
 import json
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import tomli_w
 
-from _common import RESULTS, ROOT, load_rows, run_missing, write_result
+from _common import FEDSYNTH, RESULTS, ROOT, load_rows, run_command, run_missing, write_result
 from fedsynth.config import load_config
 
 METHODS = {
@@ -89,8 +88,7 @@ def run_row(method: str, seed: int, runs: Path) -> dict:
     config, sets = METHODS[method]
     out = runs / f"{method}-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(Path(sys.executable).with_name("fedsynth")), "run", str(ROOT / config), "--out", str(out)]
-    cmd += [x for s in [f"seed={seed}", *sets] for x in ("--set", s)]
+    cmd = run_command(config, out, [f"seed={seed}", *sets])
     start, peak = time.perf_counter(), [0.0]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -126,8 +124,7 @@ def rejudge(row: dict) -> dict:
     saved = tomllib.loads((run / "config.toml").read_text())
     saved.setdefault("eval", {})["classifier_epochs"] = epochs
     (run / "config.toml").write_text(tomli_w.dumps(saved))
-    fedsynth = str(Path(sys.executable).with_name("fedsynth"))
-    subprocess.run([fedsynth, "evaluate", str(run)], check=True, capture_output=True)
+    subprocess.run([FEDSYNTH, "evaluate", str(run)], check=True, capture_output=True)
     summary = json.loads((run / "summary.json").read_text())
     return {**row, **{k: summary.get(k) for k in KEYS if k != "train_wall_s"}, "judge_epochs": epochs}
 
