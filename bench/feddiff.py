@@ -64,54 +64,52 @@ FASHION = ['data.dataset="fashion-mnist"', "data.image_size=28"]
 PARTS = {"classifier": [], "classifier-fashion": FASHION}  # the classifier rows' datasets
 
 
-def classifier_row(part: str, method: str, seed: int, rounds: int, local: int, runs: Path) -> dict:
+def run_fedsynth(part: str, method: str, seed: int, config: str, sets: list[str], runs: Path) -> tuple:
+    """One ``fedsynth run`` of a row: (summary, metrics lines, the fields every part records —
+    the row's key, FedDiff's server cost, traffic and wall time)."""
     out = runs / part / f"{method}-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    sets = [f"seed={seed}", *CLASSIFIER["sets"], *PARTS[part], *METHODS[method]]
+    wall, lines = timed_fedsynth_run(
+        config, out, [f"seed={seed}", *sets, *METHODS[method]], f"{part}/{method}"
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    common = {
+        "part": part,
+        "method": method,
+        "seed": seed,
+        "server_s_per_round": statistics.mean(r.get("feddiff", {}).get("server_s", 0.0) for r in lines),
+        "pretrain_s": summary.get("feddiff", {}).get("pretrain_s", 0.0),
+        "mb_exchanged": round(sum(r["bytes_up"] + r["bytes_down"] for r in lines) / 1e6, 1),
+        "wall_s": round(wall, 1),
+    }
+    return summary, lines, common
+
+
+def classifier_row(part: str, method: str, seed: int, rounds: int, local: int, runs: Path) -> dict:
+    sets = [*CLASSIFIER["sets"], *PARTS[part]]
     sets += [
         f"federation.rounds={rounds}",
         f"train.local_steps={local}",
         f"federation.checkpoint_every={rounds}",
     ]
-    wall, lines = timed_fedsynth_run(CLASSIFIER["config"], out, sets, f"{part}/{method}")
-    summary = json.loads((out / "summary.json").read_text())
+    summary, lines, common = run_fedsynth(part, method, seed, CLASSIFIER["config"], sets, runs)
     return {
-        "part": part,
-        "method": method,
-        "seed": seed,
+        **common,
         "rounds": rounds,
         "local_steps": local,
         "best_test_accuracy": summary["best_test_accuracy"],
         "test_accuracy": summary["test_accuracy"],
         "rounds_to_95pct_best": summary["rounds_to_95pct_best"],
         "accuracy_per_round": [r["test_accuracy"] for r in lines],
-        "server_s_per_round": statistics.mean(r.get("feddiff", {}).get("server_s", 0.0) for r in lines),
-        "pretrain_s": summary.get("feddiff", {}).get("pretrain_s", 0.0),
-        "mb_exchanged": round(sum(r["bytes_up"] + r["bytes_down"] for r in lines) / 1e6, 1),
-        "wall_s": round(wall, 1),
     }
 
 
 def generative_row(part: str, method: str, seed: int, runs: Path) -> dict:
     setup = GENERATIVE if part == "generative" else SYNTHETIC
-    out = runs / part / f"{method}-s{seed}"
-    shutil.rmtree(out, ignore_errors=True)
-    sets = [f"seed={seed}", *setup["sets"], *METHODS[method], "federation.checkpoint_every=30"]
-    wall, lines = timed_fedsynth_run(setup["config"], out, sets, f"{part}/{method}")
-    summary = json.loads((out / "summary.json").read_text())
-    return {
-        "part": part,
-        "method": method,
-        "seed": seed,
-        "rounds": len(lines),
-        "fd": summary["fd"],
-        "cas_accuracy": summary["cas_accuracy"],
-        "label_fidelity": summary["label_fidelity"],
-        "server_s_per_round": statistics.mean(r.get("feddiff", {}).get("server_s", 0.0) for r in lines),
-        "pretrain_s": summary.get("feddiff", {}).get("pretrain_s", 0.0),
-        "mb_exchanged": round(sum(r["bytes_up"] + r["bytes_down"] for r in lines) / 1e6, 1),
-        "wall_s": round(wall, 1),
-    }
+    sets = [*setup["sets"], "federation.checkpoint_every=30"]
+    summary, lines, common = run_fedsynth(part, method, seed, setup["config"], sets, runs)
+    keys = ("fd", "cas_accuracy", "label_fidelity")
+    return {**common, "rounds": len(lines), **{k: summary[k] for k in keys}}
 
 
 def _mean_std(values: list[float]) -> str:
