@@ -44,8 +44,7 @@ def _fmt(fmt: str, value) -> str:
         return str(value)
 
 
-def _training(run: RunDir) -> list[str]:
-    metrics = run.read_metrics()
+def _training(run: RunDir, metrics: list[dict]) -> list[str]:
     if not metrics:
         return []
     rounds = [m["round"] for m in metrics]
@@ -86,10 +85,10 @@ def _training(run: RunDir) -> list[str]:
     return lines
 
 
-def _feddiff(run: RunDir, summary: dict) -> list[str]:
+def _feddiff(run: RunDir, metrics: list[dict], summary: dict) -> list[str]:
     """FedDiff's cost and, per round, the proxy-set score of the generated subset beside the
     base aggregate's (what the consolidation gained or lost)."""
-    metrics = [m for m in run.read_metrics() if "feddiff" in m]
+    metrics = [m for m in metrics if "feddiff" in m]
     info = summary.get("feddiff")
     if not metrics or not info:
         return []
@@ -181,11 +180,10 @@ def _local_models(run: RunDir, record: dict) -> list[str]:
     return lines
 
 
-def _personal(run: RunDir) -> list[str]:
+def _personal(run: RunDir, metrics: list[dict]) -> list[str]:
     clients = run.client_runs()
     if not clients:
         return []
-    metrics = run.read_metrics()
     if metrics and "class_counts_per_client" in metrics[-1]:
         return _local_models(run, metrics[-1])  # paradigm local, or federation.finetune_steps
     lines = [
@@ -267,9 +265,9 @@ def write_report(run: RunDir) -> str:
     ]
     if (run.root / "samples.png").is_file():
         lines += ["", "## Samples (one row per class)", "", "![samples](samples.png)"]
-    lines += (
-        _personal(run) + _training(run) + _feddiff(run, summary) + _evaluation(run) + _privacy(run, summary)
-    )
+    metrics = run.read_metrics()
+    lines += _personal(run, metrics) + _training(run, metrics) + _feddiff(run, metrics, summary)
+    lines += _evaluation(run) + _privacy(run, summary)
     if (run.root / "partitions.png").is_file():
         lines += ["", "## Data partitions", "", "![partitions](partitions.png)"]
     text = "\n".join(lines) + "\n"

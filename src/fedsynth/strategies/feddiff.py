@@ -165,21 +165,30 @@ def networks(dim: int, cfg: FedDiffConfig) -> tuple[WeightAE, LatentDenoiser]:
     return WeightAE(dim, latent=cfg.latent_channels), LatentDenoiser(cfg.latent_channels)
 
 
-def train_autoencoder(
-    ae: WeightAE, pool: torch.Tensor, cfg: FedDiffConfig, generator: torch.Generator
-) -> float:
-    """Eq. 6 on the normalised pool, with noise augmentation ξ_V on inputs and ξ_Z on latents."""
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, weight_decay=2e-6)
+def _minimise(opt: torch.optim.Optimizer, batches: Iterable, loss_of: Callable[[Any], torch.Tensor]) -> float:
+    """One optimizer step on ``loss_of(batch)`` per batch; the last loss."""
     loss = torch.zeros(())
-    for idx in _batches(len(pool), 64, cfg.ae_steps, generator):
-        v = pool[idx]
-        z = ae.encode(v + cfg.input_noise * torch.randn(v.shape, generator=generator))
-        recon = ae.decode(z + cfg.latent_noise * torch.randn(z.shape, generator=generator))
-        loss = ((v - recon) ** 2).mean()
+    for batch in batches:
+        loss = loss_of(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return float(loss.detach())
+
+
+def train_autoencoder(
+    ae: WeightAE, pool: torch.Tensor, cfg: FedDiffConfig, generator: torch.Generator
+) -> float:
+    """Eq. 6 on the normalised pool, with noise augmentation ξ_V on inputs and ξ_Z on latents."""
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        v = pool[idx]
+        z = ae.encode(v + cfg.input_noise * torch.randn(v.shape, generator=generator))
+        recon = ae.decode(z + cfg.latent_noise * torch.randn(z.shape, generator=generator))
+        return ((v - recon) ** 2).mean()
+
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, weight_decay=2e-6)
+    return _minimise(opt, _batches(len(pool), 64, cfg.ae_steps, generator), loss)
 
 
 def train_ldm(
@@ -187,17 +196,15 @@ def train_ldm(
 ) -> float:
     """Eq. 7 on the (scaled) pool latents Z⁰."""
     scheduler = ldm_scheduler(cfg.timesteps)
-    opt = torch.optim.AdamW(ldm.parameters(), lr=cfg.lr, weight_decay=2e-6)
-    loss = torch.zeros(())
-    for idx in _batches(len(latents), 64, cfg.ldm_steps, generator):
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
         z0 = latents[idx]
         eps = torch.randn(z0.shape, generator=generator)
         t = torch.randint(0, cfg.timesteps, (len(z0),), generator=generator)
-        loss = ((eps - ldm(scheduler.add_noise(z0, eps, t), t)) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
+        return ((eps - ldm(scheduler.add_noise(z0, eps, t), t)) ** 2).mean()
+
+    opt = torch.optim.AdamW(ldm.parameters(), lr=cfg.lr, weight_decay=2e-6)
+    return _minimise(opt, _batches(len(latents), 64, cfg.ldm_steps, generator), loss)
 
 
 @torch.no_grad()
@@ -279,21 +286,21 @@ def finetune_encoder(
 ) -> float:
     """Eqs. 9–11 on the round's client vectors ``v``; the decoder stays fixed."""
     ae, sigma = space.ae, cfg.latent_noise
-    opt = torch.optim.Adam(ae.encoder.parameters(), lr=cfg.encoder_lr)
-    ae.decoder.requires_grad_(False)
-    loss = torch.zeros(())
-    for _ in range(cfg.encoder_steps):
+
+    def loss(_: int) -> torch.Tensor:
         mu = ae.encode(v)
         mu_s, var_s = consolidate(mu, torch.full_like(mu, sigma**2))
         z = mu_s + var_s.sqrt() * torch.randn(mu.shape, generator=generator)
         recon = ae.decode(mu + sigma * torch.randn(mu.shape, generator=generator))
         l_kl = ((v - recon) ** 2).mean() + cfg.kl_weight * kl_to_standard(mu_s, var_s)
-        loss = l_kl + cfg.contrastive_weight * ((z_corr - z) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    ae.decoder.requires_grad_(True)
-    return float(loss.detach())
+        return l_kl + cfg.contrastive_weight * ((z_corr - z) ** 2).mean()
+
+    ae.decoder.requires_grad_(False)
+    try:
+        opt = torch.optim.Adam(ae.encoder.parameters(), lr=cfg.encoder_lr)
+        return _minimise(opt, range(cfg.encoder_steps), loss)
+    finally:
+        ae.decoder.requires_grad_(True)
 
 
 # ---------------------------------------------------------------------- the strategy
@@ -335,8 +342,9 @@ class FedDiff(Stateful):
             return None, None
         assert self.space is not None and self.score is not None, "attach must run before round 1"
         merged = arrays.to_torch_state_dict()
-        keys = self.space.keys
-        clients = torch.stack([flatten(r.content[ARRAYS].to_torch_state_dict(), keys) for r in replies])
+        keys = self.space.keys  # only the subset is decoded from each reply
+        subsets = [{k: torch.from_numpy(r.content[ARRAYS][k].numpy()) for k in keys} for r in replies]
+        clients = torch.stack([flatten(w, keys) for w in subsets])
         merged.update(self.consolidate(server_round, clients, merged))
         return ArrayRecord(merged), metrics
 
