@@ -1,6 +1,8 @@
-"""The privacy–quality trade-off: sample-level DP-SGD at ε ∈ {1, 10, ∞} on digits.
+"""The privacy–quality trade-off: sample-level DP-SGD at ε ∈ {1, 10, ∞} on digits and Fashion-MNIST.
 
-Centralized: ``configs/digits-centralized.toml`` (2,000 steps); federated: the demo config
+Centralized: ``configs/digits-centralized.toml`` (2,000 steps) or
+``configs/fashion-centralized.toml`` (``--dataset fashion``: 60,000 images, where the same ε
+costs ~40× less noise per example seen); federated: the demo config
 (``configs/digits-federated.toml``, 30 rounds × 4 clients × 20 steps; every client's ε is
 its own, on its own data). ε = ∞ is the same run without DP. For each row: CAS, FD, label
 fidelity, precision/recall, the membership-inference audit (AUC, TPR at 1% FPR), the ε
@@ -9,6 +11,7 @@ Rows are kept as they finish (an interrupted run goes on where it stopped).
 Results: bench/results/privacy.{json,md}.
 
     .venv/bin/python bench/privacy.py [--paradigms centralized,federated] [--epsilons inf,10,1]
+        [--dataset digits|fashion] [--variant b256]
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from pathlib import Path
 
 from _common import run_missing, timed_fedsynth_run
 
-CONFIGS = {"centralized": "configs/digits-centralized.toml", "federated": "configs/digits-federated.toml"}
+CONFIGS = {
+    ("centralized", "digits"): "configs/digits-centralized.toml",
+    ("federated", "digits"): "configs/digits-federated.toml",
+    ("centralized", "fashion"): "configs/fashion-centralized.toml",
+}
 # larger batches at the same examples seen (2,000 × 64): less noise per step relative to the
 # clipped signal (σC/B), as DP-SGD practice (DPDM: batch 4,096) suggests
 VARIANTS = {
@@ -33,16 +40,18 @@ VARIANT_SHAPE = {"": "64 × 2,000", "b256": "256 × 500", "b512": "512 × 260"} 
 KEYS = ("cas_accuracy", "fd", "label_fidelity", "precision", "recall", "mia_auc", "mia_tpr_at_1pct_fpr")
 
 
-def run_row(paradigm: str, eps: str, seed: int, variant: str, runs: Path) -> dict:
-    out = runs / f"{paradigm}-eps{eps}-s{seed}{'-' + variant if variant else ''}"
+def run_row(paradigm: str, eps: str, seed: int, variant: str, dataset: str, runs: Path) -> dict:
+    prefix = paradigm if dataset == "digits" else f"{dataset}-{paradigm}"
+    out = runs / f"{prefix}-eps{eps}-s{seed}{'-' + variant if variant else ''}"
     shutil.rmtree(out, ignore_errors=True)
     sets = [f"seed={seed}", *VARIANTS[variant]]
     if eps != "inf":
         sets += ['privacy.mode="dp-sgd"', f"privacy.target_epsilon={eps}"]
-    wall, _ = timed_fedsynth_run(CONFIGS[paradigm], out, sets, f"{paradigm} ε={eps}")
+    wall, _ = timed_fedsynth_run(CONFIGS[paradigm, dataset], out, sets, f"{dataset} {paradigm} ε={eps}")
     summary = json.loads((out / "summary.json").read_text())
     return {
         "paradigm": paradigm,
+        "dataset": dataset,
         "target_epsilon": eps,
         "seed": seed,
         "variant": variant,
@@ -54,6 +63,14 @@ def run_row(paradigm: str, eps: str, seed: int, variant: str, runs: Path) -> dic
         "wall_s": round(wall, 1),
         "run": str(out),
     }
+
+
+def row_key(r: dict) -> tuple:
+    return r["paradigm"], r["target_epsilon"], r["seed"], r.get("variant", ""), data(r)
+
+
+def data(row: dict) -> str:
+    return row.get("dataset", "digits")  # rows written before the dataset axis are digits
 
 
 def fmt(value, spec: str, scale: float = 1.0) -> str:
@@ -68,25 +85,31 @@ def shape(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     base = {
-        (r["paradigm"], r["seed"], r.get("variant", "")): r["train_wall_s"]
+        (data(r), r["paradigm"], r["seed"], r.get("variant", "")): r["train_wall_s"]
         for r in rows
         if r["target_epsilon"] == "inf"
     }
     lines = [
-        "| paradigm | batch × steps | target ε | seed | ε reached (δ) | σ | CAS | FD | label fidelity "
+        "| data | paradigm | batch × steps | target ε | seed | ε reached (δ) | σ | CAS | FD | label fidelity "
         "| precision | recall | MIA AUC | MIA TPR @1% FPR | train s | DP time × |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {"inf": 0, "10": 1, "1": 2}
     for r in sorted(
         rows,
-        key=lambda r: (r["paradigm"], r.get("variant", ""), order.get(r["target_epsilon"], 9), r["seed"]),
+        key=lambda r: (
+            data(r),
+            r["paradigm"],
+            r.get("variant", ""),
+            order.get(r["target_epsilon"], 9),
+            r["seed"],
+        ),
     ):
-        ref = base.get((r["paradigm"], r["seed"], r.get("variant", "")))
+        ref = base.get((data(r), r["paradigm"], r["seed"], r.get("variant", "")))
         ratio = f"{r['train_wall_s'] / ref:.1f}" if ref and r["target_epsilon"] != "inf" else "–"
         reached = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f} ({r['delta']:.1e})"
         lines.append(
-            f"| {r['paradigm']} | {shape(r)} | {r['target_epsilon']} | {r['seed']} | {reached} | "
+            f"| {data(r)} | {r['paradigm']} | {shape(r)} | {r['target_epsilon']} | {r['seed']} | {reached} | "
             f"{fmt(r['noise_multiplier'], '.3f')} | {fmt(r['cas_accuracy'], '.1f', 100)}% | "
             f"{fmt(r['fd'], '.2f')} | "
             f"{fmt(r['label_fidelity'], '.2f')} | {fmt(r['precision'], '.2f')} | {fmt(r['recall'], '.2f')} | "
@@ -118,15 +141,17 @@ def main() -> None:
     p.add_argument("--epsilons", default="inf,10,1")
     p.add_argument("--seeds", default="0")
     p.add_argument("--variant", default="", choices=tuple(VARIANTS))
+    p.add_argument("--dataset", default="digits", choices=("digits", "fashion"))
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench-privacy"))
     args = p.parse_args()
     keys = itertools.product(
-        args.paradigms.split(","), args.epsilons.split(","), map(int, args.seeds.split(",")), [args.variant]
-    )
+        args.paradigms.split(","), args.epsilons.split(","), map(int, args.seeds.split(",")), [args.variant],
+        [args.dataset],
+    )  # fmt: skip
     run_missing(
-        "privacy", keys, lambda r: (r["paradigm"], r["target_epsilon"], r["seed"], r.get("variant", "")),
+        "privacy", keys, row_key,
         lambda *key: run_row(*key, args.runs_dir), lambda rows: HEADER + table(rows),
-        payload=lambda rows: {"configs": CONFIGS},
+        payload=lambda rows: {"configs": {"-".join(k): v for k, v in CONFIGS.items()}},
     )  # fmt: skip
 
 

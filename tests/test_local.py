@@ -108,8 +108,8 @@ def test_finetuning_needs_a_federated_run_without_personal_modules():
                 "exchange": {"personal": "last-block"},
             }
         )
-    with pytest.raises(ConfigError, match=r"not in the privacy accounting"):
-        private = {"mode": "dp-sgd", "noise_multiplier": 1.0}
+    with pytest.raises(ConfigError, match=r"finetune_steps is not available with privacy.mode = 'dp-fedavg'"):
+        private = {"mode": "dp-fedavg", "noise_multiplier": 1.0}
         config_from_dict({"paradigm": "federated", "federation": {"finetune_steps": 5}, "privacy": private})
 
 

@@ -7,7 +7,7 @@ from diffusers import UNet2DModel
 from opacus import GradSampleModule
 
 from conftest import TINY_OVERRIDES
-from fedsynth.config import DiffusionConfig, PrivacyConfig, load_config
+from fedsynth.config import DiffusionConfig, PrivacyConfig, config_from_dict, load_config
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.errors import ConfigError
 from fedsynth.privacy.accounting import PrivacyBudgetError, PrivacyLedger, calibrate, epsilon
@@ -217,14 +217,28 @@ def test_centralized_dp_run_states_epsilon_grows_it_and_stops_before_the_budget(
         run_all(load_config(run.config, ["federation.rounds=4"]), tmp_path / "r", resume=True)
 
 
-def test_federated_dp_run_reports_each_clients_epsilon(tmp_path):
+def test_federated_dp_run_reports_each_clients_epsilon_fine_tuning_steps_included(tmp_path):
     from fedsynth.pipeline import run_all
 
-    cfg = load_config("configs/digits-federated.toml", [*TINY_OVERRIDES, *DP, "eval.enabled=false"])
-    run = run_all(cfg, tmp_path / "r")
-    lines = run.read_metrics()
-    assert set(lines[-1]["epsilon"]) == {"client 0", "client 1"}
-    assert 0 < lines[0]["epsilon_max"] < lines[-1]["epsilon_max"] <= 5.0 + 0.01
+    tiny = [*TINY_OVERRIDES, *DP, "eval.enabled=false", "federation.finetune_steps=2"]
+    run = run_all(load_config("configs/digits-federated.toml", tiny), tmp_path / "r")
+    *rounds, finetune = run.read_metrics()
+    assert set(rounds[-1]["epsilon"]) == set(finetune["epsilon"]) == {"client 0", "client 1"}
+    assert 0 < rounds[0]["epsilon_max"] < rounds[-1]["epsilon_max"] < finetune["epsilon_max"]
+    # both clients take every round's 3 steps and 2 fine-tuning steps: σ was calibrated for
+    # those 8 steps, so the smaller client ends at the target, not past it
+    assert finetune["phase"] == "finetune" and finetune["epsilon_max"] == pytest.approx(5.0, abs=0.02)
+    assert json.loads(run.summary.read_text())["epsilon"] == finetune["epsilon_max"]
+
+
+def test_planned_steps_count_every_round_and_the_fine_tuning_steps():
+    from fedsynth.privacy.accounting import planned_steps
+
+    fed = {"rounds": 7, "finetune_steps": 11}
+    cfg = config_from_dict({"paradigm": "federated", "federation": fed, "train": {"local_steps": 5}})
+    assert planned_steps(cfg, central_steps_per_round=99) == 7 * 5 + 11
+    central = config_from_dict({"paradigm": "centralized", "federation": {"rounds": 7}})
+    assert planned_steps(central, central_steps_per_round=20) == 7 * 20
 
 
 def test_membership_attack_scores_by_hand():

@@ -330,10 +330,11 @@ class Config:
                 "federation.finetune_steps needs paradigm = 'federated' without exchange.personal "
                 f"(here paradigm = {self.paradigm!r}, exchange.personal = {self.exchange.personal!r})"
             )
-        if fed.finetune_steps and self.privacy.mode != "none":
+        if fed.finetune_steps and self.privacy.mode == "dp-fedavg":
             raise ConfigError(
-                f"federation.finetune_steps is not available with privacy.mode = {self.privacy.mode!r}: "
-                "the fine-tuning steps are not in the privacy accounting"
+                "federation.finetune_steps is not available with privacy.mode = 'dp-fedavg': every "
+                "fine-tuned client model leaves its holder on its own, outside the noised mean "
+                "(use privacy.mode = 'dp-sgd', which accounts the fine-tuning steps)"
             )
         if self.paradigm == "local":
             _check_unsupported(self)

@@ -43,7 +43,7 @@ def train_federated(
         driver = FederatedDriver(cfg, run, model, names, g, test=test, proxy=proxy)
         run_rounds(driver, run, cfg, resume=resume)
         if cfg.federation.finetune_steps:
-            finetune_round(cfg, run, prepared, g, model)
+            finetune_round(cfg, run, prepared, g, model, ledger=driver.privacy)
 
     on_grid(cfg, body, grid, client_app)
 

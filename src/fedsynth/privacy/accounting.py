@@ -10,6 +10,7 @@ random variables, Gopi et al. 2021). δ defaults to 1 / (10 N).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from opacus.accountants import RDPAccountant, create_accountant
 
 from fedsynth.config import Config, PrivacyConfig
 from fedsynth.errors import ConfigError, FedsynthError
+from fedsynth.protocol import UpdateInfo
 
 RDP_ALPHAS = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 1025, 8)]
 History = list[tuple[float, float, int]]  # (σ, q, steps) segments, in Opacus' layout
@@ -64,9 +66,11 @@ def calibrate(target_epsilon: float, delta: float, q: float, steps: int, account
 
 def planned_steps(cfg: Config, central_steps_per_round: int) -> int:
     """Steps a party may take over the whole run: every round (a federated client selected
-    every round is the worst case the noise is calibrated for)."""
-    per_round = central_steps_per_round if cfg.paradigm == "centralized" else cfg.train.local_steps
-    return cfg.federation.rounds * per_round
+    every round is the worst case the noise is calibrated for), then its
+    ``federation.finetune_steps``."""
+    if cfg.paradigm == "centralized":
+        return cfg.federation.rounds * central_steps_per_round
+    return cfg.federation.rounds * cfg.train.local_steps + cfg.federation.finetune_steps
 
 
 def resolve_noise(cfg: Config, sizes: list[int], central_steps_per_round: int) -> Config:
@@ -131,8 +135,12 @@ class PrivacyLedger:
             self.check_next(f"client {pid}", steps, round_)
 
     def after_aggregate(self, round_: int, updates: list) -> dict[str, Any]:
-        for u in updates:
-            self.record(f"client {u.info.client}", u.info.num_steps, u.info.num_examples)
+        return self.after_steps([u.info for u in updates])
+
+    def after_steps(self, infos: Iterable[UpdateInfo]) -> dict[str, Any]:
+        """Record the DP-SGD steps the clients report (a round, or the fine-tuning round)."""
+        for info in infos:
+            self.record(f"client {info.client}", info.num_steps, info.num_examples)
         return self.report()
 
     def state_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from fedsynth.diffusion.training import make_ema, resolve_device, steps_for
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.exchange.transfer import Layout
 from fedsynth.prepare import Prepared
+from fedsynth.privacy.accounting import PrivacyLedger
 from fedsynth.protocol import (
     ARRAYS,
     CLASSES_KEY,
@@ -80,19 +81,35 @@ def initial_model(cfg: Config, prepared: Prepared) -> Model:
     return Model(unet, make_ema(unet, 0.0), build_train_scheduler(cfg.diffusion))
 
 
-def finetune_round(cfg: Config, run: RunDir, prepared: Prepared, grid: Grid, trained: Model) -> None:
+def finetune_round(
+    cfg: Config,
+    run: RunDir,
+    prepared: Prepared,
+    grid: Grid,
+    trained: Model,
+    ledger: PrivacyLedger | None = None,
+) -> None:
     """``federation.finetune_steps``: after the last federated round every client fine-tunes the
     global model (its server-EMA weights, the ones sampled otherwise) on its own data and
     uploads it once (or its share of samples, ``local.upload``); the synthetic set is their
-    per-class mixture, as in paradigm ``local``."""
+    per-class mixture, as in paradigm ``local``. With DP-SGD the fine-tuning steps are DP-SGD
+    steps too: ``ledger`` (the rounds' privacy ledger) stops the run before they would pass
+    ``privacy.target_epsilon`` and records them."""
     start = Model(ema_unet(trained.unet, trained.ema), make_ema(trained.unet, 0.0), trained.scheduler)
-    one_shot(cfg, run, prepared, grid, start=start)
+    one_shot(cfg, run, prepared, grid, start=start, ledger=ledger)
 
 
-def one_shot(cfg: Config, run: RunDir, prepared: Prepared, grid: Grid, start: Model | None = None) -> None:
+def one_shot(
+    cfg: Config,
+    run: RunDir,
+    prepared: Prepared,
+    grid: Grid,
+    start: Model | None = None,
+    ledger: PrivacyLedger | None = None,
+) -> None:
     """One round in which every client trains once from ``start`` (default: the seeded initial
     weights, paradigm ``local``) and uploads its model or its samples."""
-    began = time.perf_counter()
+    began, round_ = time.perf_counter(), len(run.read_metrics()) + 1
     model = start or initial_model(cfg, prepared)
     unet = model.unet
     base = base_config(cfg, tuple(prepared.data.full.class_names))
@@ -104,6 +121,8 @@ def one_shot(cfg: Config, run: RunDir, prepared: Prepared, grid: Grid, start: Mo
     else:
         steps = fed.finetune_steps
         timeout = -(-steps // max(1, cfg.train.local_steps)) * fed.round_timeout  # as many rounds' time
+    if ledger is not None:
+        ledger.check_round(round_, sorted(nodes), steps)
     if cfg.local.upload == "model":
         models, infos, down, up = local_models(
             cfg, model, Layout.of(unet.state_dict()), grid, nodes, base, steps, timeout
@@ -126,10 +145,10 @@ def one_shot(cfg: Config, run: RunDir, prepared: Prepared, grid: Grid, start: Mo
         "client_compute_s": {p: i.compute_s for p, i in infos.items()},
         "examples_per_client": {p: i.num_examples for p, i in infos.items()},
         "class_counts_per_client": {p: histograms[p] for p in sorted(models)},  # as the nodes report
+        **({} if ledger is None else ledger.after_steps(infos.values())),
     }
     wall = time.perf_counter() - began
     loss = float((n * losses).sum() / n.sum())
-    round_ = len(run.read_metrics()) + 1
     record = RoundRecord(round_, loss, wall, up, down, sorted(models), dropped, extra)
     run.append_metrics(record.to_json())
     run.update_summary(**{"local_steps" if start is None else "finetune_steps": steps})
