@@ -65,9 +65,13 @@ def test_cli_smoke_run_writes_the_run_directory(tmp_path):
         "cas_precision",
         "cas_recall",
         "cas_f1",
+        "cas_real_accuracy",
         "real_accuracy",
     ):
         assert key in summary, key
+    judged = json.loads((out / "eval.json").read_text())
+    # the real-data reference of CAS: as many real training images, the same class counts
+    assert judged["cas_real_size"] == judged["num_synthetic"] == 30
     assert summary["paradigm"] == "centralized" and summary["rounds"] == 2
     counts = {p.name: len(list(p.glob("*.png"))) for p in (out / "synthetic").iterdir() if p.is_dir()}
     assert counts == {str(d): 3 for d in range(10)}

@@ -24,6 +24,7 @@ SUMMARY_ROWS = (
     ("recall ↑", "recall", "{:.3f}"),
     ("CAS accuracy ↑", "cas_accuracy", "{:.2%}"),
     ("CAS F1 ↑", "cas_f1", "{:.2%}"),
+    ("CAS of as many real images (same class counts)", "cas_real_accuracy", "{:.2%}"),
     ("label fidelity ↑", "label_fidelity", "{:.2%}"),
     ("real-data classifier accuracy", "real_accuracy", "{:.2%}"),
     ("class distribution TV from uniform ↓", "class_tv_from_uniform", "{:.3f}"),

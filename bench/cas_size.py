@@ -1,0 +1,98 @@
+"""CAS against the size of the synthetic set, beside the same protocol on as many real images.
+
+CAS trains a fresh classifier on the synthetic set only; its accuracy depends on the set's size
+as much as on the generator. For each trained run and each images-per-class count, this bench
+samples a new set with the run's own sampler settings (``fedsynth sample``), judges it in a copy
+of the run directory (``fedsynth evaluate``) and records CAS next to ``cas_real_accuracy`` —
+the same classifier, epochs and seed trained on real training images with the synthetic set's
+class counts. CAS below that is the generator's gap; that below the full-data classifier is the
+set size's. Rows are kept as they finish. Results: bench/results/cas_size.{json,md}.
+
+    .venv/bin/python bench/cas_size.py [--runs runs/bench-fashion/centralized-s0,...] [--per-class 100,600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from _common import FEDSYNTH, run_missing
+from fedsynth.config import load_config
+
+RUNS = "runs/bench-fashion/centralized-s0,runs/bench-fashion/fedavgm-s0"
+KEYS = ("fd", "precision", "recall", "label_fidelity", "cas_accuracy", "cas_f1", "cas_real_accuracy")
+
+
+def fedsynth(*args: str) -> float:
+    """Run one fedsynth command (a one-line exit on failure); its wall seconds."""
+    start = time.perf_counter()
+    res = subprocess.run([FEDSYNTH, *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"fedsynth {args[0]} failed: {res.stderr.strip().splitlines()[-3:]}")
+    return time.perf_counter() - start
+
+
+def run_row(run: str, per_class: int, out_dir: Path) -> dict:
+    source = Path(run)
+    copy = out_dir / f"{source.name}-pc{per_class}"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("checkpoints", "synthetic", "eval.json"))
+    s = load_config(copy / "config.toml").sample
+    sample_s = fedsynth(
+        "sample", str(copy), "--out", str(copy / "synthetic"), "--per-class", str(per_class),
+        "--sampler", s.sampler, "--steps", str(s.steps), "--guidance", str(s.guidance), "--seed", "0",
+    )  # fmt: skip
+    eval_s = fedsynth("evaluate", str(copy))
+    judged = json.loads((copy / "eval.json").read_text())
+    return {
+        "run": run,
+        "per_class": per_class,
+        "num_synthetic": judged["num_synthetic"],
+        "cas_real_size": judged["cas_real_size"],
+        "real_accuracy": judged["real_accuracy"],
+        **{k: judged[k] for k in KEYS},
+        "sample_s": round(sample_s, 1),
+        "eval_s": round(eval_s, 1),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "# CAS against the synthetic set's size (`bench/cas_size.py`)\n",
+        "Each trained run sampled again with its own sampler settings at each size and judged on "
+        "the real test split. `CAS real` is the same classifier protocol (CNN, epochs, seed) "
+        "trained on as many real training images with the same class counts; `full real` is the "
+        "domain classifier trained on the whole real training split.\n",
+        "| run | images / class | images | CAS | CAS F1 | CAS real (same size) | full real | FD ↓ "
+        "| precision | recall | label fidelity | sample s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["run"], r["per_class"])):
+        lines.append(
+            f"| {Path(r['run']).name} | {r['per_class']} | {r['num_synthetic']} | "
+            f"{r['cas_accuracy']:.1%} | {r['cas_f1']:.1%} | {r['cas_real_accuracy']:.1%} | "
+            f"{r['real_accuracy']:.1%} | {r['fd']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
+            f"{r['label_fidelity']:.2f} | {r['sample_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", default=RUNS)
+    p.add_argument("--per-class", default="100,600")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/bench-cas-size"))
+    args = p.parse_args()
+    keys = [(run, int(n)) for run in args.runs.split(",") for n in args.per_class.split(",")]
+    run_missing(
+        "cas_size", keys, lambda r: (r["run"], r["per_class"]),
+        lambda run, n: run_row(run, n, args.out_dir), table,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
