@@ -120,8 +120,9 @@ def table(rows: list[dict]) -> str:
 
 
 HEADER = (
-    "# Privacy vs quality: sample-level DP-SGD on digits (`bench/privacy.py`)\n\n"
-    "Centralized: `configs/digits-centralized.toml` (2,000 steps, batch 64 → q = 64/1438); "
+    "# Privacy vs quality: sample-level DP-SGD on digits and Fashion-MNIST (`bench/privacy.py`)\n\n"
+    "Centralized: `configs/digits-centralized.toml` (2,000 steps, batch 64 → q = 64/1438) or "
+    "`configs/fashion-centralized.toml` (60,000 images; batch 256 × 500 steps); "
     "federated: the demo (`configs/digits-federated.toml`; each client's ε on its own ~180 "
     "images, σ calibrated for a client selected every round). δ = 1/(10 N) of the smallest "
     "party. Same optimizer (AdamW, lr 1e-3), clipping norm C = 1, RDP accountant. Wall times "
