@@ -37,13 +37,19 @@ def fedsynth_run(config: str, out: Path, overrides: list[str]) -> subprocess.Com
     return subprocess.run(run_command(config, out, overrides), capture_output=True, text=True)
 
 
+def timed_command(cmd: list[str], label: str) -> float:
+    """Run ``cmd`` in a fresh process (output captured; a one-line exit naming ``label`` on
+    failure); its wall seconds."""
+    start = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{label} failed: {res.stderr.strip().splitlines()[-3:]}")
+    return time.perf_counter() - start
+
+
 def timed_fedsynth_run(config: str, out: Path, overrides: list[str], label: str) -> tuple[float, list[dict]]:
     """Run ``fedsynth run`` (a one-line exit on failure); its wall seconds and metrics lines."""
-    start = time.perf_counter()
-    res = fedsynth_run(config, out, overrides)
-    if res.returncode != 0:
-        raise SystemExit(f"{label} run failed: {res.stderr.strip().splitlines()[-3:]}")
-    total = time.perf_counter() - start
+    total = timed_command(run_command(config, out, overrides), f"{label} run")
     return total, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 

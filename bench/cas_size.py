@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
-from _common import FEDSYNTH, run_missing
+from _common import FEDSYNTH, run_missing, timed_command
 from fedsynth.config import load_config
 
 RUNS = "runs/bench-fashion/centralized-s0,runs/bench-fashion/fedavgm-s0"
@@ -28,12 +26,8 @@ KEYS = ("fd", "precision", "recall", "label_fidelity", "cas_accuracy", "cas_f1",
 
 
 def fedsynth(*args: str) -> float:
-    """Run one fedsynth command (a one-line exit on failure); its wall seconds."""
-    start = time.perf_counter()
-    res = subprocess.run([FEDSYNTH, *args], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"fedsynth {args[0]} failed: {res.stderr.strip().splitlines()[-3:]}")
-    return time.perf_counter() - start
+    """``fedsynth ARGS`` (a one-line exit on failure); its wall seconds."""
+    return timed_command([FEDSYNTH, *args], f"fedsynth {args[0]}")
 
 
 def run_row(run: str, per_class: int, out_dir: Path) -> dict:

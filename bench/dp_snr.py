@@ -21,7 +21,7 @@ from fedsynth.checkpoint import load_model
 from fedsynth.config import load_config
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.prepare import prepare
-from fedsynth.privacy.dpsgd import PrivateGradients
+from fedsynth.privacy.dpsgd import PrivateGradients, clip_and_noise
 from fedsynth.rundir import RunDir
 
 RUN = "runs/bench-privacy/fashion-centralized-eps10-s0-b256"
@@ -40,8 +40,14 @@ def measure(unet, scheduler, data, cfg, examples: int = 64) -> dict:
     )
     grads, _ = private.per_example(torch.arange(examples))
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
-    factor = (cfg.privacy.max_grad_norm / norms).clamp(max=1.0)
-    mean_clipped = torch.cat([torch.einsum("i,i...->...", factor, g).flatten() / examples for g in grads])
+    # DP-SGD's steps 3–4 without the noise: the mean of the clipped per-example gradients
+    mean_clipped = torch.cat([
+        g.flatten()
+        for g in clip_and_noise(
+            grads, max_norm=cfg.privacy.max_grad_norm, noise_multiplier=0.0,
+            expected_batch=examples, generator=generator,
+        )
+    ])  # fmt: skip
     params = sum(p.numel() for p in unet.parameters())
     noise = cfg.privacy.noise_multiplier * cfg.privacy.max_grad_norm * params**0.5 / cfg.train.batch_size
     signal = float(mean_clipped.norm())
