@@ -1,9 +1,11 @@
-"""Start-up cost of the two ways to simulate a federation, side by side in one run.
+"""Start-up cost of the ways to simulate a federation, side by side in one run.
 
-``fedsynth run`` simulates in its own process (Flower's ``run_simulation``); Flower 1.41's
-supported path is ``flwr run`` against a SuperLink in simulation mode, which runs the app
-in a separate ``flwr-simulation`` process. Both run the same tiny federated job (2 clients,
-2 rounds, tiny UNet), so the difference is start-up and teardown, not training.
+``federation.engine = "in-process"`` simulates in the CLI's own process (Flower's deprecated
+``run_simulation``); Flower 1.41's supported path is ``flwr run`` against a SuperLink in
+simulation mode, which runs the app in a separate ``flwr-simulation`` process — what
+``fedsynth run`` does by default (``federation.engine = "superlink"``), and what a user does by
+hand with ``flower-superlink`` + ``flwr run``. All run the same tiny federated job (2
+clients, 2 rounds, tiny UNet), so the differences are start-up and teardown, not training.
 
 The SuperLink is started here (``--disable-runtime-dependency-installation``, so nothing is
 downloaded; by default ``flwr run`` on a fresh machine creates a runtime environment with
@@ -52,9 +54,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def in_process(out: Path) -> float:
+def cli(out: Path, engine: str) -> float:
     start = time.perf_counter()
-    res = fedsynth_run(CONFIG, out, TINY)
+    res = fedsynth_run(CONFIG, out, [*TINY, f'federation.engine="{engine}"'])
     if res.returncode != 0:
         raise SystemExit(f"fedsynth run failed: {res.stderr.strip().splitlines()[-3:]}")
     return time.perf_counter() - start
@@ -138,12 +140,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedsynth-startup-"))
     rows = []
     for i in range(args.repeats):
-        inproc = in_process(work / f"inproc-{i}")
+        inproc = cli(work / f"inproc-{i}", "in-process")
+        engine = cli(work / f"engine-{i}", "superlink")
         ready, run = via_superlink(work / f"superlink-{i}")
         rows.append(
             {
                 "repeat": i,
                 "fedsynth_run_s": round(inproc, 1),
+                "fedsynth_run_superlink_s": round(engine, 1),
                 "superlink_start_s": round(ready, 1),
                 "flwr_run_s": round(run, 1),
                 "superlink_total_s": round(ready + run, 1),
@@ -153,15 +157,19 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     write_result("startup", {"config": CONFIG, "overrides": TINY, "rows": rows})
     lines = [
-        "# Simulation start-up: `fedsynth run` (in-process `run_simulation`) vs `flwr run` on a SuperLink\n",
+        "# Simulation start-up: in-process `run_simulation` vs `flwr run` on a SuperLink\n",
         "The same tiny federated job (2 clients × 2 rounds, tiny UNet, sampling and evaluation "
-        "included), alternating, in one run of `bench/startup.py`. The SuperLink runs in simulation "
-        "mode with runtime dependency installation disabled.\n",
-        "| repeat | `fedsynth run` s | SuperLink start s | `flwr run` s | SuperLink path total s |",
-        "| --- | --- | --- | --- | --- |",
+        "included), alternating, in one run of `bench/startup.py`: `fedsynth run` with "
+        '`federation.engine = "in-process"`, `fedsynth run` with the default '
+        '`federation.engine = "superlink"` (its own SuperLink, started and stopped inside the '
+        "command), and by hand: a SuperLink started once, then `flwr run`. Every SuperLink runs in "
+        "simulation mode with runtime dependency installation disabled.\n",
+        "| repeat | in-process s | `fedsynth run` (superlink) s | SuperLink start s | `flwr run` s "
+        "| by hand total s |",
+        "| --- | --- | --- | --- | --- | --- |",
         *(
-            f"| {r['repeat']} | {r['fedsynth_run_s']} | {r['superlink_start_s']} | {r['flwr_run_s']} | "
-            f"{r['superlink_total_s']} |"
+            f"| {r['repeat']} | {r['fedsynth_run_s']} | {r['fedsynth_run_superlink_s']} | "
+            f"{r['superlink_start_s']} | {r['flwr_run_s']} | {r['superlink_total_s']} |"
             for r in rows
         ),
     ]

@@ -6,6 +6,11 @@ results go to bench/results/strategies.json and bench/results/strategies.md.
 
     .venv/bin/python bench/strategies.py [--rounds 10] [--local-steps 20] [--per-class 50]
         [--only fedavg,fedyogi] [--runs-dir runs/bench-strategies]
+        [--set train.lr=3e-4] [--result strategies-60x10]
+
+``--set`` adds config overrides to every run (federated and centralized); ``--result`` names
+the results file, so a table in another regime keeps the first one beside it. The results
+file is rewritten after every run (an interrupted benchmark keeps its finished rows).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ def run_one(name: str, paradigm: str, args, out: Path) -> dict:
         f"federation.rounds={args.rounds}",
         f"train.local_steps={args.local_steps}",
         f"sample.per_class={args.per_class}",
+        *args.set,
     ]
     if paradigm == "federated":
         sets.append(f"strategy.name={json.dumps(name)}")
@@ -50,29 +56,18 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--only", default="")
     ap.add_argument("--runs-dir", default="runs/bench-strategies")
+    ap.add_argument("--set", action="append", default=[], help="a config override for every run")
+    ap.add_argument("--result", default="strategies", help="results file name under bench/results")
     ap.add_argument("--render", action="store_true", help="only rebuild strategies.md from strategies.json")
     ap.add_argument(
         "--collect", default="", help="rebuild the results from the summary.json of existing runs"
     )
     args = ap.parse_args()
     if args.render:
-        saved = json.loads((RESULTS / "strategies.json").read_text())
-        render(saved["settings"], saved["rows"])
+        saved = json.loads((RESULTS / f"{args.result}.json").read_text())
+        render(saved["settings"], saved["rows"], args.result)
         return
     names = [n for n in args.only.split(",") if n] or list(STRATEGY_NAMES)
-    if args.collect:
-        rows = {}
-        for name in ("centralized", *names):
-            summary = Path(args.collect) / name / "summary.json"
-            if summary.is_file():
-                rows[name] = {k: json.loads(summary.read_text()).get(k) for k in KEYS}
-    else:
-        runs = ROOT / args.runs_dir / time.strftime("%Y%m%d-%H%M%S")
-        rows = {"centralized": run_one("centralized", "centralized", args, runs / "centralized")}
-        print("centralized", rows["centralized"], flush=True)
-        for name in names:
-            rows[name] = run_one(name, "federated", args, runs / name)
-            print(name, rows[name], flush=True)
     settings = {
         "dataset": "digits 16x16",
         "partition": "class_disjoint",
@@ -84,12 +79,31 @@ def main() -> None:
         "per_class": args.per_class,
         "preset": "small",
         "sampler": "ddim-25",
+        "overrides": args.set,
     }
-    write_result("strategies", {"settings": settings, "rows": rows})
-    render(settings, rows)
+
+    def save(rows: dict[str, dict]) -> None:
+        write_result(args.result, {"settings": settings, "rows": rows})
+        render(settings, rows, args.result)
+
+    if args.collect:
+        rows = {}
+        for name in ("centralized", *names):
+            summary = Path(args.collect) / name / "summary.json"
+            if summary.is_file():
+                rows[name] = {k: json.loads(summary.read_text()).get(k) for k in KEYS}
+        save(rows)
+        return
+    runs = ROOT / args.runs_dir / time.strftime("%Y%m%d-%H%M%S")
+    rows = {"centralized": run_one("centralized", "centralized", args, runs / "centralized")}
+    print("centralized", rows["centralized"], flush=True)
+    for name in names:
+        rows[name] = run_one(name, "federated", args, runs / name)
+        print(name, rows[name], flush=True)
+        save(rows)
 
 
-def render(settings: dict, rows: dict[str, dict]) -> None:
+def render(settings: dict, rows: dict[str, dict], result: str = "strategies") -> None:
     central = rows["centralized"].get("cas_accuracy")
     ratios = [
         f"| {name} | {r['cas_accuracy'] / central:.3f} |"
@@ -114,9 +128,11 @@ def render(settings: dict, rows: dict[str, dict]) -> None:
         "with the default m = n − f keeps every client and so equals FedAvg. "
         "Reproduce: `.venv/bin/python bench/strategies.py "
         f"--rounds {settings['rounds']} --local-steps {settings['local_steps']} "
-        f"--per-class {settings['per_class']}`.",
+        f"--per-class {settings['per_class']}"
+        + "".join(f" --set {value}" for value in settings.get("overrides", []))
+        + (f" --result {result}`." if result != "strategies" else "`."),
     ]
-    (RESULTS / "strategies.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{result}.md").write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,19 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+def flower_processes() -> set[int]:
+    """Processes of a SuperLink simulation (SuperLink, its executor, the simulation, Ray)."""
+    marks = (b"flower-superlink", b"flower-superexec", b"flwr-simulation", b"ray::", b"raylet")
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if any(mark in cmdline.read_bytes() for mark in marks):
+                found.add(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
 def _sets(overrides):
     return [a for o in overrides for a in ("--set", o)]
 
@@ -195,6 +208,7 @@ def test_interrupted_run_exits_non_zero_says_how_to_resume_and_resumes(tmp_path,
     long_run += ["partition.num_clients=2", "federation.clients_per_round=2"]
     exe = Path(sys.executable).with_name("fedsynth")
     args = [str(exe), "run", str(config), "--out", str(out), *_sets(long_run)]
+    before = flower_processes()
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300  # a simulation starts Ray first; slow on a busy machine
     while not (out / "checkpoints" / "round-0002").is_dir() and time.monotonic() < deadline:
@@ -205,6 +219,8 @@ def test_interrupted_run_exits_non_zero_says_how_to_resume_and_resumes(tmp_path,
     assert proc.returncode == code, err[-2000:]
     assert "interrupted: completed checkpoints are kept; continue with `fedsynth run --resume" in err
     assert "Traceback" not in err and "SIGTERM received" not in err  # no stack dumps on the way out
+    # the federated run went through a local SuperLink: nothing of it outlives the CLI
+    assert flower_processes() - before == set()
     done = len(list((out / "checkpoints").glob("round-*")))
     res = _cli("run", "--resume", str(out), "--set", "train.lr=0.01")
     trained = load_config(config).train.lr

@@ -76,25 +76,8 @@ def _node_folder(root: Path, classes: range, per_class: int = 15) -> Path:
     return root
 
 
-@pytest.mark.parametrize("paradigm", ["federated", "local"])
-def test_a_round_on_a_loopback_superlink(tmp_path, paradigm):
-    link, nodes = _free_port(), [_free_port(), _free_port()]
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    out = tmp_path / "run"
-    overrides = ";".join(
+def _overrides(paradigm: str) -> str:
+    return ";".join(
         [
             "model.preset=tiny",
             "partition.num_clients=2",
@@ -110,6 +93,45 @@ def test_a_round_on_a_loopback_superlink(tmp_path, paradigm):
             "local.steps=3",
         ]
     )
+
+
+def _check_run(out: Path, paradigm: str, stdout: str) -> None:
+    deadline = time.monotonic() + 60
+    while not (out / "report.md").is_file() and time.monotonic() < deadline:
+        time.sleep(1)
+    model = out / ("model" if paradigm == "federated" else "clients/client-01/model")
+    assert (model / "unet" / "config.json").is_file(), stdout[-3000:]
+    rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["paradigm"] == paradigm and summary["bytes_up"] > 0
+    # each node trained on its own folder: 5 classes x 15 images
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["clients"] == [0, 1]
+    assert last["examples_per_client"] == {"0": 75, "1": 75}
+    if paradigm == "local":  # each class drawn from the node that holds it
+        mixture = json.loads((out / "synthetic" / "manifest.json").read_text())["mixture"]
+        assert mixture == {"0": [2] * 5 + [0] * 5, "1": [0] * 5 + [2] * 5}
+
+
+def test_a_round_of_each_paradigm_on_one_loopback_superlink(tmp_path):
+    """One SuperLink and two SuperNodes (each with its own image folder) serve a federated
+    run, then a run of paradigm local."""
+    link, nodes = _free_port(), [_free_port(), _free_port()]
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
     try:
         subprocess.Popen(
             [
@@ -150,32 +172,21 @@ def test_a_round_on_a_loopback_superlink(tmp_path, paradigm):
                 stdout=(logs / f"supernode{i}.log").open("w"),
                 stderr=subprocess.STDOUT,
             )
-        run_config = f'config="configs/digits-federated.toml" out="{out}" overrides="{overrides}"'
-        res = subprocess.run(
-            [str(BIN / "flwr"), "run", ".", "loop", "--stream", "--run-config", run_config],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=480,
-        )
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        deadline = time.monotonic() + 60
-        while not (out / "report.md").is_file() and time.monotonic() < deadline:
-            time.sleep(1)
-        model = out / ("model" if paradigm == "federated" else "clients/client-01/model")
-        assert (model / "unet" / "config.json").is_file(), res.stdout[-3000:]
-        rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-        assert rounds == [1]
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["paradigm"] == paradigm and summary["bytes_up"] > 0
-        # each node trained on its own folder: 5 classes x 15 images
-        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-        assert last["clients"] == [0, 1]
-        assert last["examples_per_client"] == {"0": 75, "1": 75}
-        if paradigm == "local":  # each class drawn from the node that holds it
-            mixture = json.loads((out / "synthetic" / "manifest.json").read_text())["mixture"]
-            assert mixture == {"0": [2] * 5 + [0] * 5, "1": [0] * 5 + [2] * 5}
+        for paradigm in ("federated", "local"):
+            out = tmp_path / paradigm
+            run_config = (
+                f'config="configs/digits-federated.toml" out="{out}" overrides="{_overrides(paradigm)}"'
+            )
+            res = subprocess.run(
+                [str(BIN / "flwr"), "run", ".", "loop", "--stream", "--run-config", run_config],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=480,
+            )
+            assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+            _check_run(out, paradigm, res.stdout)
     finally:
         leftover = _stop([link, *nodes])
     assert leftover == [], f"processes still running: {leftover}"

@@ -69,7 +69,14 @@ def run(
         cfg = load_config(config, overrides)
         target = out
     _set_threads(cfg.train.threads)
-    result = run_all(cfg, target, resume=resume is not None)
+    if cfg.paradigm in ("federated", "local") and cfg.federation.engine == "superlink":
+        from fedsynth.superlink import run_on_superlink
+
+        source = RunDir(target).config if resume is not None else config
+        run_on_superlink(cfg, source, target, overrides or [], resume=resume is not None)
+        result = RunDir(target)
+    else:
+        result = run_all(cfg, target, resume=resume is not None)
     print_summary(read_json(result.summary))
     print(f"report: {result.report}")
 
@@ -223,6 +230,9 @@ def _interrupted(code: int) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    from fedsynth.superlink import stop_all
+
+    stop_all()  # a local SuperLink and its simulation, if this run started one
     # os._exit: threads still running (a simulation's server thread waiting on workers that
     # the interrupt stopped) would keep the process alive; checkpoints are written atomically
     sys.stdout.flush()

@@ -39,6 +39,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SAMPLERS = ("ddpm", "ddim", "dpm")
 DEVICES = ("auto", "cpu", "cuda")
 WEIGHTINGS = ("examples", "steps")
+ENGINES = ("superlink", "in-process")  # how `fedsynth run` simulates a federation
 STRATEGY_NAMES = (
     "fedavg",
     "fedmedian",
@@ -120,6 +121,7 @@ class FederationConfig:
     client_gpus: float = _at_least(0.0, 0.0)
     server_ema_decay: float = _at_least(0.8, 0.0)  # per round (bench/server_ema.py); 0: last global model
     finetune_steps: int = _at_least(0, 0)  # >0: clients fine-tune the final model, synthetic = their mixture
+    engine: str = _choice("superlink", ENGINES)  # `fedsynth run`: a local SuperLink, or in this process
 
 
 @dataclass(frozen=True)
@@ -491,6 +493,7 @@ RESUMABLE = (
     "federation.max_retries",
     "federation.client_cpus",
     "federation.client_gpus",
+    "federation.engine",
     "train.device",
     "train.threads",
     "ledger.rpc_url",

@@ -1,9 +1,9 @@
 """The Flower ServerApp for ``flwr run .`` / a SuperLink (``[tool.flwr.app.components]``).
 
 It reads ``config`` (TOML path), ``out`` (run directory), ``resume`` and ``overrides``
-from the run config (``[tool.flwr.app.config]`` in pyproject or ``--run-config``) and runs
-every stage, as ``fedsynth run`` does; ``fedsynth run`` itself builds its simulation
-ServerApp with :func:`fedsynth.simulation.make_server_app`.
+(``;``-separated) from the run config (``[tool.flwr.app.config]`` in pyproject or
+``--run-config``) and runs every stage. ``fedsynth run`` runs this app on a local SuperLink
+(:mod:`fedsynth.superlink`), which turns the failure line printed here back into one error.
 """
 
 from __future__ import annotations
@@ -14,14 +14,27 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.config import load_config
+from fedsynth.errors import FedsynthError, first_line
 from fedsynth.pipeline import run_all
 from fedsynth.rundir import RunDir
+from fedsynth.superlink import CRASH_MARK, ERROR_MARK
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    try:
+        run_stages(grid, context)
+    except FedsynthError as exc:  # one line for the user: fedsynth.superlink raises it again
+        print(f"\n{ERROR_MARK}{first_line(exc)}", flush=True)
+        raise
+    except Exception as exc:
+        print(f"\n{CRASH_MARK}{type(exc).__name__}: {first_line(exc)}", flush=True)
+        raise
+
+
+def run_stages(grid: Grid, context: Context) -> None:
     rc = context.run_config
     out = Path(str(rc.get("out", "runs/flwr")))
     resume = bool(rc.get("resume", False))

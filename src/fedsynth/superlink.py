@@ -1,0 +1,313 @@
+"""``fedsynth run`` on Flower 1.41's supported simulation path: a private SuperLink in
+simulation mode (free local ports, its own ``FLWR_HOME``) and ``flwr run`` of the fedsynth
+app on it, with one simulated SuperNode per client.
+
+Every stage then runs in Flower's ``flwr-simulation`` process (:mod:`fedsynth.serverapp`).
+This process relays that process's output (progress bars, the summary) without Flower's
+own log lines, turns a failure into one line (the raw log is kept and named), and stops
+the SuperLink and everything under it when the run ends or is interrupted.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from fedsynth.config import Config
+from fedsynth.errors import FedsynthError
+
+# the app's own failure line, printed by fedsynth.serverapp and turned back into an error here
+ERROR_MARK = "fedsynth-error: "
+CRASH_MARK = "fedsynth-crash: "
+
+_BIN = Path(sys.executable).parent
+# Flower's log lines in its console format (INFO/DEBUG dropped, warnings kept unless silenced
+# below) and in the simulation's second, timestamped format (a duplicate of the first)
+_FLOWER_LOG = re.compile(r"^(?:\x1b\[\d+m)?(INFO|DEBUG|WARNING|ERROR)\s*(?:\x1b\[0m)?\s*:\s*(.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_CURSOR = re.compile(r"\x1b\[\?25[hl]")
+_TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
+# lines of the `flwr run` client about its own bookkeeping, and the app's report line
+# (`fedsynth run` prints it after the summary)
+_PREAMBLE = ("Using SuperLink", "Successfully started run", "Successfully installed ", "report: ")
+# messages about choices fedsynth made for the user (as in fedsynth.simulation)
+_SILENCED = (
+    "fraction_evaluate is set to 0.0",
+    "default simulated SuperNodes changed",
+    "Tip: In future versions of Ray",
+    "federation simulation-config",
+)
+
+_APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedsynth-run"
+version = "1.0.0"
+description = "fedsynth run on a local SuperLink (fedsynth is imported from this environment)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedsynth"
+
+[tool.flwr.app.components]
+serverapp = "fedsynth.serverapp:app"
+clientapp = "fedsynth.client.app:app"
+
+[tool.flwr.app.config]
+config = ""
+out = ""
+resume = false
+overrides = ""
+"""
+
+_RUNNING: list[subprocess.Popen] = []  # process groups to stop if this process is interrupted
+
+
+@dataclass
+class Relay:
+    """Filters the streamed output line by line (a progress bar's ``\\r`` redraws pass as they
+    come) and remembers the app's failure line."""
+
+    out: TextIO
+    error: str | None = None
+    crashed: bool = False
+    _skip_next: bool = False
+    _blank: str = ""  # blank lines wait for the next line shown (none before a failure line)
+
+    def line(self, text: str) -> None:
+        body = _ANSI.sub("", text.rstrip("\r\n"))
+        if self.error is not None:
+            return  # the traceback after the app's failure line stays in the raw log
+        for mark, crashed in ((ERROR_MARK, False), (CRASH_MARK, True)):
+            if body.startswith(mark):
+                self.error, self.crashed = body[len(mark) :], crashed
+                return
+        if self._skip_next:  # the source line Python prints under a warning
+            self._skip_next = False
+            if body.strip().startswith("warnings.warn("):
+                return
+        if self.dropped(body):  # a cursor shown or hidden by a progress bar still is
+            self.out.write("".join(_CURSOR.findall(text)))
+            return
+        if not body.strip():
+            self._blank += text
+            return
+        self.out.write(self._blank + text)
+        self.out.flush()
+        self._blank = ""
+
+    def dropped(self, body: str) -> bool:
+        if any(text in body for text in _SILENCED):
+            self._skip_next = "Warning:" in body
+            return True
+        if _TIMESTAMPED.match(body) or body.startswith(_PREAMBLE):
+            return True
+        found = _FLOWER_LOG.match(body)
+        return bool(found) and (found.group(1) in ("INFO", "DEBUG") or not found.group(2).strip())
+
+
+def split_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """Lines ending in ``\\n`` or ``\\r`` (kept), from chunks cut anywhere."""
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        while (cut := _first_end(pending)) >= 0:
+            yield pending[: cut + 1]
+            pending = pending[cut + 1 :]
+    if pending:
+        yield pending
+
+
+def _decoded(stream) -> Iterator[str]:
+    """Text as it arrives (not line by line: a progress bar redraws without a newline)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while chunk := stream.read1(4096):
+        yield decoder.decode(chunk)
+    yield decoder.decode(b"", final=True)
+
+
+def _first_end(text: str) -> int:
+    ends = [i for i in (text.find("\n"), text.find("\r")) if i >= 0]
+    return min(ends) if ends else -1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path, live: bool) -> dict[str, str]:
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env["PATH"] = f"{_BIN}{os.pathsep}{env.get('PATH', '')}"
+    if live:  # the app's progress bars redraw as on this terminal, at its width
+        env["FORCE_COLOR"] = "1"
+        env["COLUMNS"] = str(shutil.get_terminal_size().columns)
+    return env
+
+
+def _start(cmd: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+    """A child in its own process group (Ctrl-C reaches this process only; stop() ends it all)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), start_new_session=True, **kwargs)
+    _RUNNING.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the process groups under ``proc`` (the SuperLink starts its executor, the
+    simulation and Ray in groups of their own), SIGKILL to what is left after ``grace`` s."""
+    groups = _groups_under(proc.pid)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, sig)
+        if _gone(proc, groups, wait):
+            break
+    if proc in _RUNNING:
+        _RUNNING.remove(proc)
+
+
+def _groups_under(pid: int) -> list[int]:
+    """Process groups of ``pid`` and its descendants (read from Linux's /proc; elsewhere
+    ``pid``'s own group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    groups, own = [], os.getpgrp()
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            if (group := os.getpgid(member)) not in groups and group != own:
+                groups.append(group)
+    return groups or [pid]
+
+
+def _gone(proc: subprocess.Popen, groups: list[int], wait: float) -> bool:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader: a zombie still counts as a member of its group
+        if not any(_alive(group) for group in groups):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_all() -> None:
+    """Stop every SuperLink this process started (the CLI's interrupt handler calls this)."""
+    for proc in list(_RUNNING):
+        stop(proc, grace=3.0)
+
+
+def _start_superlink(home: Path, env: dict[str, str]) -> None:
+    port, control = _free_port(), _free_port()
+    connection = f'[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n{connection}')
+    cmd = [str(_BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
+    cmd += ["--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--control-api-address", f"127.0.0.1:{control}", "--database", str(home / "state.db")]
+    log = (home / "superlink.log").open("w")
+    proc = _start(cmd, env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    stop(proc)
+    raise FedsynthError(f"the local SuperLink did not start; its log: {home / 'superlink.log'}")
+
+
+def federation_config(cfg: Config) -> str:
+    """``--federation-config``: one simulated SuperNode per client and the per-client resources."""
+    fed = cfg.federation
+    if fed.client_cpus != int(fed.client_cpus):
+        raise FedsynthError(
+            f"federation.client_cpus = {fed.client_cpus}: Flower's SuperLink simulation takes whole "
+            'CPUs per client; use a whole number or federation.engine = "in-process"'
+        )
+    return (
+        f"num-supernodes={cfg.partition.num_clients} client-resources-num-cpus={int(fed.client_cpus)} "
+        f"client-resources-num-gpus={float(fed.client_gpus)} init-args-num-cpus={os.cpu_count() or 1} "
+        "verbose=false"
+    )
+
+
+def run_config(config: Path, out: Path, overrides: list[str], resume: bool) -> str:
+    """The app's run config as TOML (read by :mod:`fedsynth.serverapp`)."""
+    if any(";" in item for item in overrides):
+        raise FedsynthError(
+            'a --set value containing ";" cannot cross to the SuperLink; use federation.engine = "in-process"'
+        )
+    values = {"config": str(config.resolve()), "out": str(out.resolve()), "overrides": ";".join(overrides)}
+    lines = [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join([*lines, f"resume = {'true' if resume else 'false'}", ""])
+
+
+def run_on_superlink(cfg: Config, config: Path, out: Path, overrides: list[str], *, resume: bool) -> None:
+    """Run every stage of ``cfg`` as ``flwr run`` on a private local SuperLink."""
+    home = Path(tempfile.mkdtemp(prefix="fedsynth-superlink-"))
+    (home / "app").mkdir()
+    (home / "app" / "pyproject.toml").write_text(_APP_PYPROJECT)
+    (home / "run-config.toml").write_text(run_config(config, out, overrides, resume))
+    live = sys.stdout.isatty()
+    env = _env(home, live)
+    cmd = [str(_BIN / "flwr"), "run", str(home / "app"), "local", "--stream"]
+    cmd += ["--run-config", str(home / "run-config.toml"), "--federation-config", federation_config(cfg)]
+    _start_superlink(home, env)
+    relay = Relay(sys.stdout)
+    try:
+        client = _start(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        with (home / "run.log").open("w") as raw:
+            for line in split_lines(_decoded(client.stdout)):
+                raw.write(line)
+                relay.line(line)
+        code = client.wait()
+    finally:
+        stop_all()
+    _raise_failure(relay, code, out, home)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _raise_failure(relay: Relay, code: int, out: Path, home: Path) -> None:
+    log = home / "run.log"
+    if relay.error is not None and not relay.crashed:
+        raise FedsynthError(relay.error)
+    if relay.error is not None:
+        raise FedsynthError(f"{relay.error} (the full log: {log})")
+    if code != 0 or not (out / "summary.json").is_file():
+        raise FedsynthError(
+            f"the simulation on the local SuperLink failed (exit {code}); the full log: {log}"
+        )
