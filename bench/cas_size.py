@@ -9,6 +9,10 @@ class counts. CAS below that is the generator's gap; that below the full-data cl
 set size's. Rows are kept as they finish. Results: bench/results/cas_size.{json,md}.
 
     .venv/bin/python bench/cas_size.py [--runs runs/bench-fashion/centralized-s0,...] [--per-class 100,600]
+        [--guidance 1,2]
+
+``--guidance`` samples with these classifier-free guidance weights instead of the run's own
+(``sample.guidance``); rows are keyed (run, images per class, guidance).
 """
 
 from __future__ import annotations
@@ -30,21 +34,27 @@ def fedsynth(*args: str) -> float:
     return timed_command([FEDSYNTH, *args], f"fedsynth {args[0]}")
 
 
-def run_row(run: str, per_class: int, out_dir: Path) -> dict:
+def run_row(run: str, per_class: int, guidance: float | None, out_dir: Path) -> dict:
     source = Path(run)
-    copy = out_dir / f"{source.name}-pc{per_class}"
+    s = load_config(source / "config.toml").sample
+    w = s.guidance if guidance is None else guidance
+    copy = (
+        out_dir / f"{source.name}-pc{per_class}"
+        if w == s.guidance
+        else out_dir / f"{source.name}-pc{per_class}-w{w:g}"
+    )
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(source, copy, ignore=shutil.ignore_patterns("checkpoints", "synthetic", "eval.json"))
-    s = load_config(copy / "config.toml").sample
     sample_s = fedsynth(
         "sample", str(copy), "--out", str(copy / "synthetic"), "--per-class", str(per_class),
-        "--sampler", s.sampler, "--steps", str(s.steps), "--guidance", str(s.guidance), "--seed", "0",
+        "--sampler", s.sampler, "--steps", str(s.steps), "--guidance", str(w), "--seed", "0",
     )  # fmt: skip
     eval_s = fedsynth("evaluate", str(copy))
     judged = json.loads((copy / "eval.json").read_text())
     return {
         "run": run,
         "per_class": per_class,
+        "guidance": w,
         "num_synthetic": judged["num_synthetic"],
         "cas_real_size": judged["cas_real_size"],
         "real_accuracy": judged["real_accuracy"],
@@ -57,17 +67,19 @@ def run_row(run: str, per_class: int, out_dir: Path) -> dict:
 def table(rows: list[dict]) -> str:
     lines = [
         "# CAS against the synthetic set's size (`bench/cas_size.py`)\n",
-        "Each trained run sampled again with its own sampler settings at each size and judged on "
+        "Each trained run sampled again with its own sampler settings (guidance `w`: the run's "
+        "own unless the row says otherwise) at each size and judged on "
         "the real test split. `CAS real` is the same classifier protocol (CNN, epochs, seed) "
         "trained on as many real training images with the same class counts; `full real` is the "
         "domain classifier trained on the whole real training split.\n",
-        "| run | images / class | images | CAS | CAS F1 | CAS real (same size) | full real | FD ↓ "
+        "| run | images / class | w | images | CAS | CAS F1 | CAS real (same size) | full real | FD ↓ "
         "| precision | recall | label fidelity | sample s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in sorted(rows, key=lambda r: (r["run"], r["per_class"])):
+    for r in sorted(rows, key=lambda r: (r["run"], r["per_class"], r.get("guidance", 1.0))):
         lines.append(
-            f"| {Path(r['run']).name} | {r['per_class']} | {r['num_synthetic']} | "
+            f"| {Path(r['run']).name} | {r['per_class']} | {r.get('guidance', 1.0):g} | "
+            f"{r['num_synthetic']} | "
             f"{r['cas_accuracy']:.1%} | {r['cas_f1']:.1%} | {r['cas_real_accuracy']:.1%} | "
             f"{r['real_accuracy']:.1%} | {r['fd']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
             f"{r['label_fidelity']:.2f} | {r['sample_s']:.0f} |"
@@ -79,12 +91,19 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", default=RUNS)
     p.add_argument("--per-class", default="100,600")
+    p.add_argument("--guidance", default="", help="guidance weights (default: each run's own)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/bench-cas-size"))
     args = p.parse_args()
-    keys = [(run, int(n)) for run in args.runs.split(",") for n in args.per_class.split(",")]
+    weights = [float(w) for w in args.guidance.split(",") if w] or [None]
+    keys = [
+        (run, int(n), w if w is not None else load_config(Path(run) / "config.toml").sample.guidance)
+        for run in args.runs.split(",")
+        for n in args.per_class.split(",")
+        for w in weights
+    ]
     run_missing(
-        "cas_size", keys, lambda r: (r["run"], r["per_class"]),
-        lambda run, n: run_row(run, n, args.out_dir), table,
+        "cas_size", keys, lambda r: (r["run"], r["per_class"], r.get("guidance", 1.0)),
+        lambda run, n, w: run_row(run, n, w, args.out_dir), table,
     )  # fmt: skip
 
 

@@ -25,7 +25,8 @@ STREAM = [
     "  warnings.warn(\n",
     "\x1b[92mINFO \x1b[0m:      aggregate_train: Received 2 results and 0 failures\n",
     "\x1b[?25l\r\x1b[2Kfederated fedavgm ━━━━━ 1/2 loss 0.97\r",
-    "\x1b[2Kfederated fedavgm ━━━━━━━━━━ 2/2 loss 0.96\n",
+    "\x1b[2Kfederated fedavgm ━━━━━━━━━━ 2/2 loss 0.96\x1b[92mINFO \x1b[0m:      aggregate_train: 2\n",
+    "\r\x1b[2Kfederated fedavgm ━━━━━━━━━━ 2/2 loss 0.96\n",
     "\x1b[93mWARNING \x1b[0m:   node 3 sent a NaN update: dropped\n",
     "\x1b[92mINFO \x1b[0m:      \n",
     "\x1b[?25hreport: /tmp/out/report.md\n",
@@ -46,7 +47,8 @@ def test_relay_shows_the_apps_output_and_flowers_warnings_but_not_its_log_or_boo
     text = text.replace("\x1b[93m", "").replace("\x1b[92m", "").replace("\x1b[0m", "")
     assert text == (
         "\rfederated fedavgm ━━━━━ 1/2 loss 0.97\r"
-        "federated fedavgm ━━━━━━━━━━ 2/2 loss 0.96\n"
+        "federated fedavgm ━━━━━━━━━━ 2/2 loss 0.96"  # the log line behind the redraw is dropped
+        "\rfederated fedavgm ━━━━━━━━━━ 2/2 loss 0.96\n"
         "WARNING :   node 3 sent a NaN update: dropped\n"
     )
     assert shown.endswith("\x1b[?25h")  # the cursor a progress bar hid is shown again

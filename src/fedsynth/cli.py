@@ -28,10 +28,9 @@ Overrides = Annotated[list[str] | None, typer.Option("--set", help="section.key=
 
 
 def _set_threads(threads: int) -> None:
-    if threads > 0:
-        import torch
+    from fedsynth.diffusion.training import use_threads
 
-        torch.set_num_threads(threads)
+    use_threads(threads)
 
 
 def print_summary(summary: dict) -> None:
@@ -52,7 +51,6 @@ def run(
 ) -> None:
     """Run every stage: partition, train, sample, evaluate, report."""
     from fedsynth.config import load_config
-    from fedsynth.pipeline import run_all
     from fedsynth.rundir import RunDir, read_json
 
     if resume is not None:
@@ -68,14 +66,16 @@ def run(
             raise FedsynthError("usage: fedsynth run CONFIG --out RUN_DIR [--set k=v] | --resume RUN_DIR")
         cfg = load_config(config, overrides)
         target = out
-    _set_threads(cfg.train.threads)
     if cfg.paradigm in ("federated", "local") and cfg.federation.engine == "superlink":
-        from fedsynth.superlink import run_on_superlink
+        from fedsynth.superlink import run_on_superlink  # every stage runs in Flower's process
 
         source = RunDir(target).config if resume is not None else config
         run_on_superlink(cfg, source, target, overrides or [], resume=resume is not None)
         result = RunDir(target)
     else:
+        from fedsynth.pipeline import run_all
+
+        _set_threads(cfg.train.threads)
         result = run_all(cfg, target, resume=resume is not None)
     print_summary(read_json(result.summary))
     print(f"report: {result.report}")

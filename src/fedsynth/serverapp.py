@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.config import load_config
+from fedsynth.diffusion.training import use_threads
 from fedsynth.errors import FedsynthError, first_line
 from fedsynth.pipeline import run_all
 from fedsynth.rundir import RunDir
@@ -41,5 +42,6 @@ def run_stages(grid: Grid, context: Context) -> None:
     config_path = RunDir(out).config if resume else Path(str(rc["config"]))
     overrides = [s for s in str(rc.get("overrides", "")).split(";") if s.strip()]
     cfg = load_config(config_path, overrides)
+    use_threads(cfg.train.threads)
     run = run_all(cfg, out, resume=resume, grid=grid)
     print(f"report: {run.report}")

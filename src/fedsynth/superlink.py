@@ -38,6 +38,7 @@ _BIN = Path(sys.executable).parent
 # Flower's log lines in its console format (INFO/DEBUG dropped, warnings kept unless silenced
 # below) and in the simulation's second, timestamped format (a duplicate of the first)
 _FLOWER_LOG = re.compile(r"^(?:\x1b\[\d+m)?(INFO|DEBUG|WARNING|ERROR)\s*(?:\x1b\[0m)?\s*:\s*(.*)$")
+_LOG_START = re.compile(r"(?:\x1b\[\d+m)?(?:INFO|DEBUG|WARNING|ERROR)\s*(?:\x1b\[0m)?\s*:\s")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _CURSOR = re.compile(r"\x1b\[\?25[hl]")
 _TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
@@ -93,6 +94,10 @@ class Relay:
     _blank: str = ""  # blank lines wait for the next line shown (none before a failure line)
 
     def line(self, text: str) -> None:
+        if (behind := _LOG_START.search(text, 1)) is not None:  # a log line written right after
+            self.line(text[: behind.start()])  # a progress bar's redraw, with no newline between
+            self.line(text[behind.start() :])
+            return
         body = _ANSI.sub("", text.rstrip("\r\n"))
         if self.error is not None:
             return  # the traceback after the app's failure line stays in the raw log
@@ -238,8 +243,8 @@ def _start_superlink(home: Path, env: dict[str, str]) -> None:
     cmd = [str(_BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
     cmd += ["--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--control-api-address", f"127.0.0.1:{control}", "--database", str(home / "state.db")]
-    log = (home / "superlink.log").open("w")
-    proc = _start(cmd, env, stdout=log, stderr=subprocess.STDOUT)
+    with (home / "superlink.log").open("w") as log:
+        proc = _start(cmd, env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         with socket.socket() as s:
@@ -278,14 +283,14 @@ def run_config(config: Path, out: Path, overrides: list[str], resume: bool) -> s
 
 def run_on_superlink(cfg: Config, config: Path, out: Path, overrides: list[str], *, resume: bool) -> None:
     """Run every stage of ``cfg`` as ``flwr run`` on a private local SuperLink."""
+    values, federation = run_config(config, out, overrides, resume), federation_config(cfg)
     home = Path(tempfile.mkdtemp(prefix="fedsynth-superlink-"))
     (home / "app").mkdir()
     (home / "app" / "pyproject.toml").write_text(_APP_PYPROJECT)
-    (home / "run-config.toml").write_text(run_config(config, out, overrides, resume))
-    live = sys.stdout.isatty()
-    env = _env(home, live)
+    (home / "run-config.toml").write_text(values)
+    env = _env(home, live=sys.stdout.isatty())
     cmd = [str(_BIN / "flwr"), "run", str(home / "app"), "local", "--stream"]
-    cmd += ["--run-config", str(home / "run-config.toml"), "--federation-config", federation_config(cfg)]
+    cmd += ["--run-config", str(home / "run-config.toml"), "--federation-config", federation]
     _start_superlink(home, env)
     relay = Relay(sys.stdout)
     try:
@@ -302,8 +307,10 @@ def run_on_superlink(cfg: Config, config: Path, out: Path, overrides: list[str],
 
 
 def _raise_failure(relay: Relay, code: int, out: Path, home: Path) -> None:
+    """The app's own error as it is; anything else names the full log (kept for that)."""
     log = home / "run.log"
     if relay.error is not None and not relay.crashed:
+        shutil.rmtree(home, ignore_errors=True)
         raise FedsynthError(relay.error)
     if relay.error is not None:
         raise FedsynthError(f"{relay.error} (the full log: {log})")

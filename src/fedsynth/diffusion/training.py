@@ -82,6 +82,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def use_threads(threads: int) -> None:
+    """``train.threads``: torch's intra-op threads in this process (0 keeps torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 
 
