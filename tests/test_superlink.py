@@ -122,3 +122,25 @@ def test_fedsynth_run_on_the_superlink_fails_in_one_line_and_leaves_nothing_runn
     assert res.stderr.strip().splitlines() == [f"error: image folder not found: {missing}"]
     assert res.stdout.strip() == ""  # none of Flower's log lines
     assert flower_processes() - before == set()
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (FedsynthError("image folder not found: /x"), f"{ERROR_MARK}image folder not found: /x"),
+        (KeyError("weight"), f"{CRASH_MARK}KeyError: 'weight'"),
+    ],
+)
+def test_the_server_app_prints_its_failure_as_one_marked_line_and_still_fails(
+    monkeypatch, capsys, error, line
+):
+    from fedsynth import serverapp
+
+    def failing(grid, context):
+        raise error
+
+    monkeypatch.setattr(serverapp, "run_stages", failing)
+    with pytest.raises(type(error)):
+        serverapp.main(None, None)
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == line and printed.startswith("\n")  # on a line of its own
