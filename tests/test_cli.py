@@ -209,7 +209,16 @@ def test_interrupted_run_exits_non_zero_says_how_to_resume_and_resumes(tmp_path,
     exe = Path(sys.executable).with_name("fedsynth")
     args = [str(exe), "run", str(config), "--out", str(out), *_sets(long_run)]
     before = flower_processes()
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that starts the suite in the background ignores SIGINT for it, and children
+    # inherit that: the CLI under test gets the default disposition, as in a terminal
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300  # a simulation starts Ray first; slow on a busy machine
     while not (out / "checkpoints" / "round-0002").is_dir() and time.monotonic() < deadline:
         time.sleep(0.2)
