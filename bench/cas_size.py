@@ -34,15 +34,15 @@ def fedsynth(*args: str) -> float:
     return timed_command([FEDSYNTH, *args], f"fedsynth {args[0]}")
 
 
-def run_row(run: str, per_class: int, guidance: float | None, out_dir: Path) -> dict:
+def own_guidance(run: str) -> float:
+    return load_config(Path(run) / "config.toml").sample.guidance
+
+
+def run_row(run: str, per_class: int, w: float, out_dir: Path) -> dict:
+    """One row: ``run``'s model sampled at ``per_class`` images per class and guidance ``w``."""
     source = Path(run)
     s = load_config(source / "config.toml").sample
-    w = s.guidance if guidance is None else guidance
-    copy = (
-        out_dir / f"{source.name}-pc{per_class}"
-        if w == s.guidance
-        else out_dir / f"{source.name}-pc{per_class}-w{w:g}"
-    )
+    copy = out_dir / (f"{source.name}-pc{per_class}" + ("" if w == s.guidance else f"-w{w:g}"))
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(source, copy, ignore=shutil.ignore_patterns("checkpoints", "synthetic", "eval.json"))
     sample_s = fedsynth(
@@ -96,7 +96,7 @@ def main() -> None:
     args = p.parse_args()
     weights = [float(w) for w in args.guidance.split(",") if w] or [None]
     keys = [
-        (run, int(n), w if w is not None else load_config(Path(run) / "config.toml").sample.guidance)
+        (run, int(n), own_guidance(run) if w is None else w)
         for run in args.runs.split(",")
         for n in args.per_class.split(",")
         for w in weights

@@ -7,7 +7,8 @@ simulation mode, which runs the app in a separate ``flwr-simulation`` process â€
 hand with ``flower-superlink`` + ``flwr run``. All run the same tiny federated job (2
 clients, 2 rounds, tiny UNet), so the differences are start-up and teardown, not training.
 
-The SuperLink is started here (``--disable-runtime-dependency-installation``, so nothing is
+The by-hand SuperLink is started with :func:`fedsynth.superlink.start_superlink` (the one
+``fedsynth run`` uses: ``--disable-runtime-dependency-installation``, so nothing is
 downloaded; by default ``flwr run`` on a fresh machine creates a runtime environment with
 ``uv sync``) on private ports and a private ``FLWR_HOME``, and stopped at the end.
 Results: bench/results/startup.{json,md}.
@@ -18,18 +19,15 @@ Results: bench/results/startup.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-from _common import RESULTS, ROOT, fedsynth_run, write_result
+from _common import RESULTS, ROOT, run_command, timed_command, write_result
+from fedsynth.superlink import flower_env, start_superlink, stop
 
 CONFIG = "configs/digits-federated.toml"
 TINY = [
@@ -48,88 +46,29 @@ TINY = [
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(out: Path, engine: str) -> float:
-    start = time.perf_counter()
-    res = fedsynth_run(CONFIG, out, [*TINY, f'federation.engine="{engine}"'])
-    if res.returncode != 0:
-        raise SystemExit(f"fedsynth run failed: {res.stderr.strip().splitlines()[-3:]}")
-    return time.perf_counter() - start
-
-
-def superlink_env(home: Path) -> dict[str, str]:
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    return env
-
-
-def start_superlink(home: Path, port: int, control: int) -> subprocess.Popen:
-    cmd = [
-        str(BIN / "flower-superlink"),
-        "--insecure",
-        "--simulation",
-        "--isolation",
-        "subprocess",
-        "--disable-runtime-dependency-installation",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--control-api-address",
-        f"127.0.0.1:{control}",
-        "--log-file",
-        str(home / "superlink.log"),
-    ]
-    proc = subprocess.Popen(
-        cmd, env=superlink_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.4).is_success:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"flower-superlink did not start; see {home / 'superlink.log'}")
+    """Wall seconds of ``fedsynth run`` with ``federation.engine = engine``."""
+    overrides = [*TINY, f'federation.engine="{engine}"']
+    return timed_command(run_command(CONFIG, out, overrides), "fedsynth run")
 
 
 def via_superlink(out: Path) -> tuple[float, float]:
     """Seconds to a running SuperLink, and seconds for ``flwr run`` of the job on it."""
     home = Path(tempfile.mkdtemp(prefix="fedsynth-flwr-home-"))
-    port, control = free_port(), free_port()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "bench"\n\n'
-        f'[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
+    env = flower_env(home)
     start = time.perf_counter()
-    proc = start_superlink(home, port, control)
+    link = start_superlink(home, env)
     ready = time.perf_counter() - start
     try:
         run_config = f'out="{out}" overrides="{";".join(TINY)}" config="{ROOT / CONFIG}"'
-        cmd = [
-            str(BIN / "flwr"),
-            "run",
-            str(ROOT),
-            "bench",
-            "--stream",
-            "--run-config",
-            run_config,
-            "--federation-config",
-            "num-supernodes=2",
-        ]
-        res = subprocess.run(cmd, env=superlink_env(home), capture_output=True, text=True, cwd=ROOT)
+        cmd = [str(BIN / "flwr"), "run", str(ROOT), "local", "--stream", "--run-config", run_config]
+        cmd += ["--federation-config", "num-supernodes=2"]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         if res.returncode != 0 or not (out / "report.md").exists():
             raise SystemExit(f"flwr run failed: {(res.stdout + res.stderr).strip().splitlines()[-5:]}")
         return ready, time.perf_counter() - start - ready
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(link)
         shutil.rmtree(home, ignore_errors=True)
 
 

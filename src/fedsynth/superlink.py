@@ -37,8 +37,9 @@ CRASH_MARK = "fedsynth-crash: "
 _BIN = Path(sys.executable).parent
 # Flower's log lines in its console format (INFO/DEBUG dropped, warnings kept unless silenced
 # below) and in the simulation's second, timestamped format (a duplicate of the first)
-_FLOWER_LOG = re.compile(r"^(?:\x1b\[\d+m)?(INFO|DEBUG|WARNING|ERROR)\s*(?:\x1b\[0m)?\s*:\s*(.*)$")
-_LOG_START = re.compile(r"(?:\x1b\[\d+m)?(?:INFO|DEBUG|WARNING|ERROR)\s*(?:\x1b\[0m)?\s*:\s")
+_LOG_HEAD = r"(?:\x1b\[\d+m)?(INFO|DEBUG|WARNING|ERROR)\s*(?:\x1b\[0m)?\s*:"  # level, colour or not
+_FLOWER_LOG = re.compile(rf"^{_LOG_HEAD}\s*(.*)$")
+_LOG_START = re.compile(rf"{_LOG_HEAD}\s")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _CURSOR = re.compile(r"\x1b\[\?25[hl]")
 _TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
@@ -160,7 +161,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(home: Path, live: bool) -> dict[str, str]:
+def flower_env(home: Path, live: bool = False) -> dict[str, str]:
+    """The environment of Flower's commands: this ``FLWR_HOME``, this environment's binaries,
+    no telemetry or update check; with ``live``, the app's progress bars drawn for this terminal."""
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
     env["PATH"] = f"{_BIN}{os.pathsep}{env.get('PATH', '')}"
     if live:  # the app's progress bars redraw as on this terminal, at its width
@@ -225,8 +228,8 @@ def _alive(group: int) -> bool:
         os.killpg(group, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # there, but not ours to signal
+        pass
     return True
 
 
@@ -236,7 +239,9 @@ def stop_all() -> None:
         stop(proc, grace=3.0)
 
 
-def _start_superlink(home: Path, env: dict[str, str]) -> None:
+def start_superlink(home: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A simulation-mode SuperLink on free 127.0.0.1 ports, named ``local`` in
+    ``home/config.toml``; returns once it listens (:func:`stop` ends it and all under it)."""
     port, control = _free_port(), _free_port()
     connection = f'[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n{connection}')
@@ -249,7 +254,7 @@ def _start_superlink(home: Path, env: dict[str, str]) -> None:
     while time.monotonic() < deadline and proc.poll() is None:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+                return proc
         time.sleep(0.2)
     stop(proc)
     raise FedsynthError(f"the local SuperLink did not start; its log: {home / 'superlink.log'}")
@@ -288,10 +293,10 @@ def run_on_superlink(cfg: Config, config: Path, out: Path, overrides: list[str],
     (home / "app").mkdir()
     (home / "app" / "pyproject.toml").write_text(_APP_PYPROJECT)
     (home / "run-config.toml").write_text(values)
-    env = _env(home, live=sys.stdout.isatty())
+    env = flower_env(home, live=sys.stdout.isatty())
     cmd = [str(_BIN / "flwr"), "run", str(home / "app"), "local", "--stream"]
     cmd += ["--run-config", str(home / "run-config.toml"), "--federation-config", federation]
-    _start_superlink(home, env)
+    start_superlink(home, env)
     relay = Relay(sys.stdout)
     try:
         client = _start(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
