@@ -37,6 +37,10 @@ def test_accuracy_summary_by_hand():
             "exchange.plan = 'udec' is not available with task = 'classifier'",
         ),
         (
+            {"task": "classifier", "paradigm": "federated", "model": {"init": "runs/x"}},
+            "model.init = 'runs/x' is not available with task = 'classifier'",
+        ),
+        (
             {
                 "task": "classifier",
                 "paradigm": "federated",

@@ -8,7 +8,8 @@ from fedsynth.diffusion.objective import diffusion_loss, drop_labels
 from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler, build_train_scheduler
 from fedsynth.diffusion.training import make_ema, make_optimizer, steps_for, train_steps
-from fedsynth.diffusion.unet import build_unet, count_parameters, null_label
+from fedsynth.diffusion.unet import build_unet, count_parameters, null_label, seeded_unet
+from fedsynth.errors import ConfigError
 
 
 def _tiny(conditional=True, classes=3):
@@ -182,7 +183,6 @@ def test_save_load_roundtrip_is_exact(tmp_path):
 
 
 def test_bad_sampler_settings():
-    from fedsynth.errors import ConfigError
 
     sched = build_train_scheduler(DiffusionConfig(num_train_timesteps=50))
     with pytest.raises(ConfigError, match="choose one of: ddpm, ddim, dpm"):
@@ -231,3 +231,22 @@ def test_client_optimizer_state_carries_over_rounds_when_kept():
         config_from_dict({"model": {"preset": "tiny"}}), data, weights, round_=1, client_id=0, state=fresh
     )
     assert "optimizer" not in fresh  # off by default: a fresh optimizer every round
+
+
+def test_model_init_starts_from_a_trained_model_at_any_image_size(tmp_path):
+    trained = seeded_unet(ModelConfig(preset="tiny"), 1, 16, 1, 10)
+    trained.save_pretrained(tmp_path / "run" / "model" / "unet")
+    for path in (tmp_path / "run", tmp_path / "run" / "model", tmp_path / "run" / "model" / "unet"):
+        started = seeded_unet(ModelConfig(preset="tiny", init=str(path)), 0, 8, 1, 10)
+        assert started.sample_size == 8
+        for name, tensor in trained.state_dict().items():
+            assert torch.equal(started.state_dict()[name], tensor), name
+    assert not torch.equal(
+        seeded_unet(ModelConfig(preset="tiny"), 0, 8, 1, 10).conv_in.weight, trained.conv_in.weight
+    )
+    with pytest.raises(ConfigError, match=r"does not fit this model: conv_in\.weight is shape"):
+        seeded_unet(ModelConfig(preset="small", init=str(tmp_path / "run")), 0, 16, 1, 10)
+    with pytest.raises(ConfigError, match=r"class_embedding\.weight is shape"):
+        seeded_unet(ModelConfig(preset="tiny", init=str(tmp_path / "run")), 0, 16, 1, 5)
+    with pytest.raises(ConfigError, match="no trained model there"):
+        seeded_unet(ModelConfig(preset="tiny", init=str(tmp_path / "nothing")), 0, 16, 1, 10)

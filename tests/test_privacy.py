@@ -7,8 +7,9 @@ from diffusers import UNet2DModel
 from opacus import GradSampleModule
 
 from conftest import TINY_OVERRIDES
-from fedsynth.config import DiffusionConfig, PrivacyConfig, config_from_dict, load_config
+from fedsynth.config import DiffusionConfig, ModelConfig, PrivacyConfig, config_from_dict, load_config
 from fedsynth.diffusion.schedule import build_train_scheduler
+from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.errors import ConfigError
 from fedsynth.privacy.accounting import PrivacyBudgetError, PrivacyLedger, calibrate, epsilon
 from fedsynth.privacy.dpsgd import clip_and_noise, poisson_batch
@@ -220,8 +221,12 @@ def test_centralized_dp_run_states_epsilon_grows_it_and_stops_before_the_budget(
 def test_federated_dp_run_reports_each_clients_epsilon_fine_tuning_steps_included(tmp_path):
     from fedsynth.pipeline import run_all
 
+    public = tmp_path / "public"  # DP fine-tuning of a model trained elsewhere (model.init)
+    seeded_unet(ModelConfig(preset="tiny"), 7, 16, 1, 10).save_pretrained(public / "unet")
     tiny = [*TINY_OVERRIDES, *DP, "eval.enabled=false", "federation.finetune_steps=2"]
+    tiny.append(f"model.init='{public}'")
     run = run_all(load_config("configs/digits-federated.toml", tiny), tmp_path / "r")
+    assert f"Training started from the model at `{public}`" in (run.root / "report.md").read_text()
     *rounds, finetune = run.read_metrics()
     assert set(rounds[-1]["epsilon"]) == set(finetune["epsilon"]) == {"client 0", "client 1"}
     assert 0 < rounds[0]["epsilon_max"] < rounds[-1]["epsilon_max"] < finetune["epsilon_max"]

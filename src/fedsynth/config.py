@@ -83,6 +83,7 @@ class PartitionConfig:
 class ModelConfig:
     preset: str = _choice("small", MODEL_PRESETS)
     conditional: bool = True
+    init: str = ""  # start from this run's (or model folder's) trained weights instead of random ones
 
 
 @dataclass(frozen=True)
@@ -551,6 +552,7 @@ def _classifier_problem(cfg: Config) -> str | None:
     # what the decentralized and local paradigms lack, but codecs (they compress any weights)
     denoiser_only = {k: v for k, v in _unsupported(cfg).items() if k != "exchange.codec"}
     denoiser_only["federation.finetune_steps"] = (cfg.federation.finetune_steps, 0)
+    denoiser_only["model.init"] = (cfg.model.init, "")
     for key, (value, supported) in denoiser_only.items():
         if value != supported:
             return f"{key} = {value!r} is not available with task = 'classifier' (it is the denoiser's)"

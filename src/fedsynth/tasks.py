@@ -18,7 +18,7 @@ from torch import nn
 from fedsynth.config import Config
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.training import optimizer_steps, train_steps
-from fedsynth.diffusion.unet import build_unet
+from fedsynth.diffusion.unet import build_unet, seeded_unet
 from fedsynth.evaluation.classifier import SmallCNN, augment, predict
 
 TASKS = ("diffusion", "classifier")
@@ -36,7 +36,10 @@ def build_model(cfg: Config, image_size: int, channels: int, num_classes: int) -
 
 
 def seeded_model(cfg: Config, seed: int, image_size: int, channels: int, num_classes: int) -> ModelMixin:
-    """:func:`build_model` with weights initialised from ``seed`` (global RNG left untouched)."""
+    """:func:`build_model` with weights initialised from ``seed`` (global RNG left untouched),
+    or for diffusion from ``model.init``."""
+    if cfg.task == "diffusion":
+        return seeded_unet(cfg.model, seed, image_size, channels, num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(cfg, image_size, channels, num_classes)

@@ -6,6 +6,7 @@ index is the "no label" token used for classifier-free guidance.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,10 +75,39 @@ def build_unet(cfg: ModelConfig, image_size: int, channels: int, num_classes: in
 
 
 def seeded_unet(cfg: ModelConfig, seed: int, image_size: int, channels: int, num_classes: int) -> UNet2DModel:
-    """``build_unet`` with weights initialised from ``seed`` (global RNG left untouched)."""
+    """``build_unet`` with weights initialised from ``seed`` (global RNG left untouched), or
+    loaded from ``model.init``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_unet(cfg, image_size, channels, num_classes)
+        unet = build_unet(cfg, image_size, channels, num_classes)
+    if cfg.init:
+        unet.load_state_dict(init_weights(Path(cfg.init), unet))
+    return unet
+
+
+def init_folder(path: Path) -> Path:
+    """The diffusers UNet folder behind ``model.init``: a fedsynth run, its ``model/`` folder,
+    or a folder saved by ``UNet2DModel.save_pretrained``."""
+    for candidate in (path / "model" / "unet", path / "unet", path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ConfigError(f"model.init = {str(path)!r}: no trained model there (a fedsynth run or a UNet folder)")
+
+
+def init_weights(path: Path, unet: UNet2DModel) -> dict[str, torch.Tensor]:
+    """The weights of the model at ``path``, checked to fit ``unet`` tensor by tensor (the
+    image size may differ: a UNet's weights do not depend on it)."""
+    folder = init_folder(path)
+    weights = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).state_dict()
+    for name, tensor in unet.state_dict().items():
+        got = weights.get(name)
+        if got is None or got.shape != tensor.shape:
+            found = "missing" if got is None else f"shape {tuple(got.shape)}"
+            raise ConfigError(
+                f"model.init = {str(path)!r} does not fit this model: {name} is {found}, needs "
+                f"{tuple(tensor.shape)} (same model.preset, model.conditional, channels and classes)"
+            )
+    return weights
 
 
 def count_parameters(unet: UNet2DModel) -> int:

@@ -231,6 +231,12 @@ def _privacy(run: RunDir, summary: dict) -> list[str]:
             '- **No formal guarantee** (`privacy.mode = "none"`): model updates and the final model '
             "can reveal training images; the near-copy fraction above is an empirical check only."
         )
+    if cfg.model.init:
+        lines.append(
+            f"- Training started from the model at `{cfg.model.init}` (`model.init`): whatever it learned "
+            "from its own training data is in this model too, outside any ε stated here (treat that "
+            "data as public)."
+        )
     if cfg.paradigm == "centralized":
         lines.append("- Centralized: every training image was pooled in one place.")
     elif cfg.paradigm == "local":
