@@ -9,10 +9,11 @@ class counts. CAS below that is the generator's gap; that below the full-data cl
 set size's. Rows are kept as they finish. Results: bench/results/cas_size.{json,md}.
 
     .venv/bin/python bench/cas_size.py [--runs runs/bench-fashion/centralized-s0,...] [--per-class 100,600]
-        [--guidance 1,2]
+        [--guidance 1,2] [--steps 10]
 
-``--guidance`` samples with these classifier-free guidance weights instead of the run's own
-(``sample.guidance``); rows are keyed (run, images per class, guidance).
+``--guidance`` and ``--steps`` sample with these classifier-free guidance weights and sampler
+step counts instead of the run's own (``sample.guidance``, ``sample.steps``); rows are keyed
+(run, images per class, guidance, steps).
 """
 
 from __future__ import annotations
@@ -34,20 +35,27 @@ def fedsynth(*args: str) -> float:
     return timed_command([FEDSYNTH, *args], f"fedsynth {args[0]}")
 
 
-def own_guidance(run: str) -> float:
-    return load_config(Path(run) / "config.toml").sample.guidance
+def own_sampling(run: str) -> tuple[float, int]:
+    s = load_config(Path(run) / "config.toml").sample
+    return s.guidance, s.steps
 
 
-def run_row(run: str, per_class: int, w: float, out_dir: Path) -> dict:
-    """One row: ``run``'s model sampled at ``per_class`` images per class and guidance ``w``."""
+def row_key(r: dict) -> tuple:
+    return r["run"], r["per_class"], r.get("guidance", 1.0), r["steps"]
+
+
+def run_row(run: str, per_class: int, w: float, steps: int, out_dir: Path) -> dict:
+    """One row: ``run``'s model sampled at ``per_class`` images per class, guidance ``w`` and
+    ``steps`` sampler steps."""
     source = Path(run)
     s = load_config(source / "config.toml").sample
-    copy = out_dir / (f"{source.name}-pc{per_class}" + ("" if w == s.guidance else f"-w{w:g}"))
+    suffix = ("" if w == s.guidance else f"-w{w:g}") + ("" if steps == s.steps else f"-s{steps}")
+    copy = out_dir / f"{source.name}-pc{per_class}{suffix}"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(source, copy, ignore=shutil.ignore_patterns("checkpoints", "synthetic", "eval.json"))
     sample_s = fedsynth(
         "sample", str(copy), "--out", str(copy / "synthetic"), "--per-class", str(per_class),
-        "--sampler", s.sampler, "--steps", str(s.steps), "--guidance", str(w), "--seed", "0",
+        "--sampler", s.sampler, "--steps", str(steps), "--guidance", str(w), "--seed", "0",
     )  # fmt: skip
     eval_s = fedsynth("evaluate", str(copy))
     judged = json.loads((copy / "eval.json").read_text())
@@ -55,6 +63,7 @@ def run_row(run: str, per_class: int, w: float, out_dir: Path) -> dict:
         "run": run,
         "per_class": per_class,
         "guidance": w,
+        "steps": steps,
         "num_synthetic": judged["num_synthetic"],
         "cas_real_size": judged["cas_real_size"],
         "real_accuracy": judged["real_accuracy"],
@@ -67,18 +76,18 @@ def run_row(run: str, per_class: int, w: float, out_dir: Path) -> dict:
 def table(rows: list[dict]) -> str:
     lines = [
         "# CAS against the synthetic set's size (`bench/cas_size.py`)\n",
-        "Each trained run sampled again with its own sampler settings (guidance `w`: the run's "
+        "Each trained run sampled again with its own sampler (guidance `w` and DDIM steps: the run's "
         "own unless the row says otherwise) at each size and judged on "
         "the real test split. `CAS real` is the same classifier protocol (CNN, epochs, seed) "
         "trained on as many real training images with the same class counts; `full real` is the "
         "domain classifier trained on the whole real training split.\n",
-        "| run | images / class | w | images | CAS | CAS F1 | CAS real (same size) | full real | FD ↓ "
-        "| precision | recall | label fidelity | sample s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | images / class | w | sampler steps | images | CAS | CAS F1 | CAS real (same size) "
+        "| full real | FD ↓ | precision | recall | label fidelity | sample s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in sorted(rows, key=lambda r: (r["run"], r["per_class"], r.get("guidance", 1.0))):
+    for r in sorted(rows, key=row_key):
         lines.append(
-            f"| {Path(r['run']).name} | {r['per_class']} | {r.get('guidance', 1.0):g} | "
+            f"| {Path(r['run']).name} | {r['per_class']} | {r.get('guidance', 1.0):g} | {r['steps']} | "
             f"{r['num_synthetic']} | "
             f"{r['cas_accuracy']:.1%} | {r['cas_f1']:.1%} | {r['cas_real_accuracy']:.1%} | "
             f"{r['real_accuracy']:.1%} | {r['fd']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} | "
@@ -92,18 +101,21 @@ def main() -> None:
     p.add_argument("--runs", default=RUNS)
     p.add_argument("--per-class", default="100,600")
     p.add_argument("--guidance", default="", help="guidance weights (default: each run's own)")
+    p.add_argument("--steps", default="", help="sampler step counts (default: each run's own)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/bench-cas-size"))
     args = p.parse_args()
     weights = [float(w) for w in args.guidance.split(",") if w] or [None]
+    step_counts = [int(n) for n in args.steps.split(",") if n] or [None]
     keys = [
-        (run, int(n), own_guidance(run) if w is None else w)
+        (run, int(n), own_sampling(run)[0] if w is None else w, own_sampling(run)[1] if k is None else k)
         for run in args.runs.split(",")
         for n in args.per_class.split(",")
         for w in weights
+        for k in step_counts
     ]
     run_missing(
-        "cas_size", keys, lambda r: (r["run"], r["per_class"], r.get("guidance", 1.0)),
-        lambda run, n, w: run_row(run, n, w, args.out_dir), table,
+        "cas_size", keys, row_key,
+        lambda run, n, w, k: run_row(run, n, w, k, args.out_dir), table,
     )  # fmt: skip
 
 
