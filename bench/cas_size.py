@@ -106,13 +106,15 @@ def main() -> None:
     args = p.parse_args()
     weights = [float(w) for w in args.guidance.split(",") if w] or [None]
     step_counts = [int(n) for n in args.steps.split(",") if n] or [None]
-    keys = [
-        (run, int(n), own_sampling(run)[0] if w is None else w, own_sampling(run)[1] if k is None else k)
-        for run in args.runs.split(",")
-        for n in args.per_class.split(",")
-        for w in weights
-        for k in step_counts
-    ]
+    keys = []
+    for run in args.runs.split(","):
+        own_w, own_steps = own_sampling(run)
+        keys += [
+            (run, int(n), own_w if w is None else w, own_steps if k is None else k)
+            for n in args.per_class.split(",")
+            for w in weights
+            for k in step_counts
+        ]
     run_missing(
         "cas_size", keys, row_key,
         lambda run, n, w, k: run_row(run, n, w, k, args.out_dir), table,

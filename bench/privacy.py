@@ -35,25 +35,20 @@ CONFIGS = {
 # larger batches at the same examples seen (2,000 × 64): less noise per step relative to the
 # clipped signal (σC/B), as DP-SGD practice (DPDM: batch 4,096) suggests
 B512 = ["train.batch_size=512", "federation.rounds=5", "train.local_steps=13"]
-VARIANTS = {
-    "": [],
-    "b256": ["train.batch_size=256", "federation.rounds=5"],
-    "b512": B512,
+VARIANTS: dict[str, tuple[str, list[str]]] = {  # name: (centralized batch × steps, overrides)
+    "": ("64 × 2,000", []),
+    "b256": ("256 × 500", ["train.batch_size=256", "federation.rounds=5"]),
+    "b512": ("512 × 260", B512),
     # DP-SGD's noise norm grows with √(parameters): the 165k-parameter preset against 652k
-    "tiny-b512": [*B512, "model.preset=tiny"],
+    "tiny-b512": ("512 × 260, tiny model", [*B512, "model.preset=tiny"]),
     # public pretraining (Ghalebikesabi et al. 2023): start from a model trained on public
     # images (Fashion-MNIST at the digits' 16×16, see public_model) and fine-tune it with DP-SGD
-    "pub-b512": B512,
+    "pub-b512": ("512 × 260, from public Fashion-MNIST", B512),
     # DPDM's noise multiplicity: K = 4 (t, ε) draws per example, at ~the same compute (80 steps)
-    "pub-b512-k4": [*B512, "train.local_steps=4", "privacy.noise_multiplicity=4"],
-}
-VARIANT_SHAPE = {  # centralized
-    "": "64 × 2,000",
-    "b256": "256 × 500",
-    "b512": "512 × 260",
-    "tiny-b512": "512 × 260, tiny model",
-    "pub-b512": "512 × 260, from public Fashion-MNIST",
-    "pub-b512-k4": "512 × 80, K = 4, from public Fashion-MNIST",
+    "pub-b512-k4": (
+        "512 × 80, K = 4, from public Fashion-MNIST",
+        [*B512, "train.local_steps=4", "privacy.noise_multiplicity=4"],
+    ),
 }
 PUBLIC_SETS = ["data.image_size=16", "sample.per_class=10", "eval.enabled=false"]
 
@@ -75,7 +70,7 @@ def run_row(paradigm: str, eps: str, seed: int, variant: str, dataset: str, runs
     prefix = paradigm if dataset == "digits" else f"{dataset}-{paradigm}"
     out = runs / f"{prefix}-eps{eps}-s{seed}{'-' + variant if variant else ''}"
     shutil.rmtree(out, ignore_errors=True)
-    sets = [f"seed={seed}", *VARIANTS[variant]]
+    sets = [f"seed={seed}", *VARIANTS[variant][1]]
     if variant.startswith("pub-"):
         sets.append(f"model.init='{public_model(runs)}'")
     if eps != "inf":
@@ -113,7 +108,7 @@ def fmt(value, spec: str, scale: float = 1.0) -> str:
 def shape(row: dict) -> str:
     if row["paradigm"] == "federated":
         return "64 × 20 per client-round"
-    return VARIANT_SHAPE[row.get("variant", "")]
+    return VARIANTS[row.get("variant", "")][0]
 
 
 def table(rows: list[dict]) -> str:

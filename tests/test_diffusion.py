@@ -183,7 +183,6 @@ def test_save_load_roundtrip_is_exact(tmp_path):
 
 
 def test_bad_sampler_settings():
-
     sched = build_train_scheduler(DiffusionConfig(num_train_timesteps=50))
     with pytest.raises(ConfigError, match="choose one of: ddpm, ddim, dpm"):
         build_sampler("euler", sched, 5)
