@@ -3,6 +3,7 @@ import pytest
 
 from fedsynth.evaluation.metrics import (
     classification_scores,
+    coverage_fraction,
     distance_from_uniform,
     fd_between,
     frechet_distance,
@@ -61,6 +62,21 @@ def test_knn_radii_by_hand():
     x = np.array([[0.0], [1.0], [3.0], [7.0]])
     assert knn_radii(x, 1).tolist() == [1.0, 1.0, 2.0, 4.0]
     assert knn_radii(x, 2).tolist() == [3.0, 2.0, 3.0, 6.0]
+    assert knn_radii(x, 2, chunk=3).tolist() == [3.0, 2.0, 3.0, 6.0]  # rows taken in slices
+
+
+def test_neighbour_metrics_do_not_depend_on_the_chunk():
+    """Distances are computed a slice of rows at a time (memory); the results are the whole
+    matrix's: k-th neighbour radii by sorting each full row, coverage from the full matrix."""
+    gen = np.random.default_rng(0)
+    a, b = gen.normal(size=(300, 5)), gen.normal(size=(200, 5)) + 0.3
+    full = np.sqrt(((a[:, None, :] - a[None, :, :]) ** 2).sum(-1))
+    np.testing.assert_allclose(knn_radii(a, 3, chunk=64), np.sort(full, axis=1)[:, 3], rtol=1e-9, atol=1e-9)
+    radii = knn_radii(a, 3)
+    cross = np.sqrt(((b[:, None, :] - a[None, :, :]) ** 2).sum(-1))
+    want = float((cross <= radii[None, :]).any(axis=1).mean())
+    assert coverage_fraction(b, a, radii, chunk=17) == pytest.approx(want)
+    assert 0.0 < want < 1.0
 
 
 def test_precision_recall_constructed_clouds():
