@@ -4,65 +4,77 @@ For a DP-SGD run (default: the Fashion-MNIST ε = 10 row of ``bench/privacy.py``
 initial weights and at its trained weights: the median per-example gradient norm, the norm of
 the mean clipped gradient ‖(1/B) Σ ḡ_i‖ (64 test images, one (t, ε) draw each) and the norm of
 the noise DP-SGD adds to that mean, σC√P / B (P parameters, B the expected batch). Their ratio
-is the step's signal-to-noise ratio. Results: bench/results/dp_snr.{json,md}.
+is the step's signal-to-noise ratio, over all parameters and over parts of the model (default:
+the class embedding, the only class-specific weights, and the residual blocks' projections
+of the time-and-class embedding, through which it acts), with the whole gradient clipped at C and with
+``privacy.clip_groups`` (default: the class embedding clipped at 0.005 with a fifth of the
+noise budget). Results: bench/results/dp_snr.{json,md}, one section per run (other runs'
+rows are kept).
 
     .venv/bin/python bench/dp_snr.py [--run runs/bench-privacy/fashion-centralized-eps10-s0-b256]
+        [--clip-groups class_embedding=0.005:0.2 ...] [--parts class_embedding,*.time_emb_proj]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from _common import RESULTS, write_result
+from _common import RESULTS, load_rows, write_result
 from fedsynth.checkpoint import load_model
-from fedsynth.config import load_config
+from fedsynth.config import load_config, under_module
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.prepare import prepare
 from fedsynth.privacy.dpsgd import PrivateGradients, clip_and_noise
 from fedsynth.rundir import RunDir
 
 RUN = "runs/bench-privacy/fashion-centralized-eps10-s0-b256"
+ALL = "all parameters"
 
 
-def measure(unet, scheduler, data, cfg, examples: int = 64) -> dict:
+def measure(unet, scheduler, data, cfg, clipping: str, parts: list[str], examples: int = 64) -> list[dict]:
+    """The step's signal and noise over all parameters and over each part (a module name or
+    pattern, ``config.under_module``), with the whole gradient clipped at C (``clipping`` "")
+    or with ``privacy.clip_groups = clipping``."""
     generator = torch.Generator().manual_seed(0)
+    privacy = dataclasses.replace(cfg.privacy, clip_groups=clipping)
     private = PrivateGradients(
-        unet,
-        scheduler,
-        data,
-        train=cfg.train,
-        diffusion=cfg.diffusion,
-        privacy=cfg.privacy,
-        generator=generator,
+        unet, scheduler, data, train=cfg.train, diffusion=cfg.diffusion, privacy=privacy, generator=generator
     )
     grads, _ = private.per_example(torch.arange(examples))
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
     # DP-SGD's steps 3–4 without the noise: the mean of the clipped per-example gradients
-    mean_clipped = torch.cat([
-        g.flatten()
-        for g in clip_and_noise(
-            grads, max_norm=cfg.privacy.max_grad_norm, noise_multiplier=0.0,
-            expected_batch=examples, generator=generator,
+    mean_clipped = clip_and_noise(
+        grads, groups=private.groups, noise_multiplier=0.0, expected_batch=examples, generator=generator,
+    )  # fmt: skip
+    rows = []
+    for part in [ALL, *parts]:
+        chosen = [j for j, n in enumerate(private.names) if part == ALL or under_module(n, part)]
+        params = sum(private.params[j].numel() for j in chosen)
+        norms = torch.stack([grads[j].flatten(1).norm(dim=1) for j in chosen]).norm(dim=0)
+        # σ (C_G / √s_G) per coordinate of group G (σC without groups), over B
+        variance = sum(
+            private.params[j].numel() * private.groups.noise[private.groups.of[j]] ** 2 for j in chosen
         )
-    ])  # fmt: skip
-    params = sum(p.numel() for p in unet.parameters())
-    noise = cfg.privacy.noise_multiplier * cfg.privacy.max_grad_norm * params**0.5 / cfg.train.batch_size
-    signal = float(mean_clipped.norm())
-    return {
-        "median_example_norm": float(norms.median()),
-        "mean_clipped_norm": signal,
-        "noise_norm": noise,
-        "snr": signal / noise,
-        "parameters": params,
-    }
+        noise = privacy.noise_multiplier * variance**0.5 / cfg.train.batch_size
+        signal = float(torch.cat([mean_clipped[j].flatten() for j in chosen]).norm())
+        rows.append({
+            "clipping": clipping or "whole gradient", "part": part, "parameters": params,
+            "median_example_norm": float(norms.median()), "mean_clipped_norm": signal,
+            "noise_norm": noise, "snr": signal / noise,
+        })  # fmt: skip
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--run", default=RUN)
+    p.add_argument(
+        "--clip-groups", nargs="*", default=["class_embedding=0.005:0.2"], help="privacy.clip_groups values"
+    )
+    p.add_argument("--parts", default="class_embedding,*.time_emb_proj", help="modules measured apart")
     args = p.parse_args()
     run = Path(args.run)
     cfg = load_config(run / "config.toml")
@@ -70,27 +82,49 @@ def main() -> None:
     trained, scheduler = load_model(RunDir(run), torch.device("cpu"))
     initial = seeded_unet(cfg.model, cfg.seed, test.shape[1], test.shape[0], test.num_classes)
     rows = [
-        {"weights": name, **measure(unet, scheduler, test, cfg)}
+        {"weights": name, **row}
         for name, unet in (("seeded initial", initial), ("after its DP-SGD training", trained))
+        for clipping in ("", *args.clip_groups)
+        for row in measure(unet, scheduler, test, cfg, clipping, args.parts.split(","))
     ]
     pv = cfg.privacy
-    write_result(
-        "dp_snr", {"run": str(run), "sigma": pv.noise_multiplier, "batch": cfg.train.batch_size, "rows": rows}
-    )
+    this = {
+        "run": str(run),
+        "sigma": pv.noise_multiplier,
+        "C": pv.max_grad_norm,
+        "batch": cfg.train.batch_size,
+    }
+    others = [r for r in load_rows("dp_snr") if "run" in r and r["run"] != str(run)]
+    rows = [*others, *({**this, **row} for row in rows)]
+    write_result("dp_snr", {"rows": rows})
+    (RESULTS / "dp_snr.md").write_text(render(rows))
+
+
+def render(rows: list[dict]) -> str:
     lines = [
         "# DP-SGD's signal against its noise (`bench/dp_snr.py`)\n",
-        f"Run `{run}`: σ = {pv.noise_multiplier}, C = {pv.max_grad_norm}, expected batch B = "
-        f"{cfg.train.batch_size}, P = {rows[0]['parameters']:,} parameters; 64 test images, one "
-        "(t, ε) draw each.\n",
-        "| weights | median per-example gradient norm | ‖mean clipped gradient‖ | noise norm σC√P/B | SNR |",
-        "| --- | --- | --- | --- | --- |",
-        *(
-            f"| {r['weights']} | {r['median_example_norm']:.2f} | {r['mean_clipped_norm']:.3f} | "
-            f"{r['noise_norm']:.3f} | {r['snr']:.2f} |"
-            for r in rows
-        ),
+        "Per run: 64 test images, one (t, ε) draw each. Rows per part: the signal and the noise "
+        "restricted to those parameters (P their count), with the whole gradient clipped at C or with "
+        "`privacy.clip_groups` (the noise then σ C_G / √s_G per coordinate of group G).\n",
     ]
-    (RESULTS / "dp_snr.md").write_text("\n".join(lines) + "\n")
+    for run in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == run]
+        first = mine[0]
+        lines += [
+            f"## `{run}`\n",
+            f"σ = {first['sigma']}, C = {first['C']}, expected batch B = {first['batch']}.\n",
+            "| weights | clipping | part | P | median per-example gradient norm (the part) "
+            "| ‖mean clipped gradient‖ | noise norm (σC√P/B without groups) | SNR |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            *(
+                f"| {r['weights']} | {r['clipping']} | {r['part']} | {r['parameters']:,} | "
+                f"{r['median_example_norm']:.2f} | {r['mean_clipped_norm']:.3f} | {r['noise_norm']:.3f} | "
+                f"{r['snr']:.2f} |"
+                for r in mine
+            ),
+            "",
+        ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

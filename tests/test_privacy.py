@@ -12,7 +12,7 @@ from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.errors import ConfigError
 from fedsynth.privacy.accounting import PrivacyBudgetError, PrivacyLedger, calibrate, epsilon
-from fedsynth.privacy.dpsgd import clip_and_noise, poisson_batch
+from fedsynth.privacy.dpsgd import ClipGroups, clip_and_noise, clip_groups, poisson_batch
 
 
 def _attn_unet() -> UNet2DModel:
@@ -112,21 +112,108 @@ def test_clip_and_noise_by_hand():
     # two examples, two parameters: g_1 = ([3], [4]) has norm 5, g_2 = ([0.3], [0.4]) norm 0.5
     per_example = [torch.tensor([[3.0], [0.3]]), torch.tensor([[4.0], [0.4]])]
     out = clip_and_noise(
-        per_example, max_norm=1.0, noise_multiplier=0.0, expected_batch=2.0, generator=torch.Generator()
-    )
+        per_example, groups=ClipGroups.whole(2, 1.0), noise_multiplier=0.0, expected_batch=2.0,
+        generator=torch.Generator(),
+    )  # fmt: skip
     # g_1 scaled by 1/5 → (0.6, 0.8); g_2 kept; sum (0.9, 1.2) / 2
     assert torch.allclose(out[0], torch.tensor([0.45]), atol=1e-5)
     assert torch.allclose(out[1], torch.tensor([0.6]), atol=1e-5)
 
 
+def _privatise(per_example, groups, sigma=0.0, batch=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return clip_and_noise(
+        per_example, groups=groups, noise_multiplier=sigma, expected_batch=batch, generator=gen
+    )
+
+
 def test_clipped_sum_is_bounded_and_the_noise_has_std_sigma_c_over_qn():
     gen = torch.Generator().manual_seed(0)
     big = [torch.randn(50, 1000, generator=gen) * 100]
-    noiseless = clip_and_noise(big, max_norm=2.0, noise_multiplier=0.0, expected_batch=1.0, generator=gen)
-    assert noiseless[0].norm() <= 50 * 2.0 + 1e-3  # Σ of 50 clipped gradients
-    zero = [torch.zeros(0, 200_000)]
-    noisy = clip_and_noise(zero, max_norm=2.0, noise_multiplier=1.5, expected_batch=4.0, generator=gen)
+    assert _privatise(big, ClipGroups.whole(1, 2.0))[0].norm() <= 50 * 2.0 + 1e-3  # Σ of 50 clipped
+    noisy = _privatise([torch.zeros(0, 200_000)], ClipGroups.whole(1, 2.0), sigma=1.5, batch=4.0)
     assert float(noisy[0].std()) == pytest.approx(1.5 * 2.0 / 4.0, rel=0.01)
+
+
+def test_clip_groups_by_hand():
+    names = ["class_embedding.weight", "conv.weight", "conv.bias", "class_embedding_extra.weight"]
+    groups = clip_groups(names, 2.0, "class_embedding=0.01:0.2")
+    assert groups.of == [0, 1, 1, 1]  # a module's name, not the start of any name
+    unet_names = ["class_embedding.weight", "down_blocks.0.resnets.0.time_emb_proj.weight", "conv_in.bias"]
+    assert clip_groups(unet_names, 1.0, "*.time_emb_proj=0.03").of == [1, 0, 1]  # shell wildcards
+    assert groups.norms == [0.01, 2.0]
+    # noise std per unit σ: C_G / √s_G, the rest taking the share left (0.8)
+    assert groups.noise == pytest.approx([0.01 / math.sqrt(0.2), 2.0 / math.sqrt(0.8)])
+    # no share given: the embedding and the rest split the budget evenly
+    assert clip_groups(names, 2.0, "class_embedding=0.01").noise == pytest.approx(
+        [0.01 * math.sqrt(2), 2.0 * math.sqrt(2)]
+    )
+    assert clip_groups(names, 2.0) == ClipGroups.whole(4, 2.0)  # no groups: C, noise σC
+    # every parameter in a listed group: the empty rest takes no share
+    covered = clip_groups(["emb", "conv"], 1.0, "emb=0.1,conv=0.5:0.75")
+    assert covered.noise == pytest.approx([0.1 / math.sqrt(0.25), 0.5 / math.sqrt(0.75), 0.0])
+
+
+def test_group_clipping_by_hand():
+    # one example: embedding gradient (0.03, 0.04) (norm 0.05), the rest (6, 8) (norm 10)
+    per_example = [torch.tensor([[0.03, 0.04]]), torch.tensor([[6.0, 8.0]])]
+    grouped = _privatise(per_example, clip_groups(["emb", "rest"], 1.0, "emb=0.01:0.5"))
+    # each group to its own norm: the embedding to 0.01 → (0.006, 0.008), the rest to 1 → (0.6, 0.8)
+    assert torch.allclose(grouped[0], torch.tensor([0.006, 0.008]), atol=1e-6)
+    assert torch.allclose(grouped[1], torch.tensor([0.6, 0.8]), atol=1e-5)
+    # whole-gradient clipping at 1 scales both by 1 / ‖(0.03, 0.04, 6, 8)‖ ≈ 1/10
+    whole = _privatise(per_example, ClipGroups.whole(2, 1.0))
+    assert torch.allclose(whole[0], torch.tensor([0.03, 0.04]) / math.sqrt(100.0025), atol=1e-6)
+
+
+def test_group_clipping_is_the_unit_gaussian_mechanism_rescaled():
+    """Each example's clipped groups scaled by √s_G / C_G lie in the unit ball, and the noise
+    of group G is σ C_G / √s_G: the Gaussian mechanism with sensitivity 1, noise σ, rescaled."""
+    gen = torch.Generator().manual_seed(0)
+    groups = clip_groups(["emb", "a", "b"], 2.0, "emb=0.01:0.1,b=0.5")
+    shares = [0.1, 0.45, 0.45]  # emb's own; b and the rest ("a") split 0.9
+    for _ in range(20):
+        one = [torch.randn(1, 7, generator=gen) * 10 ** torch.randint(-3, 3, (1,)).item() for _ in range(3)]
+        clipped = _privatise(one, groups)
+        scaled = [c * math.sqrt(shares[k]) / groups.norms[k] for c, k in zip(clipped, groups.of, strict=True)]
+        assert torch.cat(scaled).norm() <= 1.0 + 1e-5
+    zero = [torch.zeros(0, 100_000) for _ in range(3)]
+    for g, k in zip(_privatise(zero, groups, sigma=1.5, batch=4.0), groups.of, strict=True):
+        assert float(g.std()) == pytest.approx(1.5 * groups.norms[k] / math.sqrt(shares[k]) / 4.0, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("class_embedding", "module=norm"),
+        ("class_embedding=0", "module=norm"),
+        ("class_embedding=x", "module=norm"),
+        ("class_embedding=0.1:1", "module=norm"),
+        ("emb=0.1,emb=0.2", "module=norm"),
+        ("emb=0.1:0.7,conv=1:0.6", "sum to 1.3"),
+        ("nothing=0.5", "no trainable parameter"),
+    ],
+)
+def test_clip_groups_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        clip_groups(["emb.weight", "conv.weight"], 1.0, text)
+
+
+def test_clip_groups_need_dp_sgd():
+    with pytest.raises(ConfigError, match="applies to privacy"):
+        load_config(
+            "configs/digits-centralized.toml", [*TINY_OVERRIDES, 'privacy.clip_groups="class_embedding=0.5"']
+        )
+    with pytest.raises(ConfigError, match="module=norm"):  # checked when the config is read
+        load_config(
+            "configs/digits-centralized.toml",
+            [
+                *TINY_OVERRIDES,
+                'privacy.mode="dp-sgd"',
+                "privacy.target_epsilon=5",
+                'privacy.clip_groups="x=-2"',
+            ],
+        )
 
 
 def test_poisson_batch_rate():
@@ -204,8 +291,12 @@ DP = ['privacy.mode="dp-sgd"', "privacy.target_epsilon=5"]
 def test_centralized_dp_run_states_epsilon_grows_it_and_stops_before_the_budget(tmp_path):
     from fedsynth.pipeline import run_all
 
-    cfg = load_config("configs/digits-centralized.toml", [*TINY_OVERRIDES, *DP, "federation.rounds=3"])
+    groups = 'privacy.clip_groups="class_embedding=0.005:0.2"'
+    cfg = load_config(
+        "configs/digits-centralized.toml", [*TINY_OVERRIDES, *DP, groups, "federation.rounds=3"]
+    )
     run = run_all(cfg, tmp_path / "r")
+    assert 'group-wise clipping `privacy.clip_groups = "class_embedding=0.005:0.2"`' in run.report.read_text()
     lines = run.read_metrics()
     eps = [line["epsilon_max"] for line in lines]
     assert eps == sorted(eps) and len(set(eps)) == 3 and eps[-1] <= 5.0 + 0.01

@@ -12,6 +12,7 @@ import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,7 @@ class PrivacyConfig:
     delta: float = _at_least(0.0, 0.0)  # 0: 1 / (10 N) of each party's N examples
     accountant: str = _choice("rdp", ("rdp", "prv"))
     noise_multiplicity: int = _at_least(1, 1)  # DPDM: (t, ε) draws averaged per example before clipping
+    clip_groups: str = ""  # "module=norm[:share],…": those parameters clipped and noised apart (dp-sgd)
 
 
 @dataclass(frozen=True)
@@ -520,6 +522,8 @@ def flat_items(cfg: Config) -> dict[str, Any]:
 
 def _privacy_problem(cfg: Config) -> str | None:
     p = cfg.privacy
+    if p.clip_groups and p.mode != "dp-sgd":
+        return f"privacy.clip_groups applies to privacy.mode = 'dp-sgd', not {p.mode!r}"
     if p.mode == "none":
         return None
     if p.noise_multiplier <= 0 and p.target_epsilon <= 0:
@@ -539,7 +543,45 @@ def _privacy_problem(cfg: Config) -> str | None:
         )
     if cfg.train.local_epochs > 0:
         return "privacy.mode = 'dp-sgd' counts steps: use train.local_steps, not train.local_epochs"
+    parse_clip_groups(p.clip_groups)
     return None
+
+
+def under_module(key: str, pattern: str) -> bool:
+    """Whether parameter ``key`` is, or lies under, the module a name setting gives
+    (``exchange.personal``, ``feddiff.subset``, ``privacy.clip_groups``): ``pattern`` or
+    ``pattern.…``, where ``pattern`` may hold shell wildcards (``*.time_emb_proj``)."""
+    return fnmatchcase(key, pattern) or fnmatchcase(key, pattern + ".*")
+
+
+def parse_clip_groups(text: str) -> dict[str, tuple[float, float | None]]:
+    """``privacy.clip_groups`` ("class_embedding=0.005:0.2,*.time_emb_proj=0.03") as
+    {module pattern: (clipping norm C_G, share s_G of the noise budget or None)}: norms positive, shares
+    in (0, 1) summing below 1 (the groups without one, the other parameters' included, split
+    what is left evenly; checked against the model in ``privacy.dpsgd.clip_groups``)."""
+    groups: dict[str, tuple[float, float | None]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        pattern, _, value = (s.strip() for s in item.partition("="))
+        norm_text, _, share_text = value.partition(":")
+        norm, share = _float_or_nan(norm_text), _float_or_nan(share_text) if share_text else None
+        bad_share = share is not None and not 0 < share < 1
+        if not pattern or pattern in groups or not 0 < norm < math.inf or bad_share:
+            raise ConfigError(
+                f"privacy.clip_groups: {item!r} is not valid; write distinct module=norm or "
+                "module=norm:share items (norm > 0, share in (0, 1)), e.g. 'class_embedding=0.005:0.2'"
+            )
+        groups[pattern] = (norm, share)
+    total = sum(share for _, share in groups.values() if share is not None)
+    if total >= 1:
+        raise ConfigError(f"privacy.clip_groups: the shares sum to {total:g}; leave some to the rest")
+    return groups
+
+
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def _classifier_problem(cfg: Config) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from fedsynth.config import under_module
 from fedsynth.errors import ConfigError
 
 GROUPS = ("down", "mid", "up")
@@ -54,10 +55,6 @@ def group_keys(keys: Iterable[str], groups: Iterable[str]) -> list[str]:
 LAST_BLOCK = "last-block"
 
 
-def _under(key: str, prefix: str) -> bool:
-    return key == prefix or key.startswith(prefix + ".")
-
-
 def personal_keys(spec: str, keys: Iterable[str]) -> frozenset[str]:
     """Keys that never leave a client (Phoenix's personalization layers).
 
@@ -71,7 +68,7 @@ def personal_keys(spec: str, keys: Iterable[str]) -> frozenset[str]:
         names = [f"up_blocks.{last}", "conv_norm_out", "conv_out"]
     chosen: set[str] = set()
     for name in names:
-        matched = {k for k in keys if _under(k, name)}
+        matched = {k for k in keys if under_module(k, name)}
         if not matched:
             raise ConfigError(f"exchange.personal: {name!r} matches no parameter of the model")
         chosen |= matched

@@ -16,13 +16,26 @@ C = ``privacy.max_grad_norm``, σ = ``privacy.noise_multiplier``, K =
 3. Clip: ḡ_i = g_i · min(1, C / ‖g_i‖) (the norm over all parameters).
 4. Noise: g̃ = (Σ_i ḡ_i + N(0, σ² C² I)) / (q N), then the configured optimizer's step.
 
+Group-wise clipping (``privacy.clip_groups``; per-layer clipping, McMahan et al. 2018; He et
+al. 2023): the parameters split into groups G with their own norms C_G and shares s_G of the
+noise budget, Σ_G s_G = 1 (the other parameters: C and the share left). Steps 3–4 per group:
+ḡ_{i,G} = g_{i,G} · min(1, C_G / ‖g_{i,G}‖) and g̃_G = (Σ_i ḡ_{i,G} + N(0, σ² C_G² / s_G · I)) / (qN).
+Why the accountant still applies: scaling each group by √s_G / C_G puts every example's
+clipped gradient in the unit ball (Σ_G s_G ≤ 1), where N(0, σ² I) is the Gaussian mechanism
+it counts; the noise above is that noise scaled back. What it is for: a group whose
+per-example gradients are far smaller than C (on digits the class-conditioning path: the class
+embedding ~0.01, every block's ``time_emb_proj`` together ~0.08, against whole gradients of
+~0.9; bench/results/dp_snr.md) is noised at its own scale, not at C's.
+
 ``train.grad_clip`` does not apply (step 3 is the clipping); label dropout for guidance
 is drawn per example as in non-private training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +43,11 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedsynth.config import DiffusionConfig, PrivacyConfig, TrainConfig
+from fedsynth.config import DiffusionConfig, PrivacyConfig, TrainConfig, parse_clip_groups, under_module
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.objective import drop_labels, noisy_inputs
 from fedsynth.diffusion.unet import null_label
+from fedsynth.errors import ConfigError
 
 PER_EXAMPLE = {
     "mse": lambda pred, target: F.mse_loss(pred, target, reduction="none"),
@@ -46,25 +60,64 @@ def poisson_batch(n: int, q: float, generator: torch.Generator) -> torch.Tensor:
     return torch.nonzero(torch.rand(n, generator=generator, device=generator.device) < q).flatten()
 
 
+class ClipGroups(NamedTuple):
+    """Group-wise clipping of a parameter list: the group of each parameter, and each group's
+    clipping norm C_G and noise std per unit σ, C_G / √s_G."""
+
+    of: list[int]
+    norms: list[float]
+    noise: list[float]
+
+    @classmethod
+    def whole(cls, count: int, max_norm: float) -> ClipGroups:
+        """Steps 3–4 without groups: every parameter in one group, C and noise σC."""
+        return cls([0] * count, [max_norm], [max_norm])
+
+
+def clip_groups(names: Sequence[str], max_norm: float, text: str = "") -> ClipGroups:
+    """The groups of ``privacy.clip_groups`` over the named parameters: group k < len(items)
+    holds the parameters under the k-th item's module (``config.under_module``: a name or a
+    pattern such as ``*.time_emb_proj``; the first matching item wins), the last group the
+    rest (C = ``max_norm``). Groups without a share, the rest included when it holds any
+    parameter, split the share left evenly."""
+    items = parse_clip_groups(text)
+    patterns = list(items)
+    of = [next((k for k, p in enumerate(patterns) if under_module(name, p)), len(patterns)) for name in names]
+    for k, pattern in enumerate(patterns):
+        if k not in of:
+            raise ConfigError(f"privacy.clip_groups: no trainable parameter is {pattern!r} or under it")
+    specs = [*items.values(), (max_norm, None)]
+    unset = [k for k, (_, share) in enumerate(specs) if share is None and k in of]
+    left = 1.0 - sum(share for _, share in specs if share is not None)
+    shares = [left / len(unset) if k in unset else (share or 0.0) for k, (_, share) in enumerate(specs)]
+    noise = [
+        norm / math.sqrt(share) if share > 0 else 0.0 for (norm, _), share in zip(specs, shares, strict=True)
+    ]
+    return ClipGroups(of, [norm for norm, _ in specs], noise)
+
+
 def clip_and_noise(
     per_example: list[torch.Tensor],
     *,
-    max_norm: float,
+    groups: ClipGroups,
     noise_multiplier: float,
     expected_batch: float,
     generator: torch.Generator,
 ) -> list[torch.Tensor]:
     """Steps 3–4: the privatised gradient of each parameter from its per-example gradients
-    (``per_example[j]`` has shape [B, *param_shape]; B may be 0)."""
-    # 3. ‖g_i‖ over every parameter, then the clip factor min(1, C / ‖g_i‖)
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_example]).norm(dim=0)
-    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    (``per_example[j]`` has shape [B, *param_shape]; B may be 0), clipped and noised by
+    ``groups`` (``ClipGroups.whole``: the whole gradient at C)."""
+    # 3. ‖g_{i,G}‖ over each group's parameters, then the clip factor min(1, C_G / ‖g_{i,G}‖)
+    squares = torch.stack([g.flatten(1).square().sum(1) for g in per_example])
+    index = torch.tensor(groups.of, device=squares.device)
+    norms = squares.new_zeros(len(groups.norms), squares.shape[1]).index_add_(0, index, squares).sqrt()
+    factors = (squares.new_tensor(groups.norms)[:, None] / (norms + 1e-6)).clamp(max=1.0)
     out = []
-    for g in per_example:
-        # 4. (Σ_i ḡ_i + N(0, σ²C²)) / (qN)
-        clipped_sum = torch.einsum("i,i...->...", factor.to(g.dtype), g)
+    for g, k in zip(per_example, groups.of, strict=True):
+        # 4. (Σ_i ḡ_i + N(0, σ² C_G² / s_G)) / (qN); without groups, σ²C²
+        clipped_sum = torch.einsum("i,i...->...", factors[k].to(g.dtype), g)
         noise = torch.randn(clipped_sum.shape, generator=generator, device=g.device, dtype=g.dtype)
-        out.append((clipped_sum + noise_multiplier * max_norm * noise) / expected_batch)
+        out.append((clipped_sum + noise_multiplier * groups.noise[k] * noise) / expected_batch)
     return out
 
 
@@ -97,6 +150,7 @@ class PrivateGradients:
         named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.unet, self.buffers = unet, dict(unet.named_buffers())
+        self.groups = clip_groups(self.names, privacy.max_grad_norm, privacy.clip_groups)
         labelled = (None, 0, 0, None if self.null is None else 0, 0)
         self.grad_fn = vmap(grad_and_value(self.example_loss), in_dims=labelled)
 
@@ -123,7 +177,7 @@ class PrivateGradients:
         per_example, loss = self.per_example(idx)  # 2.
         grads = clip_and_noise(  # 3.–4.
             per_example,
-            max_norm=self.privacy.max_grad_norm,
+            groups=self.groups,
             noise_multiplier=self.privacy.noise_multiplier,
             expected_batch=self.q * self.n,
             generator=self.generator,

@@ -205,6 +205,15 @@ def _personal(run: RunDir, metrics: list[dict]) -> list[str]:
     return lines
 
 
+def _clip_groups(text: str) -> str:
+    if not text:
+        return ""
+    return (
+        f'; group-wise clipping `privacy.clip_groups = "{text}"`: each group clipped at its own '
+        "norm and noised in proportion, the same guarantee"
+    )
+
+
 def _privacy(run: RunDir, summary: dict) -> list[str]:
     """What is protected and what is not, from the run's config (README, "Privacy")."""
     cfg = load_config(run.config)
@@ -216,7 +225,8 @@ def _privacy(run: RunDir, summary: dict) -> list[str]:
         lines.append(
             f"- **Sample-level DP-SGD**: {spent} for each training party "
             f"({'the central trainer' if cfg.paradigm == 'centralized' else 'every client'}; σ = "
-            f"{p.noise_multiplier}, C = {p.max_grad_norm}, {p.accountant} accountant, Poisson sampling). "
+            f"{p.noise_multiplier}, C = {p.max_grad_norm}, {p.accountant} accountant, Poisson sampling"
+            f"{_clip_groups(p.clip_groups)}). "
             "It bounds what the model and everything derived from it (updates, samples) reveal about "
             "any one training image; it does not hide which classes a party holds."
         )

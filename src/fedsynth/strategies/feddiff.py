@@ -54,7 +54,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from flwr.app import ArrayRecord, Message, MetricRecord
 from torch import nn
 
-from fedsynth.config import FedDiffConfig
+from fedsynth.config import FedDiffConfig, under_module
 from fedsynth.errors import ConfigError
 from fedsynth.protocol import ARRAYS
 from fedsynth.seeding import torch_generator
@@ -86,7 +86,7 @@ def subset_keys(model: nn.Module, prefixes: str) -> list[str]:
     keys = [k for k, _ in model.named_parameters()]
     if prefixes:
         wanted = [p.strip() for p in prefixes.split(",") if p.strip()]
-        chosen = [k for k in keys if any(k == p or k.startswith(p + ".") for p in wanted)]
+        chosen = [k for k in keys if any(under_module(k, p) for p in wanted)]
         if not chosen:
             raise ConfigError(f"feddiff.subset = {prefixes!r} names no parameter of the model")
         return chosen
