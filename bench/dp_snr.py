@@ -18,7 +18,6 @@ rows are kept).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -28,43 +27,50 @@ from fedsynth.checkpoint import load_model
 from fedsynth.config import load_config, under_module
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.prepare import prepare
-from fedsynth.privacy.dpsgd import PrivateGradients, clip_and_noise
+from fedsynth.privacy.dpsgd import PrivateGradients, clip_and_noise, clip_groups
 from fedsynth.rundir import RunDir
 
 RUN = "runs/bench-privacy/fashion-centralized-eps10-s0-b256"
 ALL = "all parameters"
 
 
-def measure(unet, scheduler, data, cfg, clipping: str, parts: list[str], examples: int = 64) -> list[dict]:
+def measure(
+    unet, scheduler, data, cfg, clippings: list[str], parts: list[str], examples: int = 64
+) -> list[dict]:
     """The step's signal and noise over all parameters and over each part (a module name or
-    pattern, ``config.under_module``), with the whole gradient clipped at C (``clipping`` "")
-    or with ``privacy.clip_groups = clipping``."""
+    pattern, ``config.under_module``), for each clipping: the whole gradient at C ("") or
+    ``privacy.clip_groups``. The per-example gradients are computed once and clipped each way."""
     generator = torch.Generator().manual_seed(0)
-    privacy = dataclasses.replace(cfg.privacy, clip_groups=clipping)
     private = PrivateGradients(
-        unet, scheduler, data, train=cfg.train, diffusion=cfg.diffusion, privacy=privacy, generator=generator
+        unet,
+        scheduler,
+        data,
+        train=cfg.train,
+        diffusion=cfg.diffusion,
+        privacy=cfg.privacy,
+        generator=generator,
     )
     grads, _ = private.per_example(torch.arange(examples))
-    # DP-SGD's steps 3–4 without the noise: the mean of the clipped per-example gradients
-    mean_clipped = clip_and_noise(
-        grads, groups=private.groups, noise_multiplier=0.0, expected_batch=examples, generator=generator,
-    )  # fmt: skip
     rows = []
-    for part in [ALL, *parts]:
-        chosen = [j for j, n in enumerate(private.names) if part == ALL or under_module(n, part)]
-        params = sum(private.params[j].numel() for j in chosen)
-        norms = torch.stack([grads[j].flatten(1).norm(dim=1) for j in chosen]).norm(dim=0)
-        # σ (C_G / √s_G) per coordinate of group G (σC without groups), over B
-        variance = sum(
-            private.params[j].numel() * private.groups.noise[private.groups.of[j]] ** 2 for j in chosen
+    for clipping in clippings:
+        groups = clip_groups(private.names, cfg.privacy.max_grad_norm, clipping)
+        # DP-SGD's steps 3–4 without the noise: the mean of the clipped per-example gradients
+        mean_clipped = clip_and_noise(
+            grads, groups=groups, noise_multiplier=0.0, expected_batch=examples, generator=generator
         )
-        noise = privacy.noise_multiplier * variance**0.5 / cfg.train.batch_size
-        signal = float(torch.cat([mean_clipped[j].flatten() for j in chosen]).norm())
-        rows.append({
-            "clipping": clipping or "whole gradient", "part": part, "parameters": params,
-            "median_example_norm": float(norms.median()), "mean_clipped_norm": signal,
-            "noise_norm": noise, "snr": signal / noise,
-        })  # fmt: skip
+        for part in [ALL, *parts]:
+            chosen = [j for j, n in enumerate(private.names) if part == ALL or under_module(n, part)]
+            params = sum(private.params[j].numel() for j in chosen)
+            norms = torch.stack([grads[j].flatten(1).norm(dim=1) for j in chosen]).norm(dim=0)
+            # σ (C_G / √s_G) per coordinate of group G (σC without groups), over B
+            variance = sum(private.params[j].numel() * groups.noise[groups.of[j]] ** 2 for j in chosen)
+            noise = cfg.privacy.noise_multiplier * variance**0.5 / cfg.train.batch_size
+            signal = float(torch.cat([mean_clipped[j].flatten() for j in chosen]).norm())
+            rows.append({
+                "clipping": clipping or "whole gradient", "part": part, "parameters": params,
+                "median_example_norm": float(norms.median()), "mean_clipped_norm": signal,
+                "noise_norm": noise, "snr": signal / noise,
+            })  # fmt: skip
     return rows
 
 
@@ -84,8 +90,7 @@ def main() -> None:
     rows = [
         {"weights": name, **row}
         for name, unet in (("seeded initial", initial), ("after its DP-SGD training", trained))
-        for clipping in ("", *args.clip_groups)
-        for row in measure(unet, scheduler, test, cfg, clipping, args.parts.split(","))
+        for row in measure(unet, scheduler, test, cfg, ["", *args.clip_groups], args.parts.split(","))
     ]
     pv = cfg.privacy
     this = {
