@@ -51,7 +51,7 @@ def opacus_steps(unet, optimizer, scheduler, data, steps: int, cfg) -> None:
 
 def timed(mode: str, cfg, data, steps: int) -> float:
     unet = seeded_unet(cfg.model, 0, data.shape[1], data.shape[0], data.num_classes)
-    optimizer = make_optimizer(unet.parameters(), cfg.train)
+    optimizer = make_optimizer(unet, cfg.train)
     scheduler = build_train_scheduler(cfg.diffusion)
     gen = torch.Generator().manual_seed(0)
     common = dict(steps=steps, train=cfg.train, diffusion=cfg.diffusion, generator=gen)

@@ -36,6 +36,15 @@ CONFIGS = {
 # clipped signal (σC/B), as DP-SGD practice (DPDM: batch 4,096) suggests
 B512 = ["train.batch_size=512", "federation.rounds=5", "train.local_steps=13"]
 CONDITIONING = "class_embedding=0.005:0.1,time_embedding=0.02:0.1,*.time_emb_proj=0.03:0.2"
+PATH = "class_embedding,time_embedding,*.time_emb_proj"  # the modules the class label acts through
+
+
+def fine_tune(modules: str, *more: str, lr: str, clip: str) -> list[str]:
+    """Overrides of a ``B512`` run that trains only ``modules`` (``train.trainable``) at learning
+    rate ``lr``, DP-SGD clipping at ``clip``; ``more`` after them (later settings win)."""
+    return [*B512, f"train.trainable='{modules}'", f"train.lr={lr}", f"privacy.max_grad_norm={clip}", *more]
+
+
 VARIANTS: dict[str, tuple[str, list[str]]] = {  # name: (centralized batch × steps, overrides)
     "": ("64 × 2,000", []),
     "b256": ("256 × 500", ["train.batch_size=256", "federation.rounds=5"]),
@@ -56,6 +65,58 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name: (centralized batch × st
     "pub-b512-path": (
         "512 × 260, from public Fashion-MNIST, class embedding and its projections clipped apart",
         [*B512, f'privacy.clip_groups="{CONDITIONING}"'],
+    ),
+    # parameter-efficient DP fine-tuning (DP-LDM, Lyu et al. 2023: only some modules of a public
+    # model train): only the conditioning path trains (75.8k of 652k parameters: the noise norm
+    # √P 2.9× smaller), clipped near its per-example norm (~0.09, bench/results/dp_snr.md)
+    "pub-b512-ft-path": (
+        "512 × 260, from public Fashion-MNIST, only the conditioning path trained",
+        fine_tune(PATH, lr="1e-3", clip="0.1"),
+    ),
+    # ... at 3× the learning rate: the noise-dominated steps drift along the signal by a fraction
+    # of the non-private step, so at lr 1e-3 260 steps cover a fraction of its path
+    "pub-b512-ft-path-lr3": (
+        "512 × 260, from public Fashion-MNIST, only the conditioning path trained, lr 3e-3",
+        fine_tune(PATH, lr="3e-3", clip="0.1"),
+    ),
+    "pub-b512-ft-path-lr10": (
+        "512 × 260, from public Fashion-MNIST, only the conditioning path trained, lr 1e-2",
+        fine_tune(PATH, lr="1e-2", clip="0.1"),
+    ),
+    # ... every example's gradient clipped (C far below the path's per-example norms, which fall
+    # from ~0.09 to ~0.04 as it trains): the noise σC/B shrinks with C while the clipped mean
+    # shrinks less (DP-SGD with normalised gradients; Adam does not see the scale)
+    "pub-b512-ft-path-c02": (
+        "512 × 260, from public Fashion-MNIST, only the conditioning path trained, lr 3e-3, C = 0.02",
+        fine_tune(PATH, lr="3e-3", clip="0.02"),
+    ),
+    "pub-b512-ft-path-c005": (
+        "512 × 260, from public Fashion-MNIST, only the conditioning path trained, lr 3e-3, C = 0.005",
+        fine_tune(PATH, lr="3e-3", clip="0.005"),
+    ),
+    # ... with DPDM's noise multiplicity, K = 4 draws of (t, ε) per example: 140 steps (σ lower)
+    # at twice the compute of the 260-step rows
+    "pub-b512-ft-path-c02-k4": (
+        "512 × 140, K = 4, from public Fashion-MNIST, only the conditioning path trained, lr 3e-3, C = 0.02",
+        fine_tune(PATH, "train.local_steps=7", "privacy.noise_multiplicity=4", lr="3e-3", clip="0.02"),
+    ),
+    # ... with the class embedding clipped apart (its per-example norm ~0.01 is a tenth of the
+    # path's: clipped with the rest, the one class-specific group's signal is a sliver of C)
+    "pub-b512-ft-path-grp": (
+        "512 × 260, from public Fashion-MNIST, only the conditioning path trained, lr 3e-3, C = 0.02, "
+        "class embedding clipped apart",
+        fine_tune(PATH, 'privacy.clip_groups="class_embedding=0.002:0.2"', lr="3e-3", clip="0.02"),
+    ),
+    # ... and every normalisation layer's scale and shift (2,176 parameters: they adapt the
+    # features to the new domain)
+    "pub-b512-ft-pathnorm-c02": (
+        "512 × 260, from public Fashion-MNIST, the conditioning path and the norms trained, lr 3e-3, "
+        "C = 0.02",
+        fine_tune(f"{PATH},*norm*", lr="3e-3", clip="0.02"),
+    ),
+    "pub-b512-ft-ce": (
+        "512 × 260, from public Fashion-MNIST, only the class embedding trained, lr 1e-2, C = 0.01",
+        fine_tune("class_embedding", lr="1e-2", clip="0.01"),
     ),
     # DPDM's noise multiplicity: K = 4 (t, ε) draws per example, at ~the same compute (80 steps)
     "pub-b512-k4": (
@@ -180,7 +241,10 @@ HEADER = (
     "Fashion-MNIST` starts DP-SGD from a model trained without DP on Fashion-MNIST at 16×16 "
     "(`model.init`; public pretraining as in Ghalebikesabi et al. 2023), whose data ε does not cover; "
     "`clipped apart` is group-wise clipping (`privacy.clip_groups`, the groups in the variant's "
-    "overrides: `bench/results/privacy.json` → `variants`).\n\n"
+    "overrides: `bench/results/privacy.json` → `variants`); `only … trained` is parameter-efficient "
+    "DP fine-tuning (`train.trainable`: the other parameters keep the public model's weights; "
+    "DP-LDM, Lyu et al. 2023), with its learning rate and clipping norm C where they differ from "
+    "lr 1e-3 and C = 0.1.\n\n"
     "Anchor, not comparable in scale (MNIST 28×28 with 60,000 images, large batches, GPU days): "
     "DPDM (Dockhorn et al. 2023), MNIST at ε = 10: FID 5.01, downstream classifier 98.1%. Our "
     "digits set has 1,438 training images, so the same ε costs far more noise per step.\n\n"

@@ -58,7 +58,7 @@ def main() -> None:
         return build_unet(ModelConfig(preset=args.preset), 16, 1, 10)
 
     ours_unet, plain_unet = fresh(), fresh()
-    ours_opt = make_optimizer(ours_unet.parameters(), train)
+    ours_opt = make_optimizer(ours_unet, train)
     ours_ema, plain_ema = make_ema(ours_unet, 0.999), EMAModel(plain_unet.parameters(), decay=0.999)
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     times = {"fedsynth": [], "plain": []}

@@ -77,7 +77,7 @@ def test_training_lowers_loss_on_fixed_batch():
     data = ImageData(x * 2 - 1, torch.zeros(16, dtype=torch.long), ("a", "b", "c"))
     train = TrainConfig(lr=3e-3, batch_size=16)
     diff = DiffusionConfig(num_train_timesteps=100, cfg_dropout=0.0)
-    opt = make_optimizer(unet.parameters(), train)
+    opt = make_optimizer(unet, train)
 
     @torch.no_grad()
     def eval_loss():
@@ -99,7 +99,7 @@ def test_penalty_and_after_backward_hooks_are_applied():
     before = [p.detach().clone() for p in unet.parameters()]
     train_steps(
         unet,
-        make_optimizer(unet.parameters(), train),
+        make_optimizer(unet, train),
         sched,
         data,
         steps=2,
@@ -110,6 +110,25 @@ def test_penalty_and_after_backward_hooks_are_applied():
     )
     assert len(seen) == 2
     assert all(torch.equal(a, b) for a, b in zip(before, unet.parameters(), strict=True))
+
+
+def test_trainable_modules_train_and_the_rest_keep_their_weights():
+    unet = _tiny()
+    sched = build_train_scheduler(DiffusionConfig(num_train_timesteps=10))
+    data = ImageData(torch.randn(8, 1, 8, 8), torch.arange(8) % 3, ("a", "b", "c"))
+    train = TrainConfig(lr=1e-2, batch_size=4, trainable="class_embedding, *.time_emb_proj")
+    before = {k: v.detach().clone() for k, v in unet.named_parameters()}
+    opt = make_optimizer(unet, train)
+    chosen = {k for k in before if k.startswith("class_embedding.") or ".time_emb_proj." in k}
+    assert len(chosen) >= 3 and sum(len(g["params"]) for g in opt.param_groups) == len(chosen)
+    diffusion = DiffusionConfig(num_train_timesteps=10)
+    train_steps(
+        unet, opt, sched, data, steps=3, train=train, diffusion=diffusion, generator=torch.Generator()
+    )
+    moved = {k for k, p in unet.named_parameters() if not torch.equal(p, before[k])}
+    assert moved == chosen
+    with pytest.raises(ConfigError, match=r"train.trainable: 'mid_block.nothing' matches no parameter"):
+        make_optimizer(unet, TrainConfig(trainable="class_embedding,mid_block.nothing"))
 
 
 def test_steps_for_epochs():

@@ -9,7 +9,7 @@ from opacus import GradSampleModule
 from conftest import TINY_OVERRIDES
 from fedsynth.config import DiffusionConfig, ModelConfig, PrivacyConfig, config_from_dict, load_config
 from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.unet import seeded_unet
+from fedsynth.diffusion.unet import init_folder, seeded_unet
 from fedsynth.errors import ConfigError
 from fedsynth.privacy.accounting import PrivacyBudgetError, PrivacyLedger, calibrate, epsilon
 from fedsynth.privacy.dpsgd import ClipGroups, clip_and_noise, clip_groups, poisson_batch
@@ -315,9 +315,16 @@ def test_federated_dp_run_reports_each_clients_epsilon_fine_tuning_steps_include
     public = tmp_path / "public"  # DP fine-tuning of a model trained elsewhere (model.init)
     seeded_unet(ModelConfig(preset="tiny"), 7, 16, 1, 10).save_pretrained(public / "unet")
     tiny = [*TINY_OVERRIDES, *DP, "eval.enabled=false", "federation.finetune_steps=2"]
-    tiny.append(f"model.init='{public}'")
+    tiny += [f"model.init='{public}'", "train.trainable='up_blocks,conv_out'"]  # fine-tune the decoder only
     run = run_all(load_config("configs/digits-federated.toml", tiny), tmp_path / "r")
-    assert f"Training started from the model at `{public}`" in (run.root / "report.md").read_text()
+    report = (run.root / "report.md").read_text()
+    assert (
+        f"Training started from the model at `{public}`" in report
+        and "Only `up_blocks,conv_out` trained" in report
+    )
+    start, final = (UNet2DModel.from_pretrained(init_folder(p)).state_dict() for p in (public, run.root))
+    moved = {k for k in start if not torch.allclose(start[k], final[k], rtol=0, atol=1e-6)}
+    assert moved and all(k.startswith(("up_blocks.", "conv_out.")) for k in moved)
     *rounds, finetune = run.read_metrics()
     assert set(rounds[-1]["epsilon"]) == set(finetune["epsilon"]) == {"client 0", "client 1"}
     assert 0 < rounds[0]["epsilon_max"] < rounds[-1]["epsilon_max"] < finetune["epsilon_max"]

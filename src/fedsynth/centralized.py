@@ -50,7 +50,7 @@ class CentralDriver:
         }
         unet = seeded_unet(cfg.model, cfg.seed, data.shape[1], data.shape[0], data.num_classes).to(device)
         self.model = Model(unet, self.make_ema(unet), build_train_scheduler(cfg.diffusion))
-        self.optimizer = make_optimizer(unet.parameters(), cfg.train)
+        self.optimizer = make_optimizer(unet, cfg.train)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.privacy = privacy_ledger(cfg)
         self.round = 0
@@ -60,7 +60,7 @@ class CentralDriver:
 
     def resume(self, checkpoint: Checkpoint) -> None:
         self.model.unet, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round
-        self.optimizer = make_optimizer(checkpoint.unet.parameters(), self.cfg.train)
+        self.optimizer = make_optimizer(checkpoint.unet, self.cfg.train)
         self.optimizer.load_state_dict(checkpoint.state["optimizer"])
         self.generator = torch.Generator(device=self.model.device)
         self.generator.set_state(checkpoint.state["generator"].cpu())

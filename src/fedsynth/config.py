@@ -11,6 +11,7 @@ import dataclasses
 import math
 import tomllib
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -108,6 +109,7 @@ class TrainConfig:
     device: str = _choice("auto", DEVICES)
     threads: int = _at_least(0, 0)  # 0: torch default
     keep_optimizer: bool = False  # federated clients keep their optimizer state (moments) across rounds
+    trainable: str = ""  # modules that train (comma-separated names or patterns); the rest frozen
 
 
 @dataclass(frozen=True)
@@ -549,9 +551,24 @@ def _privacy_problem(cfg: Config) -> str | None:
 
 def under_module(key: str, pattern: str) -> bool:
     """Whether parameter ``key`` is, or lies under, the module a name setting gives
-    (``exchange.personal``, ``feddiff.subset``, ``privacy.clip_groups``): ``pattern`` or
-    ``pattern.…``, where ``pattern`` may hold shell wildcards (``*.time_emb_proj``)."""
+    (``exchange.personal``, ``feddiff.subset``, ``privacy.clip_groups``, ``train.trainable``):
+    ``pattern`` or ``pattern.…``, where ``pattern`` may hold shell wildcards (``*.time_emb_proj``)."""
     return fnmatchcase(key, pattern) or fnmatchcase(key, pattern + ".*")
+
+
+def module_list(text: str) -> list[str]:
+    """A comma-separated setting of module names or patterns as a list, blanks dropped."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def keys_under(keys: Iterable[str], patterns: list[str], setting: str) -> list[str]:
+    """The parameter keys under any of ``patterns`` (``under_module``), in their order; a
+    pattern matching none is a ConfigError naming ``setting``."""
+    keys = list(keys)
+    for pattern in patterns:
+        if not any(under_module(k, pattern) for k in keys):
+            raise ConfigError(f"{setting}: {pattern!r} matches no parameter of the model")
+    return [k for k in keys if any(under_module(k, p) for p in patterns)]
 
 
 def parse_clip_groups(text: str) -> dict[str, tuple[float, float | None]]:
@@ -560,7 +577,7 @@ def parse_clip_groups(text: str) -> dict[str, tuple[float, float | None]]:
     in (0, 1) summing below 1 (the groups without one, the other parameters' included, split
     what is left evenly; checked against the model in ``privacy.dpsgd.clip_groups``)."""
     groups: dict[str, tuple[float, float | None]] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in module_list(text):
         pattern, _, value = (s.strip() for s in item.partition("="))
         norm_text, _, share_text = value.partition(":")
         norm, share = _float_or_nan(norm_text), _float_or_nan(share_text) if share_text else None

@@ -13,7 +13,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from fedsynth.config import DiffusionConfig, TrainConfig
+from fedsynth.config import DiffusionConfig, TrainConfig, keys_under, module_list
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.objective import diffusion_loss, drop_labels
 from fedsynth.diffusion.unet import null_label
@@ -26,7 +26,21 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+def trainable_parameters(model: torch.nn.Module, spec: str) -> list[torch.nn.Parameter]:
+    """``train.trainable``: with module names or patterns given, every parameter outside them is
+    frozen (``requires_grad`` off: it keeps its initial weights, e.g. ``model.init``'s); the
+    parameters left to train. A pattern matching no parameter is a ConfigError."""
+    named = dict(model.named_parameters())
+    if patterns := module_list(spec):
+        chosen = set(keys_under(named, patterns, "train.trainable"))
+        for name, p in named.items():
+            p.requires_grad_(name in chosen)
+    return [p for p in named.values() if p.requires_grad]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s trainable parameters (``train.trainable``)."""
+    params = trainable_parameters(model, cfg.trainable)
     return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

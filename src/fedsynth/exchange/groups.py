@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedsynth.config import under_module
+from fedsynth.config import keys_under, module_list
 from fedsynth.errors import ConfigError
 
 GROUPS = ("down", "mid", "up")
@@ -62,14 +62,8 @@ def personal_keys(spec: str, keys: Iterable[str]) -> frozenset[str]:
     after it: ``up_blocks.<last>``, ``conv_norm_out``, ``conv_out``) or comma-separated
     module names such as ``"up_blocks.2,conv_out"``. A name matching no parameter is an error."""
     keys = list(keys)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
+    names = module_list(spec)
     if names == [LAST_BLOCK]:
         last = max(int(k.split(".")[1]) for k in keys if k.startswith("up_blocks."))
         names = [f"up_blocks.{last}", "conv_norm_out", "conv_out"]
-    chosen: set[str] = set()
-    for name in names:
-        matched = {k for k in keys if under_module(k, name)}
-        if not matched:
-            raise ConfigError(f"exchange.personal: {name!r} matches no parameter of the model")
-        chosen |= matched
-    return frozenset(chosen)
+    return frozenset(keys_under(keys, names, "exchange.personal"))

@@ -247,6 +247,11 @@ def _privacy(run: RunDir, summary: dict) -> list[str]:
             "from its own training data is in this model too, outside any ε stated here (treat that "
             "data as public)."
         )
+    if cfg.train.trainable:
+        lines.append(
+            f"- Only `{cfg.train.trainable}` trained (`train.trainable`); every other parameter kept its "
+            "initial weights."
+        )
     if cfg.paradigm == "centralized":
         lines.append("- Centralized: every training image was pooled in one place.")
     elif cfg.paradigm == "local":

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from fedsynth.checkpoint import Checkpoint, ema_unet, save_personal_model
 from fedsynth.config import Config, dump_config
 from fedsynth.data.datasets import ImageData
+from fedsynth.diffusion.training import trainable_parameters
 from fedsynth.exchange.plans import UNITS, upload_groups
 from fedsynth.exchange.transfer import Layout, ServerExchange, has_personal_models
 from fedsynth.privacy.accounting import privacy_ledger
@@ -85,6 +86,7 @@ class FederatedDriver(ServerEma):
         self.cfg, self.run, self.model, self.grid, self.proxy = cfg, run, model, grid, proxy
         self.label = f"federated {cfg.strategy.name}"
         self.layout = Layout.of(model.unet.state_dict(), cfg.exchange.personal)
+        trainable_parameters(model.unet, cfg.train.trainable)  # checked before any client trains
         self.exchange = ServerExchange(cfg.exchange, self.layout)
         # one strategy per aggregation unit (groups always uploaded together)
         self.units = {"+".join(u): self.layout.keys(u) for u in UNITS[cfg.exchange.plan]}

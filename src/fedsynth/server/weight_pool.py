@@ -50,7 +50,7 @@ def collect_pool(
     fd, vectors, scores = cfg.feddiff, [], []
     for run in range(fd.pool_runs):
         net = copy.deepcopy(model.unet)
-        optimizer = make_optimizer(net.parameters(), cfg.train)
+        optimizer = make_optimizer(net, cfg.train)
         generator = torch_generator(cfg.seed, "feddiff-pool", run, device=model.device)
         for _ in range(fd.pool_steps // fd.pool_every):
             task_steps(cfg, net, optimizer, model.scheduler, proxy, steps=fd.pool_every, generator=generator)

@@ -54,7 +54,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from flwr.app import ArrayRecord, Message, MetricRecord
 from torch import nn
 
-from fedsynth.config import FedDiffConfig, under_module
+from fedsynth.config import FedDiffConfig, keys_under, module_list
 from fedsynth.errors import ConfigError
 from fedsynth.protocol import ARRAYS
 from fedsynth.seeding import torch_generator
@@ -85,11 +85,7 @@ def subset_keys(model: nn.Module, prefixes: str) -> list[str]:
     or (``""``) the parameters of the model's last normalisation layer, as p-diff does."""
     keys = [k for k, _ in model.named_parameters()]
     if prefixes:
-        wanted = [p.strip() for p in prefixes.split(",") if p.strip()]
-        chosen = [k for k in keys if any(under_module(k, p) for p in wanted)]
-        if not chosen:
-            raise ConfigError(f"feddiff.subset = {prefixes!r} names no parameter of the model")
-        return chosen
+        return keys_under(keys, module_list(prefixes), "feddiff.subset")
     norms = [name for name, m in model.named_modules() if isinstance(m, NORM_LAYERS)]
     if not norms:
         raise ConfigError("feddiff.subset = '' needs a normalisation layer in the model; name one")
