@@ -37,12 +37,19 @@ CONFIGS = {
 B512 = ["train.batch_size=512", "federation.rounds=5", "train.local_steps=13"]
 CONDITIONING = "class_embedding=0.005:0.1,time_embedding=0.02:0.1,*.time_emb_proj=0.03:0.2"
 PATH = "class_embedding,time_embedding,*.time_emb_proj"  # the modules the class label acts through
+ONLY_PATH = "only the conditioning path"
 
 
-def fine_tune(modules: str, *more: str, lr: str, clip: str) -> list[str]:
-    """Overrides of a ``B512`` run that trains only ``modules`` (``train.trainable``) at learning
-    rate ``lr``, DP-SGD clipping at ``clip``; ``more`` after them (later settings win)."""
-    return [*B512, f"train.trainable='{modules}'", f"train.lr={lr}", f"privacy.max_grad_norm={clip}", *more]
+def fine_tune(
+    what: str, modules: str, *more: str, lr: str, clip: str, shape: str = "512 × 260", note: str = ""
+) -> tuple[str, list[str]]:
+    """A ``B512`` variant that trains only ``modules`` (``train.trainable``; ``what`` names them in
+    its label) at learning rate ``lr``, DP-SGD clipping at ``clip``; ``more`` after them (later
+    settings win). The label shows lr and C where they differ from lr 1e-3 and C = 0.1 (HEADER)."""
+    shown = [lr != "1e-3" and f"lr {lr}", clip != "0.1" and f"C = {clip}", note]
+    label = f"{shape}, from public Fashion-MNIST, {what} trained" + "".join(f", {t}" for t in shown if t)
+    overrides = [f"train.trainable='{modules}'", f"train.lr={lr}", f"privacy.max_grad_norm={clip}", *more]
+    return label, [*B512, *overrides]
 
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {  # name: (centralized batch × steps, overrides)
@@ -69,55 +76,47 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name: (centralized batch × st
     # parameter-efficient DP fine-tuning (DP-LDM, Lyu et al. 2023: only some modules of a public
     # model train): only the conditioning path trains (75.8k of 652k parameters: the noise norm
     # √P 2.9× smaller), clipped near its per-example norm (~0.09, bench/results/dp_snr.md)
-    "pub-b512-ft-path": (
-        "512 × 260, from public Fashion-MNIST, only the conditioning path trained",
-        fine_tune(PATH, lr="1e-3", clip="0.1"),
-    ),
+    "pub-b512-ft-path": fine_tune(ONLY_PATH, PATH, lr="1e-3", clip="0.1"),
     # ... at 3× the learning rate: the noise-dominated steps drift along the signal by a fraction
     # of the non-private step, so at lr 1e-3 260 steps cover a fraction of its path
-    "pub-b512-ft-path-lr3": (
-        "512 × 260, from public Fashion-MNIST, only the conditioning path trained, lr 3e-3",
-        fine_tune(PATH, lr="3e-3", clip="0.1"),
-    ),
-    "pub-b512-ft-path-lr10": (
-        "512 × 260, from public Fashion-MNIST, only the conditioning path trained, lr 1e-2",
-        fine_tune(PATH, lr="1e-2", clip="0.1"),
-    ),
+    "pub-b512-ft-path-lr3": fine_tune(ONLY_PATH, PATH, lr="3e-3", clip="0.1"),
+    "pub-b512-ft-path-lr10": fine_tune(ONLY_PATH, PATH, lr="1e-2", clip="0.1"),
     # ... every example's gradient clipped (C far below the path's per-example norms, which fall
     # from ~0.09 to ~0.04 as it trains): the noise σC/B shrinks with C while the clipped mean
     # shrinks less (DP-SGD with normalised gradients; Adam does not see the scale)
-    "pub-b512-ft-path-c02": (
-        "512 × 260, from public Fashion-MNIST, only the conditioning path trained, lr 3e-3, C = 0.02",
-        fine_tune(PATH, lr="3e-3", clip="0.02"),
-    ),
-    "pub-b512-ft-path-c005": (
-        "512 × 260, from public Fashion-MNIST, only the conditioning path trained, lr 3e-3, C = 0.005",
-        fine_tune(PATH, lr="3e-3", clip="0.005"),
-    ),
+    "pub-b512-ft-path-c02": fine_tune(ONLY_PATH, PATH, lr="3e-3", clip="0.02"),
+    "pub-b512-ft-path-c005": fine_tune(ONLY_PATH, PATH, lr="3e-3", clip="0.005"),
     # ... with DPDM's noise multiplicity, K = 4 draws of (t, ε) per example: 140 steps (σ lower)
     # at twice the compute of the 260-step rows
-    "pub-b512-ft-path-c02-k4": (
-        "512 × 140, K = 4, from public Fashion-MNIST, only the conditioning path trained, lr 3e-3, C = 0.02",
-        fine_tune(PATH, "train.local_steps=7", "privacy.noise_multiplicity=4", lr="3e-3", clip="0.02"),
+    "pub-b512-ft-path-c02-k4": fine_tune(
+        ONLY_PATH,
+        PATH,
+        "train.local_steps=7",
+        "privacy.noise_multiplicity=4",
+        lr="3e-3",
+        clip="0.02",
+        shape="512 × 140, K = 4",
     ),
     # ... with the class embedding clipped apart (its per-example norm ~0.01 is a tenth of the
     # path's: clipped with the rest, the one class-specific group's signal is a sliver of C)
-    "pub-b512-ft-path-grp": (
-        "512 × 260, from public Fashion-MNIST, only the conditioning path trained, lr 3e-3, C = 0.02, "
-        "class embedding clipped apart",
-        fine_tune(PATH, 'privacy.clip_groups="class_embedding=0.002:0.2"', lr="3e-3", clip="0.02"),
+    "pub-b512-ft-path-grp": fine_tune(
+        ONLY_PATH,
+        PATH,
+        'privacy.clip_groups="class_embedding=0.002:0.2"',
+        lr="3e-3",
+        clip="0.02",
+        note="class embedding clipped apart",
     ),
     # ... and every normalisation layer's scale and shift (2,176 parameters: they adapt the
     # features to the new domain)
-    "pub-b512-ft-pathnorm-c02": (
-        "512 × 260, from public Fashion-MNIST, the conditioning path and the norms trained, lr 3e-3, "
-        "C = 0.02",
-        fine_tune(f"{PATH},*norm*", lr="3e-3", clip="0.02"),
+    "pub-b512-ft-pathnorm-c02": fine_tune(
+        "the conditioning path and the norms", f"{PATH},*norm*", lr="3e-3", clip="0.02"
     ),
-    "pub-b512-ft-ce": (
-        "512 × 260, from public Fashion-MNIST, only the class embedding trained, lr 1e-2, C = 0.01",
-        fine_tune("class_embedding", lr="1e-2", clip="0.01"),
-    ),
+    # the class embedding alone (1,408 parameters: the noise norm 21× below the whole model's); in
+    # diffusers' UNet2DModel it is added to the time embedding after its MLP, so these rows are the
+    # only class-specific weights; at lr 1e-2 (at 1e-3 Adam moves a coordinate ≤ 0.26 in 260 steps,
+    # against rows of norm ~11 over 128 coordinates)
+    "pub-b512-ft-ce": fine_tune("only the class embedding", "class_embedding", lr="1e-2", clip="0.01"),
     # DPDM's noise multiplicity: K = 4 (t, ε) draws per example, at ~the same compute (80 steps)
     "pub-b512-k4": (
         "512 × 80, K = 4, from public Fashion-MNIST",

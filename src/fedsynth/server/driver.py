@@ -86,7 +86,7 @@ class FederatedDriver(ServerEma):
         self.cfg, self.run, self.model, self.grid, self.proxy = cfg, run, model, grid, proxy
         self.label = f"federated {cfg.strategy.name}"
         self.layout = Layout.of(model.unet.state_dict(), cfg.exchange.personal)
-        trainable_parameters(model.unet, cfg.train.trainable)  # checked before any client trains
+        trainable_parameters(model.unet, cfg.train.trainable)  # a bad pattern fails before any client trains
         self.exchange = ServerExchange(cfg.exchange, self.layout)
         # one strategy per aggregation unit (groups always uploaded together)
         self.units = {"+".join(u): self.layout.keys(u) for u in UNITS[cfg.exchange.plan]}
