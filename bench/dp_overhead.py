@@ -2,9 +2,11 @@
 the centralized digits model (``small`` preset, batch 64) without DP, with fedsynth's DP-SGD
 (per-example gradients by ``torch.func.vmap`` over the whole UNet), and with the per-example
 gradients Opacus' ``GradSampleModule`` computes in its correct ``functorch`` mode, alternating
-``--repeats`` times. Results: bench/results/dp_overhead.{json,md}.
+``--repeats`` times; and fedsynth's DP-SGD with every row of a batch in one vmapped pass (its
+``ROWS_PER_PASS`` chunking undone). Results: bench/results/dp_overhead.{json,md} (batch 64) or
+dp_overhead_b{B}.{json,md}.
 
-    .venv/bin/python bench/dp_overhead.py [--steps 20] [--repeats 3]
+    .venv/bin/python bench/dp_overhead.py [--steps 20] [--repeats 3] [--batch-size 64]
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from fedsynth.diffusion.objective import noisy_inputs
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_optimizer, train_steps
 from fedsynth.diffusion.unet import seeded_unet
-from fedsynth.privacy.dpsgd import clip_and_noise, dp_train_steps, poisson_batch
+from fedsynth.privacy import dpsgd
+from fedsynth.privacy.dpsgd import ClipGroups, clip_and_noise, dp_train_steps, poisson_batch
 
 CONFIG = "configs/digits-centralized.toml"
+ONE_PASS = "fedsynth DP-SGD, all rows in one pass"
 
 
 def opacus_steps(unet, optimizer, scheduler, data, steps: int, cfg) -> None:
@@ -41,8 +45,8 @@ def opacus_steps(unet, optimizer, scheduler, data, steps: int, cfg) -> None:
         model.zero_grad(set_to_none=True)
         pred = model(noisy, t, class_labels=data.labels[idx]).sample
         ((pred - noise) ** 2).flatten(1).mean(1).sum().backward()
-        grads = clip_and_noise([p.grad_sample for p in params], max_norm=1.0, noise_multiplier=1.0,
-                               expected_batch=q * n, generator=gen)  # fmt: skip
+        grads = clip_and_noise([p.grad_sample for p in params], groups=ClipGroups.whole(len(params), 1.0),
+                               noise_multiplier=1.0, expected_batch=q * n, generator=gen)  # fmt: skip
         for p, g in zip(params, grads, strict=True):
             p.grad_sample, p.grad = None, g
         optimizer.step()
@@ -58,8 +62,13 @@ def timed(mode: str, cfg, data, steps: int) -> float:
     start = time.perf_counter()
     if mode == "plain":
         train_steps(unet, optimizer, scheduler, data, **common)
-    elif mode == "fedsynth DP-SGD":
-        dp_train_steps(unet, optimizer, scheduler, data, privacy=cfg.privacy, **common)
+    elif mode.startswith("fedsynth DP-SGD"):
+        chunk = dpsgd.ROWS_PER_PASS
+        dpsgd.ROWS_PER_PASS = len(data) if mode == ONE_PASS else chunk
+        try:
+            dp_train_steps(unet, optimizer, scheduler, data, privacy=cfg.privacy, **common)
+        finally:
+            dpsgd.ROWS_PER_PASS = chunk
     else:
         opacus_steps(unet, optimizer, scheduler, data, steps, cfg)
     return time.perf_counter() - start
@@ -69,12 +78,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args()
     warnings.filterwarnings("ignore", module="opacus")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    cfg = load_config(ROOT / CONFIG, ['privacy.mode="dp-sgd"', "privacy.noise_multiplier=1.0"])
+    sets = ['privacy.mode="dp-sgd"', "privacy.noise_multiplier=1.0", f"train.batch_size={args.batch_size}"]
+    cfg = load_config(ROOT / CONFIG, sets)
     data = load_dataset(cfg.data).train
-    modes = ("plain", "fedsynth DP-SGD", "Opacus functorch")
+    modes = ("plain", "fedsynth DP-SGD", ONE_PASS, "Opacus functorch")
     timed("plain", cfg, data, 2)  # warm-up
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.repeats):
@@ -82,11 +93,15 @@ def main() -> None:
             seconds[mode].append(round(timed(mode, cfg, data, args.steps), 2))
             print(mode, seconds[mode][-1], flush=True)
     median = {m: statistics.median(s) for m, s in seconds.items()}
-    write_result("dp_overhead", {"config": CONFIG, "steps": args.steps, "seconds": seconds, "median": median})
+    name = "dp_overhead" if args.batch_size == 64 else f"dp_overhead_b{args.batch_size}"
+    payload = {"config": CONFIG, "steps": args.steps, "batch_size": args.batch_size, "seconds": seconds}
+    write_result(name, {**payload, "median": median})
     lines = [
         "# DP-SGD overhead (`bench/dp_overhead.py`)\n",
-        f"`{CONFIG}` model and data, {args.steps} optimizer steps of batch 64 (Poisson, q = 64/1438 with "
-        f"DP), {args.repeats} alternating repeats in one process; median seconds and the ratio to plain.\n",
+        f"`{CONFIG}` model and data, {args.steps} optimizer steps of batch {args.batch_size} (Poisson, "
+        f"q = {args.batch_size}/{len(data)} with DP), {args.repeats} alternating repeats in one process; "
+        f"median seconds and the ratio to plain. fedsynth's DP-SGD computes per-example gradients "
+        f"{dpsgd.ROWS_PER_PASS} rows a pass; the one-pass row takes the whole batch at once.\n",
         "| training | seconds (each repeat) | median | × plain |",
         "| --- | --- | --- | --- |",
         *(
@@ -95,7 +110,7 @@ def main() -> None:
             for m in modes
         ),
     ]
-    (RESULTS / "dp_overhead.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -93,8 +93,10 @@ def _mismatched(got, want) -> list[int]:
     return [i for i, (g, w) in pairs if not torch.allclose(g, w, rtol=1e-3, atol=1e-6)]
 
 
-@pytest.mark.parametrize("multiplicity", [1, 2])
-def test_per_example_gradients_match_one_example_at_a_time(multiplicity):
+@pytest.mark.parametrize(("multiplicity", "rows_per_pass"), [(1, 128), (2, 128), (2, 2)])
+def test_per_example_gradients_match_one_example_at_a_time(multiplicity, rows_per_pass, monkeypatch):
+    """K = 2 and two rows a pass: three passes of one example's two rows each."""
+    monkeypatch.setattr("fedsynth.privacy.dpsgd.ROWS_PER_PASS", rows_per_pass)
     unet = _attn_unet()
     assert _mismatched(_ours(unet, multiplicity), _reference(unet, multiplicity)) == []
 
