@@ -208,3 +208,26 @@ def test_a_client_sent_the_full_model_again_keeps_its_personal_weights(weights):
     up = set(layout.download("udec"))
     assert all(torch.equal(again[k], new[k]) for k in weights if k not in up)
     assert all(torch.equal(again[k], weights[k]) for k in up)
+
+
+def test_frozen_parameters_travel_once_with_the_full_model(weights):
+    """``train.trainable``: what no one trains is in the first (full) download only."""
+    ex = ExchangeConfig(plan="full", codec="fp32")
+    layout = Layout.of(weights, trainable="up_blocks,conv_out")
+    trained = {k for k in weights if k.startswith(("up_blocks.", "conv_out."))}
+    assert layout.frozen == set(weights) - trained
+    server, state = ServerExchange(ex, layout), {}
+    arrays, mode, n = server.download(0, weights)
+    assert mode == WEIGHTS and set(arrays) == set(weights) and n == sum(v.numel() for v in weights.values())
+    start = client_start(ex, layout, arrays, mode, state)
+    new = {k: v + 1.0 if k in trained else v for k, v in start.items()}
+    assert set(client_reply(ex, layout, start, new, GROUPS, state)) == trained
+    moved = {k: v + 2.0 if k in trained else v for k, v in weights.items()}
+    arrays, mode, n = server.download(0, moved)
+    assert set(arrays) == trained and n == sum(weights[k].numel() for k in trained)
+    again = client_start(ex, layout, arrays, mode, state)
+    assert all(torch.equal(again[k], moved[k]) for k in weights)
+    with pytest.raises(ConfigError, match=r"train.trainable: 'nope' matches no parameter"):
+        Layout.of(weights, trainable="nope")
+    with pytest.raises(ConfigError, match="only personal or frozen"):
+        layout.keys(("down",))

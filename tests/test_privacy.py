@@ -14,6 +14,8 @@ from fedsynth.errors import ConfigError
 from fedsynth.privacy.accounting import PrivacyBudgetError, PrivacyLedger, calibrate, epsilon
 from fedsynth.privacy.dpsgd import ClipGroups, clip_and_noise, clip_groups, poisson_batch
 
+DP = ['privacy.mode="dp-sgd"', "privacy.target_epsilon=5"]
+
 
 def _attn_unet() -> UNet2DModel:
     """A tiny UNet with attention blocks, as in the `base` preset."""
@@ -135,6 +137,47 @@ def test_clipped_sum_is_bounded_and_the_noise_has_std_sigma_c_over_qn():
     assert _privatise(big, ClipGroups.whole(1, 2.0))[0].norm() <= 50 * 2.0 + 1e-3  # Σ of 50 clipped
     noisy = _privatise([torch.zeros(0, 200_000)], ClipGroups.whole(1, 2.0), sigma=1.5, batch=4.0)
     assert float(noisy[0].std()) == pytest.approx(1.5 * 2.0 / 4.0, rel=0.01)
+
+
+def test_projection_onto_the_public_subspace_by_hand():
+    """Step 5 over the flattened gradients (1, 2, 3): V = [e1, (e2 + e3)/√2] gives (1, 2.5, 2.5)."""
+    from fedsynth.privacy.dpsgd import project
+
+    basis = torch.tensor([[1.0, 0.0], [0.0, 0.5**0.5], [0.0, 0.5**0.5]])
+    got = project([torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])], basis)
+    assert torch.allclose(got[0], torch.tensor([1.0, 2.5])) and torch.allclose(got[1], torch.tensor([[2.5]]))
+
+
+def _private(unet, privacy: PrivacyConfig):
+    from fedsynth.config import TrainConfig
+    from fedsynth.data.datasets import ImageData
+    from fedsynth.privacy.dpsgd import PrivateGradients
+
+    gen = torch.Generator().manual_seed(3)
+    data = ImageData(torch.rand(40, 1, 8, 8, generator=gen) * 2 - 1, torch.arange(40) % 3, ("a", "b", "c"))
+    return PrivateGradients(
+        unet, build_train_scheduler(DiffusionConfig(num_train_timesteps=50)), data,
+        train=TrainConfig(batch_size=8), diffusion=DiffusionConfig(num_train_timesteps=50), privacy=privacy,
+        generator=gen,
+    )  # fmt: skip
+
+
+def test_public_subspace_is_orthonormal_and_every_step_stays_in_it():
+    from fedsynth.diffusion.unet import build_unet
+
+    unet = build_unet(ModelConfig(preset="tiny"), 8, 1, 10)
+    privacy = PrivacyConfig(
+        mode="dp-sgd", noise_multiplier=1.0, public_subspace="digits", subspace_dim=5, subspace_examples=12
+    )
+    private = _private(unet, privacy)
+    v = private.basis
+    assert v.shape == (sum(p.numel() for p in unet.parameters()), 5)
+    assert torch.allclose(v.T @ v, torch.eye(5), atol=1e-4)  # float32 SVD over 165k coordinates
+    private.step()
+    g = torch.cat([p.grad.flatten() for p in private.params])
+    assert g.norm() > 0 and (v @ (v.T @ g) - g).norm() < 1e-3 * g.norm()  # not in V: ~1
+    with pytest.raises(ConfigError, match=r"'digits' has 10 classes, the model 2"):
+        _private(_attn_unet(), privacy)  # public labels the model has no embedding for
 
 
 def test_clip_groups_by_hand():
@@ -276,6 +319,18 @@ def test_ledger_reports_per_party_and_stops_before_the_budget():
             "scaffold",
         ),
         (['privacy.mode="dp-sgd"', "privacy.target_epsilon=5", "privacy.delta=1"], "below 1"),
+        (['privacy.public_subspace="fashion-mnist"'], "applies to privacy.mode = 'dp-sgd', not 'none'"),
+        ([*DP, 'privacy.public_subspace="digits"'], "the training data's own dataset"),
+        ([*DP, 'privacy.public_subspace="mnist"'], "privacy.public_subspace"),
+        (
+            [
+                *DP,
+                'privacy.public_subspace="fashion-mnist"',
+                "privacy.subspace_dim=65",
+                "privacy.subspace_examples=64",
+            ],
+            "subspace_dim = 65 exceeds privacy.subspace_examples = 64",
+        ),
     ],
 )
 def test_privacy_config_errors(sets, message):
@@ -285,9 +340,6 @@ def test_privacy_config_errors(sets, message):
 
 def test_math_isfinite_guard():
     assert math.isfinite(epsilon([(0.8, 0.1, 50)], 1e-5))
-
-
-DP = ['privacy.mode="dp-sgd"', "privacy.target_epsilon=5"]
 
 
 def test_centralized_dp_run_states_epsilon_grows_it_and_stops_before_the_budget(tmp_path):
@@ -312,22 +364,36 @@ def test_centralized_dp_run_states_epsilon_grows_it_and_stops_before_the_budget(
 
 
 def test_federated_dp_run_reports_each_clients_epsilon_fine_tuning_steps_included(tmp_path):
+    """DP fine-tuning of a public model's decoder: ε per client, rounds and fine-tuning steps
+    counted; only the decoder moves, and only it is exchanged after the first download."""
     from fedsynth.pipeline import run_all
 
     public = tmp_path / "public"  # DP fine-tuning of a model trained elsewhere (model.init)
     seeded_unet(ModelConfig(preset="tiny"), 7, 16, 1, 10).save_pretrained(public / "unet")
     tiny = [*TINY_OVERRIDES, *DP, "eval.enabled=false", "federation.finetune_steps=2"]
     tiny += [f"model.init='{public}'", "train.trainable='up_blocks,conv_out'"]  # fine-tune the decoder only
+    tiny += [
+        'privacy.public_subspace="fashion-mnist"',
+        "privacy.subspace_dim=8",
+        "privacy.subspace_examples=32",
+    ]
     run = run_all(load_config("configs/digits-federated.toml", tiny), tmp_path / "r")
     report = (run.root / "report.md").read_text()
     assert (
         f"Training started from the model at `{public}`" in report
-        and "Only `up_blocks,conv_out` trained" in report
+        and "Only `up_blocks,conv_out` trained (`train.trainable`); every other parameter kept its "
+        "initial weights, sent to each client once"
+        in report
+        and "projected onto the top 8 directions of 32 public `fashion-mnist` images' gradients" in report
     )
     start, final = (UNet2DModel.from_pretrained(init_folder(p)).state_dict() for p in (public, run.root))
     moved = {k for k in start if not torch.allclose(start[k], final[k], rtol=0, atol=1e-6)}
     assert moved and all(k.startswith(("up_blocks.", "conv_out.")) for k in moved)
     *rounds, finetune = run.read_metrics()
+    # the frozen weights travel once, in the first (full) download to each of the two clients
+    trained = sum(v.numel() for k, v in start.items() if k.startswith(("up_blocks.", "conv_out.")))
+    assert rounds[0]["params_down"] == 2 * sum(v.numel() for v in start.values())
+    assert all(r["params_up"] == 2 * trained for r in rounds) and rounds[1]["params_down"] == 2 * trained
     assert set(rounds[-1]["epsilon"]) == set(finetune["epsilon"]) == {"client 0", "client 1"}
     assert 0 < rounds[0]["epsilon_max"] < rounds[-1]["epsilon_max"] < finetune["epsilon_max"]
     # both clients take every round's 3 steps and 2 fine-tuning steps: σ was calibrated for

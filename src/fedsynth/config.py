@@ -32,6 +32,7 @@ def _at_least(default: float | int, low: float | int, *, exclusive: bool = False
 
 PARADIGMS = ("centralized", "federated", "decentralized", "local")
 DATASETS = ("digits", "imagefolder", "npz", "fashion-mnist", "idx")
+PUBLIC_DATASETS = ("digits", "fashion-mnist")  # installed with the package: privacy.public_subspace
 NATIVE_SIZE = {"fashion-mnist": 28, "idx": 28}  # data.image_size when not set (else 16)
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "class_disjoint", "quantity")
 MODEL_PRESETS = ("tiny", "small", "base", "large")
@@ -250,6 +251,9 @@ class PrivacyConfig:
     accountant: str = _choice("rdp", ("rdp", "prv"))
     noise_multiplicity: int = _at_least(1, 1)  # DPDM: (t, ε) draws averaged per example before clipping
     clip_groups: str = ""  # "module=norm[:share],…": those parameters clipped and noised apart (dp-sgd)
+    public_subspace: str = _choice("", ("", *PUBLIC_DATASETS))  # dp-sgd: project onto public gradients
+    subspace_dim: int = _at_least(64, 1)  # k: the top-k directions of the public per-example gradients
+    subspace_examples: int = _at_least(512, 2)  # public examples whose gradients give them
 
 
 @dataclass(frozen=True)
@@ -524,8 +528,9 @@ def flat_items(cfg: Config) -> dict[str, Any]:
 
 def _privacy_problem(cfg: Config) -> str | None:
     p = cfg.privacy
-    if p.clip_groups and p.mode != "dp-sgd":
-        return f"privacy.clip_groups applies to privacy.mode = 'dp-sgd', not {p.mode!r}"
+    for setting in ("clip_groups", "public_subspace"):
+        if getattr(p, setting) and p.mode != "dp-sgd":
+            return f"privacy.{setting} applies to privacy.mode = 'dp-sgd', not {p.mode!r}"
     if p.mode == "none":
         return None
     if p.noise_multiplier <= 0 and p.target_epsilon <= 0:
@@ -545,6 +550,14 @@ def _privacy_problem(cfg: Config) -> str | None:
         )
     if cfg.train.local_epochs > 0:
         return "privacy.mode = 'dp-sgd' counts steps: use train.local_steps, not train.local_epochs"
+    if p.public_subspace and p.public_subspace == cfg.data.dataset:
+        return (
+            f"privacy.public_subspace = {p.public_subspace!r} is the training data's own dataset: "
+            "the subspace must come from other, public images"
+        )
+    if p.public_subspace and p.subspace_dim > p.subspace_examples:
+        k, n = p.subspace_dim, p.subspace_examples
+        return f"privacy.subspace_dim = {k} exceeds privacy.subspace_examples = {n}"
     parse_clip_groups(p.clip_groups)
     return None
 
@@ -628,8 +641,11 @@ def _feddiff_problem(cfg: Config) -> str | None:
         return f"strategy.name = 'feddiff' runs in the federated paradigm, not {cfg.paradigm!r}"
     if cfg.phoenix.beta <= 0:
         return "strategy.name = 'feddiff' needs a proxy set on the server: set phoenix.beta > 0 (e.g. 4)"
-    if cfg.exchange.plan != "full" or cfg.exchange.personal:
-        return "strategy.name = 'feddiff' needs exchange.plan = 'full' without exchange.personal"
+    if cfg.exchange.plan != "full" or cfg.exchange.personal or cfg.train.trainable:
+        return (
+            "strategy.name = 'feddiff' needs exchange.plan = 'full' without exchange.personal or "
+            "train.trainable (it reads its subset from every client's whole upload)"
+        )
     fd = cfg.feddiff
     if fd.pool_every > fd.pool_steps:
         return f"feddiff.pool_every = {fd.pool_every} exceeds feddiff.pool_steps = {fd.pool_steps}"

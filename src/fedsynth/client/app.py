@@ -126,7 +126,8 @@ def _save_state(context: Context, state: dict) -> None:
 @functools.lru_cache(maxsize=4)
 def _layout(config_text: str, image_size: int, channels: int, classes: int) -> Layout:
     cfg = parse_config(config_text)
-    return Layout.of(build_model(cfg, image_size, channels, classes).state_dict(), cfg.exchange.personal)
+    weights = build_model(cfg, image_size, channels, classes).state_dict()
+    return Layout.of(weights, cfg.exchange.personal, cfg.train.trainable)
 
 
 def update_info(update, client_id: int, **extra) -> UpdateInfo:

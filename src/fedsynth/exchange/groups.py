@@ -67,3 +67,12 @@ def personal_keys(spec: str, keys: Iterable[str]) -> frozenset[str]:
         last = max(int(k.split(".")[1]) for k in keys if k.startswith("up_blocks."))
         names = [f"up_blocks.{last}", "conv_norm_out", "conv_out"]
     return frozenset(keys_under(keys, names, "exchange.personal"))
+
+
+def frozen_keys(trainable: str, keys: Iterable[str]) -> frozenset[str]:
+    """Keys that never change (``train.trainable`` set: every key outside its modules keeps the
+    weights all nodes start from), so they are sent once, with the full model, and never again."""
+    keys = list(keys)
+    if not (names := module_list(trainable)):
+        return frozenset()
+    return frozenset(keys) - frozenset(keys_under(keys, names, "train.trainable"))

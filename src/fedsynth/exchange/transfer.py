@@ -23,7 +23,7 @@ import torch
 from fedsynth.config import ExchangeConfig
 from fedsynth.errors import ConfigError
 from fedsynth.exchange.codecs import Codec, CodecError, compress, decode
-from fedsynth.exchange.groups import group_keys, personal_keys
+from fedsynth.exchange.groups import frozen_keys, group_keys, personal_keys
 from fedsynth.exchange.plans import DOWNLOAD, is_personal
 
 Weights = dict[str, torch.Tensor]
@@ -41,21 +41,24 @@ def has_personal_models(ex: ExchangeConfig) -> bool:
 
 @dataclass
 class Layout:
-    """The model's keys (state-dict order) and shapes, identical on every node, and the
-    keys that stay with each client (``exchange.personal``)."""
+    """The model's keys (state-dict order) and shapes, identical on every node, the keys that
+    stay with each client (``exchange.personal``) and those no one trains (``train.trainable``):
+    neither is exchanged after the full model a client starts from."""
 
     shapes: dict[str, tuple[int, ...]]
     personal: frozenset[str] = frozenset()
+    frozen: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, weights: Weights, personal: str = "") -> Layout:
-        return cls({k: tuple(v.shape) for k, v in weights.items()}, personal_keys(personal, weights))
+    def of(cls, weights: Weights, personal: str = "", trainable: str = "") -> Layout:
+        shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        return cls(shapes, personal_keys(personal, weights), frozen_keys(trainable, weights))
 
     def keys(self, groups: tuple[str, ...] | list[str]) -> list[str]:
-        """The exchanged keys of ``groups`` (personal keys excluded); none is an error."""
-        keys = [k for k in group_keys(self.shapes, groups) if k not in self.personal]
+        """The exchanged keys of ``groups`` (personal and frozen keys excluded); none is an error."""
+        keys = [k for k in group_keys(self.shapes, groups) if k not in self.personal | self.frozen]
         if not keys:
-            raise ConfigError(f"exchange groups {list(groups)} hold only personal parameters")
+            raise ConfigError(f"exchange groups {list(groups)} hold only personal or frozen parameters")
         return keys
 
     def download(self, plan: str) -> list[str]:
@@ -86,7 +89,8 @@ class ServerExchange:
         return codec_of(self.ex)
 
     def _tracks_clients(self) -> bool:
-        return has_personal_models(self.ex) or not self.codec.lossless
+        """Whether a client needs the full model once before the plan's groups suffice."""
+        return has_personal_models(self.ex) or not self.codec.lossless or bool(self.layout.frozen)
 
     def download(self, pid: int, global_w: Weights) -> tuple[dict[str, np.ndarray], str, int]:
         """(arrays, mode, parameters covered) for client ``pid``."""

@@ -16,6 +16,12 @@ C = ``privacy.max_grad_norm``, σ = ``privacy.noise_multiplier``, K =
    gradients here match a one-example-at-a-time reference.)
 3. Clip: ḡ_i = g_i · min(1, C / ‖g_i‖) (the norm over all parameters).
 4. Noise: g̃ = (Σ_i ḡ_i + N(0, σ² C² I)) / (q N), then the configured optimizer's step.
+5. With ``privacy.public_subspace`` (projected DP-SGD: PDP-SGD, Zhou et al. 2021; GEP, Yu et
+   al. 2021): g̃ ← V Vᵀ g̃, V (P × k, orthonormal) the top-k right singular vectors of the
+   per-example gradients of ``privacy.subspace_examples`` public images at the weights the
+   call starts from (k = ``privacy.subspace_dim``). Post-processing of step 4's output, so ε
+   is unchanged; of the noise only its k-dimensional part is left (norm σC√k/(qN), not
+   σC√P/(qN)), of the signal what lies in V's span.
 
 Group-wise clipping (``privacy.clip_groups``; per-layer clipping, McMahan et al. 2018; He et
 al. 2023): the parameters split into groups G with their own norms C_G and shares s_G of the
@@ -34,6 +40,8 @@ is drawn per example as in non-private training.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -44,8 +52,15 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedsynth.config import DiffusionConfig, PrivacyConfig, TrainConfig, parse_clip_groups, under_module
-from fedsynth.data.datasets import ImageData
+from fedsynth.config import (
+    DataConfig,
+    DiffusionConfig,
+    PrivacyConfig,
+    TrainConfig,
+    parse_clip_groups,
+    under_module,
+)
+from fedsynth.data.datasets import ImageData, load_dataset
 from fedsynth.diffusion.objective import drop_labels, noisy_inputs
 from fedsynth.diffusion.unet import null_label
 from fedsynth.errors import ConfigError
@@ -127,6 +142,20 @@ def clip_and_noise(
 ROWS_PER_PASS = 128
 
 
+def project(grads: list[torch.Tensor], basis: torch.Tensor) -> list[torch.Tensor]:
+    """Step 5: g ← V Vᵀ g, g the parameters' gradients flattened and concatenated, V = ``basis``."""
+    flat = torch.cat([g.flatten() for g in grads])
+    flat = basis @ (basis.T @ flat)
+    return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
+
+
+@functools.lru_cache(maxsize=2)
+def public_images(name: str, image_size: int, channels: int) -> ImageData:
+    """The training split of an installed dataset (``privacy.public_subspace``), at the run's
+    image size and channels; read once per process."""
+    return load_dataset(DataConfig(dataset=name, image_size=image_size, channels=channels)).train
+
+
 def by_example(a: torch.Tensor, k: int) -> torch.Tensor:
     """Rows k·B + i of a K-times repeated batch → shape (B, K, …): example i's K draws."""
     return a.view(k, -1, *a.shape[1:]).transpose(0, 1)
@@ -159,6 +188,36 @@ class PrivateGradients:
         self.groups = clip_groups(self.names, privacy.max_grad_norm, privacy.clip_groups)
         labelled = (None, 0, 0, None if self.null is None else 0, 0)
         self.grad_fn = vmap(grad_and_value(self.example_loss), in_dims=labelled)
+        self.basis = self.public_basis(data) if privacy.public_subspace else None
+
+    def public_basis(self, data: ImageData) -> torch.Tensor:
+        """Step 5's V: the top-k right singular vectors of public per-example gradients (K = 1),
+        drawn with a generator seeded from this one (one draw of the private stream)."""
+        p, shape = self.privacy, tuple(data.images.shape[1:])
+        public = public_images(p.public_subspace, shape[-1], shape[0])
+        count = sum(t.numel() for t in self.params)
+        if self.null is not None and public.num_classes > self.null:
+            raise ConfigError(
+                f"privacy.public_subspace: {p.public_subspace!r} has {public.num_classes} classes, "
+                f"the model {self.null}"
+            )
+        if p.subspace_dim > min(count, p.subspace_examples, len(public)):
+            raise ConfigError(
+                f"privacy.subspace_dim = {p.subspace_dim} exceeds the trainable parameters ({count}), "
+                f"privacy.subspace_examples ({p.subspace_examples}) or the public images ({len(public)})"
+            )
+        device = self.images.device
+        seed = int(torch.randint(2**62, (1,), generator=self.generator, device=device))
+        gen = torch.Generator(device=device).manual_seed(seed)
+        one = dataclasses.replace(p, public_subspace="", noise_multiplicity=1)
+        helper = PrivateGradients(
+            self.unet, self.scheduler, public, train=TrainConfig(), diffusion=self.diffusion, privacy=one,
+            generator=gen,
+        )  # fmt: skip
+        idx = torch.randperm(len(public), generator=gen, device=device)[: p.subspace_examples]
+        grads, _ = helper.per_example(idx)
+        _, _, vh = torch.linalg.svd(torch.cat([g.flatten(1) for g in grads], 1), full_matrices=False)
+        return vh[: p.subspace_dim].T.contiguous()
 
     def example_loss(self, params: dict, noisy: torch.Tensor, t: torch.Tensor, y, noise: torch.Tensor):
         """The objective of one row (one draw of (t, ε) for one example), as a function of the
@@ -201,6 +260,8 @@ class PrivateGradients:
             expected_batch=self.q * self.n,
             generator=self.generator,
         )
+        if self.basis is not None:
+            grads = project(grads, self.basis)  # 5.
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
         return loss

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedsynth.config import load_config
+from fedsynth.config import PrivacyConfig, load_config
 from fedsynth.errors import RunDirError
 from fedsynth.report.plots import plot_bars, plot_curve
 from fedsynth.rundir import RunDir, read_json
@@ -214,6 +214,16 @@ def _clip_groups(text: str) -> str:
     )
 
 
+def _public_subspace(p: PrivacyConfig) -> str:
+    if not p.public_subspace:
+        return ""
+    return (
+        f"; each noised gradient projected onto the top {p.subspace_dim} directions of "
+        f"{p.subspace_examples} public `{p.public_subspace}` images' gradients (projected DP-SGD: "
+        "post-processing, the same guarantee)"
+    )
+
+
 def _privacy(run: RunDir, summary: dict) -> list[str]:
     """What is protected and what is not, from the run's config (README, "Privacy")."""
     cfg = load_config(run.config)
@@ -226,7 +236,7 @@ def _privacy(run: RunDir, summary: dict) -> list[str]:
             f"- **Sample-level DP-SGD**: {spent} for each training party "
             f"({'the central trainer' if cfg.paradigm == 'centralized' else 'every client'}; σ = "
             f"{p.noise_multiplier}, C = {p.max_grad_norm}, {p.accountant} accountant, Poisson sampling"
-            f"{_clip_groups(p.clip_groups)}). "
+            f"{_clip_groups(p.clip_groups)}{_public_subspace(p)}). "
             "It bounds what the model and everything derived from it (updates, samples) reveal about "
             "any one training image; it does not hide which classes a party holds."
         )
@@ -248,9 +258,10 @@ def _privacy(run: RunDir, summary: dict) -> list[str]:
             "data as public)."
         )
     if cfg.train.trainable:
+        sent = ", sent to each client once, with its first model" if cfg.paradigm == "federated" else ""
         lines.append(
             f"- Only `{cfg.train.trainable}` trained (`train.trainable`); every other parameter kept its "
-            "initial weights."
+            f"initial weights{sent}."
         )
     if cfg.paradigm == "centralized":
         lines.append("- Centralized: every training image was pooled in one place.")

@@ -85,7 +85,7 @@ class FederatedDriver(ServerEma):
     ) -> None:
         self.cfg, self.run, self.model, self.grid, self.proxy = cfg, run, model, grid, proxy
         self.label = f"federated {cfg.strategy.name}"
-        self.layout = Layout.of(model.unet.state_dict(), cfg.exchange.personal)
+        self.layout = Layout.of(model.unet.state_dict(), cfg.exchange.personal, cfg.train.trainable)
         trainable_parameters(model.unet, cfg.train.trainable)  # a bad pattern fails before any client trains
         self.exchange = ServerExchange(cfg.exchange, self.layout)
         # one strategy per aggregation unit (groups always uploaded together)
