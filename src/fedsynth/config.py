@@ -584,6 +584,14 @@ def keys_under(keys: Iterable[str], patterns: list[str], setting: str) -> list[s
     return [k for k in keys if any(under_module(k, p) for p in patterns)]
 
 
+def trained_keys(trainable: str, keys: Iterable[str]) -> list[str]:
+    """``train.trainable``: the keys that train, those under its modules (``keys_under``), or
+    every key when it names none."""
+    keys = list(keys)
+    patterns = module_list(trainable)
+    return keys_under(keys, patterns, "train.trainable") if patterns else keys
+
+
 def parse_clip_groups(text: str) -> dict[str, tuple[float, float | None]]:
     """``privacy.clip_groups`` ("class_embedding=0.005:0.2,*.time_emb_proj=0.03") as
     {module pattern: (clipping norm C_G, share s_G of the noise budget or None)}: norms positive, shares

@@ -13,7 +13,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from fedsynth.config import DiffusionConfig, TrainConfig, keys_under, module_list
+from fedsynth.config import DiffusionConfig, TrainConfig, module_list, trained_keys
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.objective import diffusion_loss, drop_labels
 from fedsynth.diffusion.unet import null_label
@@ -31,8 +31,8 @@ def trainable_parameters(model: torch.nn.Module, spec: str) -> list[torch.nn.Par
     frozen (``requires_grad`` off: it keeps its initial weights, e.g. ``model.init``'s); the
     parameters left to train. A pattern matching no parameter is a ConfigError."""
     named = dict(model.named_parameters())
-    if patterns := module_list(spec):
-        chosen = set(keys_under(named, patterns, "train.trainable"))
+    if module_list(spec):
+        chosen = set(trained_keys(spec, named))
         for name, p in named.items():
             p.requires_grad_(name in chosen)
     return [p for p in named.values() if p.requires_grad]

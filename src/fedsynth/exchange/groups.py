@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedsynth.config import keys_under, module_list
+from fedsynth.config import keys_under, module_list, trained_keys
 from fedsynth.errors import ConfigError
 
 GROUPS = ("down", "mid", "up")
@@ -73,6 +73,4 @@ def frozen_keys(trainable: str, keys: Iterable[str]) -> frozenset[str]:
     """Keys that never change (``train.trainable`` set: every key outside its modules keeps the
     weights all nodes start from), so they are sent once, with the full model, and never again."""
     keys = list(keys)
-    if not (names := module_list(trainable)):
-        return frozenset()
-    return frozenset(keys) - frozenset(keys_under(keys, names, "train.trainable"))
+    return frozenset(keys) - frozenset(trained_keys(trainable, keys))

@@ -56,7 +56,8 @@ class Layout:
 
     def keys(self, groups: tuple[str, ...] | list[str]) -> list[str]:
         """The exchanged keys of ``groups`` (personal and frozen keys excluded); none is an error."""
-        keys = [k for k in group_keys(self.shapes, groups) if k not in self.personal | self.frozen]
+        kept = self.personal | self.frozen
+        keys = [k for k in group_keys(self.shapes, groups) if k not in kept]
         if not keys:
             raise ConfigError(f"exchange groups {list(groups)} hold only personal or frozen parameters")
         return keys
