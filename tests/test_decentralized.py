@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,11 @@ from fedsynth.errors import ConfigError
 from fedsynth.ledger.federation import DecentralizedError
 from fedsynth.ledger.nodes import TrainerNode, TrainResult
 from fedsynth.ledger.store import open_store
+from fedsynth.node import train_update
 from fedsynth.pipeline import run_all
 from fedsynth.prepare import prepare
-from fedsynth.protocol import UpdateInfo
+from fedsynth.protocol import UpdateInfo, config_text
+from fedsynth.report.markdown import privacy_facts
 from fedsynth.rounds import Model
 from fedsynth.rundir import RunDir
 
@@ -61,6 +64,8 @@ def _fake_work(pool, store_dir: Path, behaviour: dict[int, str]):
                 raise RuntimeError("out of memory")
             if behaviour.get(pid) == "nan":
                 weights = {k: torch.full_like(v, float("nan")) for k, v in weights.items()}
+            elif behaviour.get(pid) == "conv_out only":  # what a trainer with train.trainable uploads
+                weights = {k: v + 0.01 * (pid + 1) for k, v in weights.items() if k.startswith("conv_out.")}
             else:
                 weights = {k: v + 0.01 * (pid + 1) for k, v in weights.items()}
             cid = store.put_weights(weights)
@@ -121,6 +126,21 @@ def test_honest_round_aggregators_agree_byte_for_byte(tmp_path):
         assert record["bytes_down"] == 3 * blob + 3 * 4 * blob + blob
         record2, _ = one_round(owner)
         assert record2["round"] == 2 == fed.rounds.view("round")
+
+
+def test_frozen_weights_stay_the_round_models_whatever_an_update_holds(tmp_path):
+    """``train.trainable``: trainer 0 uploads only the trained keys, trainers 1 and 2 shift every
+    weight; the trained keys get FedAvg of all three, the frozen ones stay the round model's."""
+    base = _cfg()
+    cfg = replace(base, train=replace(base.train, trainable="conv_out"))
+    with harness(tmp_path, cfg, behaviour={0: "conv_out only"}) as (owner, fed):
+        initial = owner.weights()
+        one_round(owner)
+        after, expected = owner.weights(), _expected(initial, [0, 1, 2])
+        trained = [k for k in initial if k.startswith("conv_out.")]
+        assert trained and _close(after, {k: expected[k] for k in trained})
+        assert _close(after, {k: v for k, v in initial.items() if k not in trained})
+        assert sorted(fed.store.get_weights(fed.trainers[0].results[1].cid)) == sorted(trained)
 
 
 def test_wrong_aggregator_is_outvoted(tmp_path):
@@ -223,6 +243,17 @@ def test_unsupported_options_are_refused():
 # --------------------------------------------------------------------------- real training
 
 DECENTRAL = [*TINY_OVERRIDES, 'paradigm="decentralized"', "ledger.aggregators=2", "ledger.trainer_workers=2"]
+FROZEN = [*DECENTRAL, "train.trainable='conv_out'"]  # every other parameter keeps its weights
+
+
+def test_a_trainer_uploads_only_the_trained_parameters(tmp_path):
+    cfg = load_config(ROOT / "configs" / "digits-centralized.toml", FROZEN)
+    weights = seeded_unet(cfg.model, cfg.seed, 16, 1, 10).state_dict()
+    store = open_store("", tmp_path)
+    result = train_update(config_text(cfg), "", str(tmp_path), 0, 1, store.put_weights(weights))
+    uploaded = store.get_weights(result.cid)
+    assert sorted(uploaded) == sorted(k for k in weights if k.startswith("conv_out."))
+    assert not torch.equal(uploaded["conv_out.weight"], weights["conv_out.weight"])  # it trained
 
 
 @pytest.mark.slow
@@ -376,3 +407,13 @@ def test_owner_and_nodes_as_separate_processes_on_loopback(tmp_path):
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["clients"] == [0, 1] and metrics[0]["votes"] == 1
     assert (tmp_path / "run" / "model" / "unet").is_dir()
+
+
+def test_report_says_frozen_weights_are_not_uploaded(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    cfg = load_config(ROOT / "configs" / "digits-centralized.toml", FROZEN)
+    run.config.write_text(config_text(cfg))
+    assert (
+        "every other parameter kept its initial weights; trainers uploaded only the trained ones and the "
+        "aggregators kept the round model's values for the rest" in "\n".join(privacy_facts(run, {}))
+    )

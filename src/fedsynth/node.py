@@ -19,6 +19,7 @@ from fedsynth.client.app import client_data, set_threads, update_info
 from fedsynth.client.local import local_train
 from fedsynth.config import Config
 from fedsynth.errors import ConfigError
+from fedsynth.exchange.groups import frozen_keys
 from fedsynth.ledger.chain import RoundsContract
 from fedsynth.ledger.federation import open_chain
 from fedsynth.ledger.nodes import AggregatorNode, EventFeed, TrainerNode, TrainResult
@@ -47,7 +48,8 @@ def train_update(
     node_config = {PARTITION_ID: pid, **({DATA_PATH: data_path} if data_path else {})}
     _, data = client_data(text, node_config, class_names)
     update = local_train(cfg, data, weights, round_=round_, client_id=pid, state={})
-    cid = store.put_weights(update.weights)
+    frozen = frozen_keys(cfg.train.trainable, update.weights)  # the aggregators keep the round model's
+    cid = store.put_weights({k: v for k, v in update.weights.items() if k not in frozen})
     return TrainResult(cid, update_info(update, pid, bytes_down=store.bytes_out, bytes_up=store.bytes_in))
 
 
@@ -99,7 +101,8 @@ def run_node(
         else:
             store = open_store(cfg.ledger.store, store_dir)
             weight_key = WEIGHT_KEYS[cfg.federation.weighting]
-            node = AggregatorNode(0, account, rounds, store, build_strategy(cfg), weight_key).join()
+            strategy = build_strategy(cfg)
+            node = AggregatorNode(0, account, rounds, store, strategy, weight_key, cfg.train.trainable).join()
         feed.listeners.append(node.on_event)
         feed.start()
         try:

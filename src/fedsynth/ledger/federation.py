@@ -163,6 +163,7 @@ def simulated_nodes(
             open_store(cfg.ledger.store, store_dir),
             build_strategy(cfg),
             weight_key=WEIGHT_KEYS[cfg.federation.weighting],
+            trainable=cfg.train.trainable,
         )
         if aggregator_setup is not None:
             aggregator_setup(node)

@@ -29,6 +29,7 @@ from eth_account.signers.local import LocalAccount
 from flwr.app import ArrayRecord
 
 from fedsynth.errors import FedsynthError
+from fedsynth.exchange.groups import frozen_keys
 from fedsynth.ledger.chain import LedgerError, RoundsContract
 from fedsynth.ledger.store import ContentStore, Weights
 from fedsynth.protocol import UpdateInfo
@@ -186,8 +187,10 @@ class Submitted:
 
 @dataclass
 class AggregatorNode:
-    """``strategy`` is a fedsynth/Flower strategy (``aggregate_train``); ``corrupt`` makes a
-    faulty node that submits a wrong result (tests)."""
+    """``strategy`` is a fedsynth/Flower strategy (``aggregate_train``); ``trainable`` is
+    ``train.trainable``: every other key is frozen, taken from the round's model whatever an
+    update holds (trainers upload only the trained keys); ``corrupt`` makes a faulty node that
+    submits a wrong result (tests)."""
 
     index: int
     account: LocalAccount
@@ -195,6 +198,7 @@ class AggregatorNode:
     store: ContentStore
     strategy: Any
     weight_key: str = "num-examples"
+    trainable: str = ""
     corrupt: bool = False
     crashed: bool = False
     models: dict[int, str] = field(default_factory=dict)
@@ -228,10 +232,11 @@ class AggregatorNode:
 
     def _aggregate(self, round_: int) -> None:
         global_w = self.store.get_weights(self.models[round_])
+        frozen = {k: global_w[k] for k in frozen_keys(self.trainable, global_w)}
         updates, rejected = [], []
         for sub in sorted(self.updates[round_], key=lambda u: u.trainer.lower()):
             try:
-                updates.append(self._usable(sub, global_w))
+                updates.append(self._usable(sub, global_w, frozen))
             except FedsynthError as err:
                 rejected.append({"trainer": sub.trainer, "reason": str(err)})
                 log.warning("aggregator %d: ignoring update of %s: %s", self.index, sub.trainer, err)
@@ -250,9 +255,10 @@ class AggregatorNode:
             return
         self.rounds.send(self.account, "submitAggregation", cid)
 
-    def _usable(self, sub: Submitted, global_w: Weights) -> Update:
-        """The submitted update, fetched (CID-verified), validated and flattened; raises with
-        the reason when it cannot be used. The example count is the one recorded on chain."""
+    def _usable(self, sub: Submitted, global_w: Weights, frozen: Weights) -> Update:
+        """The submitted update, fetched (CID-verified), completed with the ``frozen`` weights
+        (they replace any the update holds), validated and flattened; raises with the reason
+        when it cannot be used. The example count is the one recorded on chain."""
         try:
             info = UpdateInfo.from_json(sub.metrics)
         except (KeyError, TypeError, ValueError) as err:
@@ -260,7 +266,7 @@ class AggregatorNode:
         info = replace(info, num_examples=sub.data_points)
         if info.num_examples <= 0:
             raise FedsynthError(f"invalid num-examples: {info.num_examples}")
-        flat = flatten(self.store.get_weights(sub.cid), global_w)
+        flat = flatten({**self.store.get_weights(sub.cid), **frozen}, global_w)
         return Update(info, {FLAT: torch.from_numpy(flat)})
 
 

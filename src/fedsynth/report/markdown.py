@@ -224,7 +224,7 @@ def _public_subspace(p: PrivacyConfig) -> str:
     )
 
 
-def _privacy(run: RunDir, summary: dict) -> list[str]:
+def privacy_facts(run: RunDir, summary: dict) -> list[str]:
     """What is protected and what is not, from the run's config (README, "Privacy")."""
     cfg = load_config(run.config)
     lines = ["", "## Privacy", ""]
@@ -258,7 +258,11 @@ def _privacy(run: RunDir, summary: dict) -> list[str]:
             "data as public)."
         )
     if cfg.train.trainable:
-        sent = ", sent to each client once, with its first model" if cfg.paradigm == "federated" else ""
+        sent = {
+            "federated": ", sent to each client once, with its first model",
+            "decentralized": "; trainers uploaded only the trained ones and the aggregators kept the "
+            "round model's values for the rest",
+        }.get(cfg.paradigm, "")
         lines.append(
             f"- Only `{cfg.train.trainable}` trained (`train.trainable`); every other parameter kept its "
             f"initial weights{sent}."
@@ -300,7 +304,7 @@ def write_report(run: RunDir) -> str:
         lines += ["", "## Samples (one row per class)", "", "![samples](samples.png)"]
     metrics = run.read_metrics()
     lines += _personal(run, metrics) + _training(run, metrics) + _feddiff(run, metrics, summary)
-    lines += _evaluation(run) + _privacy(run, summary)
+    lines += _evaluation(run) + privacy_facts(run, summary)
     if (run.root / "partitions.png").is_file():
         lines += ["", "## Data partitions", "", "![partitions](partitions.png)"]
     text = "\n".join(lines) + "\n"
