@@ -25,7 +25,6 @@ from fedsynth.ledger.federation import open_chain
 from fedsynth.ledger.nodes import AggregatorNode, EventFeed, TrainerNode, TrainResult
 from fedsynth.ledger.store import open_store
 from fedsynth.protocol import DATA_PATH, PARTITION_ID, config_text, parse_config
-from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 
 
 def train_update(
@@ -100,9 +99,7 @@ def run_node(
             node = TrainerNode(partition_id, account, rounds, work).join()
         else:
             store = open_store(cfg.ledger.store, store_dir)
-            weight_key = WEIGHT_KEYS[cfg.federation.weighting]
-            strategy = build_strategy(cfg)
-            node = AggregatorNode(0, account, rounds, store, strategy, weight_key, cfg.train.trainable).join()
+            node = AggregatorNode.from_config(cfg, 0, account, rounds, store).join()
         feed.listeners.append(node.on_event)
         feed.start()
         try:

@@ -27,7 +27,6 @@ from fedsynth.ledger.chain import (
 from fedsynth.ledger.nodes import AggregatorNode, EventFeed, TrainerNode
 from fedsynth.ledger.store import ContentStore, open_store
 from fedsynth.rundir import RunDir, write_json_atomic
-from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 
 
 class DecentralizedError(FedsynthError):
@@ -156,14 +155,8 @@ def simulated_nodes(
     trainers = [TrainerNode(i, accounts[i], rounds, work).join() for i in range(n)]
     aggregators = []
     for j in range(m):
-        node = AggregatorNode(
-            j,
-            accounts[n + j],
-            rounds,
-            open_store(cfg.ledger.store, store_dir),
-            build_strategy(cfg),
-            weight_key=WEIGHT_KEYS[cfg.federation.weighting],
-            trainable=cfg.train.trainable,
+        node = AggregatorNode.from_config(
+            cfg, j, accounts[n + j], rounds, open_store(cfg.ledger.store, store_dir)
         )
         if aggregator_setup is not None:
             aggregator_setup(node)

@@ -28,11 +28,13 @@ import torch
 from eth_account.signers.local import LocalAccount
 from flwr.app import ArrayRecord
 
+from fedsynth.config import Config
 from fedsynth.errors import FedsynthError
 from fedsynth.exchange.groups import frozen_keys
 from fedsynth.ledger.chain import LedgerError, RoundsContract
 from fedsynth.ledger.store import ContentStore, Weights
 from fedsynth.protocol import UpdateInfo
+from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 from fedsynth.strategies.adapter import Update, aggregate
 from fedsynth.validate import Expected, check_arrays
 
@@ -205,6 +207,14 @@ class AggregatorNode:
     updates: dict[int, list[Submitted]] = field(default_factory=dict)
     rejected: dict[int, list[dict]] = field(default_factory=dict)
     submitted: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, index: int, account: LocalAccount, rounds: RoundsContract, store: ContentStore
+    ) -> AggregatorNode:
+        """The aggregator ``cfg`` describes (its strategy, weighting and trained keys), not joined yet."""
+        weight_key = WEIGHT_KEYS[cfg.federation.weighting]
+        return cls(index, account, rounds, store, build_strategy(cfg), weight_key, cfg.train.trainable)
 
     @property
     def address(self) -> str:
