@@ -177,13 +177,12 @@ def test_missing_inception_weights_fail_before_training(tmp_path):
 
 
 def test_resume_without_checkpoint_is_clear(tmp_path):
-    from fedsynth.config import dump_config
     from fedsynth.prepare import prepare
     from fedsynth.rundir import RunDir
 
     cfg = load_config(CENTRAL, TINY_OVERRIDES)
     run = RunDir(tmp_path / "r").create()
-    dump_config(cfg, run.config)
+    run.write_config(cfg)
     prepare(cfg, run)
     res = _cli("run", "--resume", str(run.root))
     assert res.returncode == 2

@@ -5,7 +5,7 @@ from fedsynth.config import (
     ConfigError,
     apply_overrides,
     config_from_dict,
-    dump_config,
+    config_toml,
     load_config,
     parse_override,
 )
@@ -76,7 +76,7 @@ def test_load_roundtrip(tmp_path):
     src.write_text("seed = 3\n[train]\nlr = 0.002\n")
     cfg = load_config(src, ["sample.steps=7"])
     assert cfg.seed == 3 and cfg.train.lr == 0.002 and cfg.sample.steps == 7
-    dump_config(cfg, tmp_path / "resolved.toml")
+    (tmp_path / "resolved.toml").write_text(config_toml(cfg))
     assert load_config(tmp_path / "resolved.toml") == cfg
 
 

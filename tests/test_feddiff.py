@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedsynth.config import FedDiffConfig, config_from_dict, dump_config
+from fedsynth.config import FedDiffConfig, config_from_dict
 from fedsynth.diffusion.unet import build_unet
 from fedsynth.errors import ConfigError
 from fedsynth.evaluation.classifier import SmallCNN
@@ -213,6 +213,6 @@ def test_federated_classifier_with_feddiff_records_the_pool_and_resumes_bit_iden
     summary = json.loads(full.summary.read_text())["feddiff"]
     assert summary["pool_size"] == 4 and summary["subset_params"] == 256
     assert summary["subset"] == ["features.7.weight", "features.7.bias"]
-    dump_config(config_from_dict(raw), full.config)
+    full.write_config(config_from_dict(raw))
     report = write_report(full)
     assert "## FedDiff" in report and "256 parameters" in report and (full.root / "feddiff.png").is_file()

@@ -59,7 +59,7 @@ def run(
                 "--resume RUN_DIR takes the config from RUN_DIR/config.toml; "
                 "do not pass CONFIG or --out with it"
             )
-        cfg = load_config(RunDir(resume).config, overrides)
+        cfg = load_config(RunDir(resume).check_links().config, overrides)
         target = resume
     else:
         if config is None or out is None:
@@ -139,7 +139,7 @@ def sample(
     from fedsynth.synthesize import SampleSpec, check_output, synthesize
 
     check_output(out, fmt)  # before loading anything
-    rd = RunDir(run_dir)
+    rd = RunDir(run_dir).check_links()
     cfg = load_config(rd.config)
     _set_threads(cfg.train.threads)
     model_dir = rd if client is None else rd.client(client)

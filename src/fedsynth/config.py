@@ -699,8 +699,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(tomli_w.dumps(config_to_dict(cfg)))
+def config_toml(cfg: Config) -> str:
+    """The resolved config as TOML text (``config.toml``; written by ``RunDir.write_config``)."""
+    return tomli_w.dumps(config_to_dict(cfg))
 
 
 __all__ = [
@@ -709,7 +710,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
-    "dump_config",
+    "config_toml",
     "load_config",
     "parse_override",
 ]

@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from fedsynth.centralized import steps_per_round, train_centralized
 from fedsynth.checkpoint import load_model
-from fedsynth.config import Config, check_resume_changes, dump_config, load_config
+from fedsynth.config import Config, check_resume_changes, load_config
 from fedsynth.diffusion.training import resolve_device
 from fedsynth.errors import ConfigError, RunDirError
 from fedsynth.evaluation.evaluate import evaluate_run
@@ -147,13 +147,13 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None, client_a
     start = time.perf_counter()
     if resume:
         if check_resume_changes(load_config(run.config), cfg):
-            dump_config(cfg, run.config)  # the changed settings are recorded
+            run.write_config(cfg)  # the changed settings are recorded
         prepared = prepare(cfg)
         check_partitions(run, prepared)
     else:
         prepared = prepare(cfg, run)
         cfg = resolve_noise(cfg, privacy_sizes(cfg, prepared), steps_per_round(cfg, prepared))
-        dump_config(cfg, run.config)
+        run.write_config(cfg)
     check_eval_sizes(cfg, prepared)  # before hours of training, not after
     train(cfg, run, prepared, resume=resume, grid=grid, client_app=client_app)
     metrics = run.read_metrics()

@@ -20,18 +20,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsynth.config import Config, config_toml
 from fedsynth.errors import RunDirError
 
 CHECKPOINT_RE = re.compile(r"^round-(\d{4,})$")
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK  # what open() / mkdir() would give
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` as a new file: a temporary file beside it, then ``os.replace``, which
+    replaces a link standing at ``path`` instead of writing through it. Permissions follow
+    the umask (mkstemp's own are 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -40,22 +66,52 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def make_dir_temp(parent: Path, name: str) -> Path:
+    """A new empty folder beside ``parent / name`` (for filling, then renaming into place),
+    with the umask's permissions (mkdtemp's own are 0700)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp"))
+    os.chmod(tmp, DIR_MODE)
+    return tmp
+
+
 def write_dir_atomic(target: Path, fill: Callable[[Path], None]) -> None:
     """Call ``fill(tmpdir)`` then move ``tmpdir`` to ``target`` (replacing it)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = make_dir_temp(target.parent, target.name)
     try:
         fill(tmp)
-        if target.exists():
+        if target.exists() or target.is_symlink():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def links_out(root: Path, depth: int = 2) -> list[Path]:
+    """Symbolic links under ``root`` (to ``depth`` levels) that lead outside it (or nowhere)."""
+    base = root.resolve()
+    found: list[Path] = []
+    level = [root]
+    for _ in range(depth):
+        below: list[Path] = []
+        for folder in level:
+            for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+                if entry.is_symlink():
+                    target = entry.resolve()
+                    if not target.exists() or not target.is_relative_to(base):
+                        found.append(entry)
+                elif entry.is_dir():
+                    below.append(entry)
+        level = below
+    return found
 
 
 @dataclass(frozen=True)
@@ -113,6 +169,23 @@ class RunDir:
 
     def create(self) -> RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
+        return self.check_links()
+
+    def write_config(self, cfg: Config) -> None:
+        write_text_atomic(self.config, config_toml(cfg))
+
+    def check_links(self) -> RunDir:
+        """Refuse a run directory (e.g. one received from someone else) whose entries are links
+        leading out of it: every file fedsynth writes must land inside the run directory."""
+        if self.root.is_symlink() or not self.root.is_dir():
+            return self
+        bad = links_out(self.root)
+        if bad:
+            where = bad[0].relative_to(self.root)
+            raise RunDirError(
+                f"{self.root}: {where} is a link leading outside the run directory; fedsynth writes "
+                "only inside it (remove the link)"
+            )
         return self
 
     def checkpoint_dir(self, round_: int) -> Path:
@@ -135,7 +208,14 @@ class RunDir:
         return found[0] if found else None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with self.metrics.open("a") as fh:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+        try:
+            fd = os.open(self.metrics, flags, FILE_MODE)
+        except OSError as exc:
+            if self.metrics.is_symlink():
+                raise RunDirError(f"{self.metrics} is a link: no file is written through a link") from None
+            raise exc
+        with os.fdopen(fd, "a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -148,11 +228,7 @@ class RunDir:
     def truncate_metrics(self, last_round: int) -> None:
         """Keep only rounds ≤ ``last_round`` (used when resuming from a checkpoint)."""
         kept = [r for r in self.read_metrics() if r.get("round", 0) <= last_round]
-        text = "".join(json.dumps(r) + "\n" for r in kept)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".metrics.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, self.metrics)
+        write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def update_summary(self, **values: Any) -> dict[str, Any]:
         summary = read_json(self.summary) if self.summary.is_file() else {}

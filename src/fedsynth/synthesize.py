@@ -8,6 +8,7 @@ plus ``OUT/manifest.json``; or ``OUT/synthetic.npz`` (``images`` uint8, ``labels
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,14 +90,45 @@ def generate_for(
 
 
 def check_output(out: Path, fmt: str) -> None:
-    """A synthetic set goes to a new folder or replaces an earlier one (it has a
-    ``manifest.json``); never into a file or a folder holding anything else."""
+    """A synthetic set goes to a new or empty folder or replaces an earlier synthetic set
+    (:func:`is_synthetic_set`); never into a file or a folder holding anything else."""
     if fmt not in ("png", "npz"):
         raise ConfigError(f"format {fmt!r} is not valid; choose one of: png, npz")
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out} is a file, not a folder for the synthetic set")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise RunDirError(f"{out} is not empty and holds no synthetic set: choose a new folder")
+    if out.is_dir() and any(out.iterdir()) and not is_synthetic_set(out):
+        raise RunDirError(
+            f"{out} is not empty and is not exactly a fedsynth synthetic set (it would be replaced "
+            "whole): choose a new folder"
+        )
+
+
+def is_synthetic_set(folder: Path) -> bool:
+    """Whether ``folder`` is exactly what :func:`write_synthetic` writes, and so may be replaced:
+    a manifest naming its format and classes, then only ``synthetic.npz`` (npz) or only one
+    folder of PNG files per class (png) — nothing else, no link."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("class_names"), list):
+        return False
+    entries = {p.name: p for p in folder.iterdir()}
+    if any(p.is_symlink() for p in entries.values()) or not (folder / "manifest.json").is_file():
+        return False
+    del entries["manifest.json"]
+    if manifest.get("format") == "npz":
+        return set(entries) <= {"synthetic.npz"} and all(p.is_file() for p in entries.values())
+    if manifest.get("format") != "png":
+        return False
+    allowed = {folder_name(str(n)) for n in manifest["class_names"]} | {UNLABELED}
+    return set(entries) <= allowed and all(_only_pngs(p) for p in entries.values())
+
+
+def _only_pngs(folder: Path) -> bool:
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return all(p.suffix == ".png" and p.is_file() and not p.is_symlink() for p in folder.iterdir())
 
 
 def write_imagefolder(
@@ -241,6 +273,7 @@ def write_synthetic(
     grid_title: str,
 ) -> dict:
     """Write ``out`` (replacing an earlier synthetic set whole) with its manifest, and the grid."""
+    check_output(out, fmt)
     if labels is None:
         counts = {UNLABELED: len(images)}
     else:

@@ -230,6 +230,7 @@ def audit_models(cfg: Config, run: RunDir, data: SplitDataset, device) -> dict:
 
 def evaluate_run(cfg: Config, run: RunDir) -> dict:
     """Judge ``run/synthetic``; for personal-model runs, every ``clients/*/synthetic`` and their mean."""
+    run.check_links()
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.data)
     clients = run.client_runs()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 from fedsynth.config import PrivacyConfig, load_config
 from fedsynth.errors import RunDirError
 from fedsynth.report.plots import plot_bars, plot_curve
-from fedsynth.rundir import RunDir, read_json
+from fedsynth.rundir import RunDir, read_json, write_text_atomic
 
 SUMMARY_ROWS = (
     ("paradigm", "paradigm", "{}"),
@@ -38,11 +41,34 @@ SUMMARY_ROWS = (
 )
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|<>~])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+
+
+def md(value) -> str:
+    """Any value read from a run's files, as markdown *data*: one line (control characters and
+    line breaks become spaces), every markdown and HTML special character escaped, at most
+    300 characters. A run directory may come from someone else."""
+    text = _CONTROL.sub(" ", str(value))
+    if len(text) > 300:
+        text = text[:299] + "…"
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def code(value) -> str:
+    """A value as an inline code span: one line, literal inside the backticks (falls back to
+    :func:`md` when the value holds a backtick itself)."""
+    text = _CONTROL.sub(" ", str(value))
+    return md(text) if "`" in text or len(text) > 300 else f"`{text}`"
+
+
 def _fmt(fmt: str, value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return md(value)
     try:
         return fmt.format(value)
     except (ValueError, TypeError):
-        return str(value)
+        return md(value)
 
 
 def _training(run: RunDir, metrics: list[dict]) -> list[str]:
@@ -82,7 +108,7 @@ def _training(run: RunDir, metrics: list[dict]) -> list[str]:
     dropped = [(m["round"], d["client"], d["reason"]) for m in metrics for d in m.get("dropped", [])]
     if dropped:
         lines += ["", "Dropped client updates:", "", "| round | client | reason |", "| --- | --- | --- |"]
-        lines += [f"| {r} | {c} | {why} |" for r, c, why in dropped]
+        lines += [f"| {md(r)} | {md(c)} | {md(why)} |" for r, c, why in dropped]
     return lines
 
 
@@ -109,7 +135,8 @@ def _feddiff(run: RunDir, metrics: list[dict], summary: dict) -> list[str]:
         "",
         "## FedDiff",
         "",
-        f"Subset generated: {', '.join(info['subset'])} ({info['subset_params']} parameters). "
+        f"Subset generated: {md(', '.join(map(str, info['subset'])))} ({_fmt('{}', info['subset_params'])} "
+        "parameters). "
         f"Pool: {info['pool_size']} checkpoints from {info['proxy_images']} proxy images "
         f"(scores {info['pool_score_range'][0]:.3g} … {info['pool_score_range'][1]:.3g}); pre-training "
         f"{info['pretrain_s']:.0f} s (pool {info['pool_s']:.0f} s); "
@@ -138,7 +165,7 @@ def _evaluation(run: RunDir) -> list[str]:
         "",
         "## Evaluation",
         "",
-        f"Features: {ev['feature_extractor']}.",
+        f"Features: {md(ev['feature_extractor'])}.",
         "",
         "![classes](classes.png)",
         "",
@@ -150,16 +177,17 @@ def _evaluation(run: RunDir) -> list[str]:
     for n in names:
         fd, lf = ev["fd_per_class"].get(n), fidelity.get(n)
         lines.append(
-            f"| {n} | {'–' if fd is None else f'{fd:.3f}'} | {'–' if lf is None else f'{lf:.0%}'} "
-            f"| {ev['class_distribution'][n]} |"
+            f"| {md(n)} | {'–' if fd is None else _fmt('{:.3f}', fd)} | "
+            f"{'–' if lf is None else _fmt('{:.0%}', lf)} | {_fmt('{}', ev['class_distribution'][n])} |"
         )
     memo = ev.get("memorisation", {})
     if memo:
         lines += [
             "",
-            f"Memorisation: median nearest-training-image distance is {memo['median_relative_nn']:.2f}× "
-            f"the typical train-to-train distance; {memo['near_copy_fraction']:.2%} of samples are closer "
-            f"than {memo['near_copy_ratio']}× (near-copies).",
+            "Memorisation: median nearest-training-image distance is "
+            f"{_fmt('{:.2f}', memo['median_relative_nn'])}× the typical train-to-train distance; "
+            f"{_fmt('{:.2%}', memo['near_copy_fraction'])} of samples are closer than "
+            f"{_fmt('{}', memo['near_copy_ratio'])}× (near-copies).",
         ]
     return lines
 
@@ -177,7 +205,7 @@ def _local_models(run: RunDir, record: dict) -> list[str]:
         "| --- | --- | --- |",
     ]
     for pid, held in sorted(record["class_counts_per_client"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {pid} | {held} | {drawn.get(str(pid), '–')} |")
+        lines.append(f"| {md(pid)} | {md(held)} | {md(drawn.get(str(pid), '–'))} |")
     return lines
 
 
@@ -198,10 +226,12 @@ def _personal(run: RunDir, metrics: list[dict]) -> list[str]:
         sm = read_json(c.summary) if c.summary.is_file() else {}
         cells = [_fmt(f, sm.get(k, "–")) for k, f in (("fd", "{:.3f}"), ("precision", "{:.3f}"))]
         cells += [_fmt("{:.3f}", sm.get("recall", "–")), _fmt("{:.2%}", sm.get("cas_accuracy", "–"))]
-        lines.append(f"| [{c.root.name}](clients/{c.root.name}/report.md) | {' | '.join(cells)} |")
+        name = md(c.root.name)
+        lines.append(f"| [{name}](clients/{name}/report.md) | {' | '.join(cells)} |")
     for c in clients:
         if (c.root / "samples.png").is_file():
-            lines += ["", f"![{c.root.name}](clients/{c.root.name}/samples.png)"]
+            name = md(c.root.name)
+            lines += ["", f"![{name}](clients/{name}/samples.png)"]
     return lines
 
 
@@ -209,8 +239,8 @@ def _clip_groups(text: str) -> str:
     if not text:
         return ""
     return (
-        f'; group-wise clipping `privacy.clip_groups = "{text}"`: each group clipped at its own '
-        "norm and noised in proportion, the same guarantee"
+        f"; group-wise clipping {code(f'privacy.clip_groups = {json.dumps(text)}')}: each group "
+        "clipped at its own norm and noised in proportion, the same guarantee"
     )
 
 
@@ -219,7 +249,7 @@ def _public_subspace(p: PrivacyConfig) -> str:
         return ""
     return (
         f"; each noised gradient projected onto the top {p.subspace_dim} directions of "
-        f"{p.subspace_examples} public `{p.public_subspace}` images' gradients (projected DP-SGD: "
+        f"{p.subspace_examples} public {code(p.public_subspace)} images' gradients (projected DP-SGD: "
         "post-processing, the same guarantee)"
     )
 
@@ -253,8 +283,8 @@ def privacy_facts(run: RunDir, summary: dict) -> list[str]:
         )
     if cfg.model.init:
         lines.append(
-            f"- Training started from the model at `{cfg.model.init}` (`model.init`): whatever it learned "
-            "from its own training data is in this model too, outside any ε stated here (treat that "
+            f"- Training started from the model at {code(cfg.model.init)} (`model.init`): whatever it "
+            "learned from its own training data is in this model too, outside any ε stated here (treat that "
             "data as public)."
         )
     if cfg.train.trainable:
@@ -264,7 +294,7 @@ def privacy_facts(run: RunDir, summary: dict) -> list[str]:
             "round model's values for the rest",
         }.get(cfg.paradigm, "")
         lines.append(
-            f"- Only `{cfg.train.trainable}` trained (`train.trainable`); every other parameter kept its "
+            f"- Only {code(cfg.train.trainable)} trained (`train.trainable`); every other parameter kept its "
             f"initial weights{sent}."
         )
     if cfg.paradigm == "centralized":
@@ -287,7 +317,7 @@ def privacy_facts(run: RunDir, summary: dict) -> list[str]:
             "from them."
         )
     if cfg.exchange.personal:
-        lines.append(f"- Personal layers ({cfg.exchange.personal}) never left their clients.")
+        lines.append(f"- Personal layers ({code(cfg.exchange.personal)}) never left their clients.")
     lines.append("- Evaluation used the held-out test split, which no party trained on.")
     return lines
 
@@ -295,8 +325,9 @@ def privacy_facts(run: RunDir, summary: dict) -> list[str]:
 def write_report(run: RunDir) -> str:
     if not run.config.is_file():
         raise RunDirError(f"{run.root} is not a fedsynth run (no config.toml)")
+    run.check_links()
     summary = read_json(run.summary) if run.summary.is_file() else {}
-    lines = [f"# fedsynth run report: `{run.root.name}`", "", "| metric | value |", "| --- | --- |"]
+    lines = [f"# fedsynth run report: {code(run.root.name)}", "", "| metric | value |", "| --- | --- |"]
     lines += [
         f"| {label} | {_fmt(fmt, summary[key])} |" for label, key, fmt in SUMMARY_ROWS if key in summary
     ]
@@ -308,5 +339,5 @@ def write_report(run: RunDir) -> str:
     if (run.root / "partitions.png").is_file():
         lines += ["", "## Data partitions", "", "![partitions](partitions.png)"]
     text = "\n".join(lines) + "\n"
-    run.report.write_text(text)
+    write_text_atomic(run.report, text)
     return text

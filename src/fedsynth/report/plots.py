@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -11,11 +12,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from fedsynth.rundir import write_bytes_atomic
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] (N, C, H, W) → uint8 (N, H, W, C)."""
     x = ((images.detach().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
+
+
+def save_figure(fig, path: Path) -> None:
+    """A figure as PNG, written as a new file (never through a link standing at ``path``)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def plot_partition_heatmap(hist: np.ndarray, class_names: list[str], path: Path) -> None:
@@ -39,7 +49,7 @@ def plot_partition_heatmap(hist: np.ndarray, class_names: list[str], path: Path)
     fig.colorbar(im, ax=ax, label="samples")
     ax.set_title("samples per client and class")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -64,7 +74,7 @@ def plot_sample_grid(rows: list[torch.Tensor], row_names: list[str], path: Path,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -82,7 +92,7 @@ def plot_curve(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -113,7 +123,7 @@ def plot_tsne(figures: dict, class_names: list[str], path: Path, points: int, se
     ax.set_yticks([])
     ax.legend(fontsize=7, ncol=2, markerscale=1.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -141,5 +151,5 @@ def plot_bars(
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)

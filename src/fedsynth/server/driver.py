@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, MessageType
 from flwr.serverapp import Grid
 
 from fedsynth.checkpoint import Checkpoint, ema_unet, save_personal_model
-from fedsynth.config import Config, dump_config
+from fedsynth.config import Config
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.training import trainable_parameters
 from fedsynth.exchange.plans import UNITS, upload_groups
@@ -270,7 +270,7 @@ class FederatedDriver(ServerEma):
         for pid, reply in sorted(replies.items()):
             local = reply.content[ARRAYS].to_torch_state_dict()
             client = self.run.client(pid).create()
-            dump_config(self.cfg, client.config)
+            client.write_config(self.cfg)
             save_personal_model(client, self.model.unet, {**shared, **local}, self.model.scheduler)
         for pid, reason in sorted(missing.items()):
             log.warning("client %s has no personal model: %s", pid, reason)

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsynth.checkpoint import ema_unet, save_personal_model
-from fedsynth.config import Config, dump_config
+from fedsynth.config import Config
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema, resolve_device, steps_for
 from fedsynth.diffusion.unet import seeded_unet
@@ -129,7 +129,7 @@ def one_shot(
         )
         for pid, weights in models.items():
             client = run.client(pid).create()
-            dump_config(cfg, client.config)
+            client.write_config(cfg)
             save_personal_model(client, unet, weights, model.scheduler)
     else:
         models, infos, down, up = collect_shares(
