@@ -149,7 +149,7 @@ def test_outputs_follow_the_umask(finished):
     open() and mkdir() would under the process's umask (0644 / 0755 under umask 022)."""
     mask = os.umask(0)
     os.umask(mask)
-    assert (FILE_MODE, DIR_MODE) == (0o666 & ~mask, 0o777 & ~mask)
+    assert (0o666 & ~mask, 0o777 & ~mask) == (FILE_MODE, DIR_MODE)
     for name in ("summary.json", "eval.json", "partitions.json", "config.toml", "report.md", "samples.png"):
         assert stat.S_IMODE((finished / name).stat().st_mode) == FILE_MODE, name
     for name in ("synthetic", "model", "checkpoints", "checkpoints/round-0002"):
