@@ -10,7 +10,15 @@ from fedsynth.errors import ConfigError
 from fedsynth.exchange.codecs import Codec, CodecError, compress, decode, encode
 from fedsynth.exchange.groups import GROUPS, group_keys, group_of
 from fedsynth.exchange.plans import DOWNLOAD, is_personal, upload_groups, usplit_assignment
-from fedsynth.exchange.transfer import DELTA, WEIGHTS, Layout, ServerExchange, client_reply, client_start
+from fedsynth.exchange.transfer import (
+    DELTA,
+    WEIGHTS,
+    Layout,
+    ServerExchange,
+    check_base,
+    client_reply,
+    client_start,
+)
 
 
 @pytest.fixture(scope="module")
@@ -210,23 +218,37 @@ def test_a_client_sent_the_full_model_again_keeps_its_personal_weights(weights):
     assert all(torch.equal(again[k], weights[k]) for k in up)
 
 
-def test_frozen_parameters_travel_once_with_the_full_model(weights):
-    """``train.trainable``: what no one trains is in the first (full) download only."""
+def test_frozen_parameters_never_travel_and_the_base_is_checked_by_hash(weights):
+    """``train.trainable`` (and LoRA's base): what no one trains is never sent; each client fills
+    it from its own copy, and a client whose copy differs from the server's refuses."""
     ex = ExchangeConfig(plan="full", codec="fp32")
     layout = Layout.of(weights, trainable="up_blocks,conv_out")
     trained = {k for k in weights if k.startswith(("up_blocks.", "conv_out."))}
-    assert layout.frozen == set(weights) - trained
+    assert layout.frozen == set(weights) - trained and set(layout.sent) == trained
+    base = {k: v.clone() for k, v in weights.items() if k in layout.frozen}
     server, state = ServerExchange(ex, layout), {}
     arrays, mode, n = server.download(0, weights)
-    assert mode == WEIGHTS and set(arrays) == set(weights) and n == sum(v.numel() for v in weights.values())
-    start = client_start(ex, layout, arrays, mode, state)
+    assert mode == WEIGHTS and set(arrays) == trained and n == sum(weights[k].numel() for k in trained)
+    start = client_start(ex, layout, arrays, mode, state, base)
+    assert set(start) == set(weights) and all(torch.equal(start[k], weights[k]) for k in weights)
     new = {k: v + 1.0 if k in trained else v for k, v in start.items()}
     assert set(client_reply(ex, layout, start, new, GROUPS, state)) == trained
     moved = {k: v + 2.0 if k in trained else v for k, v in weights.items()}
     arrays, mode, n = server.download(0, moved)
     assert set(arrays) == trained and n == sum(weights[k].numel() for k in trained)
-    again = client_start(ex, layout, arrays, mode, state)
+    again = client_start(ex, layout, arrays, mode, state, base)
     assert all(torch.equal(again[k], moved[k]) for k in weights)
+    with pytest.raises(CodecError, match="needs a full model"):  # a client without its base
+        client_start(ex, layout, arrays, mode, {}, None)
+    check_base(layout.base_digest, layout)
+    other = Layout.of(
+        {**weights, "conv_in.bias": weights["conv_in.bias"] + 1e-6}, trainable="up_blocks,conv_out"
+    )
+    with pytest.raises(
+        CodecError, match=f"SHA-256 {other.base_digest} here, {layout.base_digest} on the server"
+    ):
+        check_base(layout.base_digest, other)
+    assert Layout.of(weights).base_digest == ""  # everything trains: nothing to check
     with pytest.raises(ConfigError, match=r"train.trainable: 'nope' matches no parameter"):
         Layout.of(weights, trainable="nope")
     with pytest.raises(ConfigError, match="only personal or frozen"):

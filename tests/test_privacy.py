@@ -365,7 +365,7 @@ def test_centralized_dp_run_states_epsilon_grows_it_and_stops_before_the_budget(
 
 def test_federated_dp_run_reports_each_clients_epsilon_fine_tuning_steps_included(tmp_path):
     """DP fine-tuning of a public model's decoder: ε per client, rounds and fine-tuning steps
-    counted; only the decoder moves, and only it is exchanged after the first download."""
+    counted; only the decoder moves, and only it is ever exchanged."""
     from fedsynth.pipeline import run_all
 
     public = tmp_path / "public"  # DP fine-tuning of a model trained elsewhere (model.init)
@@ -382,7 +382,7 @@ def test_federated_dp_run_reports_each_clients_epsilon_fine_tuning_steps_include
     assert (
         f"Training started from the model at `{public}`" in report
         and "Only `up_blocks,conv_out` trained (`train.trainable`); every other parameter kept its "
-        "initial weights, sent to each client once"
+        "initial weights; they never travelled: every client built them itself"
         in report
         and "projected onto the top 8 directions of 32 public `fashion-mnist` images' gradients" in report
     )

@@ -120,7 +120,7 @@ def test_sample_never_replaces_a_folder_that_is_not_exactly_a_synthetic_set(fini
     webapp = _webapp(tmp_path / "webapp")
     res = _cli("sample", str(finished), "--out", str(webapp), "--per-class", "1", "--steps", "1")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert "is not exactly a fedsynth synthetic set" in res.stderr
+    assert "is not empty and holds no synthetic set" in res.stderr
     assert sorted(str(p.relative_to(webapp)) for p in webapp.rglob("*")) == [
         "index.html",
         "manifest.json",

@@ -48,9 +48,11 @@ class CentralDriver:
             "decay": cfg.diffusion.ema_decay,
             "warm_up": "min(decay, (1 + n) / (10 + n))",
         }
-        unet = seeded_unet(cfg.model, cfg.seed, data.shape[1], data.shape[0], data.num_classes).to(device)
+        unet = seeded_unet(cfg.model, cfg.seed, data.shape[1], data.shape[0], data.num_classes, cfg.lora).to(
+            device
+        )
         self.model = Model(unet, self.make_ema(unet), build_train_scheduler(cfg.diffusion))
-        self.optimizer = make_optimizer(unet, cfg.train)
+        self.optimizer = make_optimizer(unet, cfg.train, cfg.trained_modules)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.privacy = privacy_ledger(cfg)
         self.round = 0
@@ -60,7 +62,7 @@ class CentralDriver:
 
     def resume(self, checkpoint: Checkpoint) -> None:
         self.model.unet, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round
-        self.optimizer = make_optimizer(checkpoint.unet, self.cfg.train)
+        self.optimizer = make_optimizer(checkpoint.unet, self.cfg.train, self.cfg.trained_modules)
         self.optimizer.load_state_dict(checkpoint.state["optimizer"])
         self.generator = torch.Generator(device=self.model.device)
         self.generator.set_state(checkpoint.state["generator"].cpu())

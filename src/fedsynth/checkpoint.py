@@ -21,11 +21,15 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 
+from fedsynth.diffusion.lora import adapter_weights, has_lora, merged_unet
 from fedsynth.errors import RunDirError, first_line
 from fedsynth.rundir import RunDir, write_dir_atomic
 
 log = logging.getLogger("fedsynth.checkpoint")
+SAFETENSORS = "diffusion_pytorch_model.safetensors"  # what save_pretrained writes
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
 
 
 def ema_unet(unet: ModelMixin, ema: EMAModel) -> ModelMixin:
@@ -72,15 +76,30 @@ def save_checkpoint(
 EmaFactory = Callable[[ModelMixin], EMAModel]
 
 
+def _load_trained(path: Path, template: ModelMixin | type[ModelMixin], device: torch.device) -> ModelMixin:
+    """The model saved at ``path``: ``template``'s class reads it (diffusers' loader), or, for a
+    model whose layout its class does not know (LoRA adapters wrapped in), a copy of
+    ``template`` takes the saved state dict, strictly."""
+    if isinstance(template, type):
+        return template.from_pretrained(path, low_cpu_mem_usage=False).to(device)
+    model = copy.deepcopy(template).to(device)
+    model.load_state_dict(load_file(path / SAFETENSORS, device=str(device)), strict=True)
+    return model
+
+
 def load_checkpoint(
-    path: Path, make_ema: EmaFactory, device: torch.device, model_class: type[ModelMixin] = UNet2DModel
+    path: Path,
+    make_ema: EmaFactory,
+    device: torch.device,
+    model_class: ModelMixin | type[ModelMixin] = UNet2DModel,
 ) -> Checkpoint:
     """The checkpoint at ``path``; its EMA is the configured one (``make_ema``: its decay
     schedule) carrying the saved shadow weights and step count. ``model_class``: what was
-    trained (the denoiser, or task ``classifier``'s CNN)."""
+    trained (the denoiser, or task ``classifier``'s CNN), or a model of the trained layout
+    (with LoRA adapters) to copy."""
     if not (path / "meta.json").is_file():
         raise RunDirError(f"incomplete checkpoint (no meta.json): {path}")
-    unet = model_class.from_pretrained(path / "unet", low_cpu_mem_usage=False).to(device)
+    unet = _load_trained(path / "unet", model_class, device)
     state = torch.load(path / "state.pt", map_location=device, weights_only=True)
     ema = make_ema(unet)
     schedule = {"decay": ema.decay, "min_decay": ema.min_decay}
@@ -112,7 +131,10 @@ def verify_checkpoint(path: Path) -> None:
 
 
 def load_latest_checkpoint(
-    run: RunDir, make_ema: EmaFactory, device: torch.device, model_class: type[ModelMixin] = UNet2DModel
+    run: RunDir,
+    make_ema: EmaFactory,
+    device: torch.device,
+    model_class: ModelMixin | type[ModelMixin] = UNet2DModel,
 ) -> Checkpoint:
     """The newest intact checkpoint of ``run``: a damaged one (verification or loading fails)
     is skipped with a warning for the one before; a clear error when none is intact."""
@@ -146,10 +168,14 @@ def save_model(
     ema_info: dict | None = None,
 ) -> Path:
     """``model/``: the EMA weights and the noise schedule (none for task ``classifier``);
-    ``model/ema.json`` says which EMA."""
+    ``model/ema.json`` says which EMA. With LoRA adapters, ``model/unet`` holds the merged
+    weights (a plain model) and ``model/pytorch_lora_weights.safetensors`` the adapter alone."""
 
     def fill(tmp: Path) -> None:
-        ema_unet(unet, ema).save_pretrained(tmp / "unet")
+        shadow = ema_unet(unet, ema)
+        merged_unet(shadow).save_pretrained(tmp / "unet")
+        if has_lora(shadow):
+            save_file(adapter_weights(shadow), tmp / LORA_WEIGHTS)
         if scheduler is not None:
             scheduler.save_pretrained(tmp / "scheduler")
         if ema_info is not None:
@@ -167,7 +193,7 @@ def save_personal_model(
     personal.load_state_dict(weights, strict=True)
 
     def fill(tmp: Path) -> None:
-        personal.save_pretrained(tmp / "unet")
+        merged_unet(personal).save_pretrained(tmp / "unet")
         scheduler.save_pretrained(tmp / "scheduler")
 
     write_dir_atomic(run.model, fill)

@@ -89,6 +89,22 @@ class ModelConfig:
     init: str = ""  # start from this run's (or model folder's) trained weights instead of random ones
 
 
+LORA_AGGREGATIONS = ("fedavg", "ffa")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (Hu et al. 2022, via peft) on the denoiser: only they train and travel.
+    ``aggregation``: "fedavg" trains A and B and averages each; "ffa" (FFA-LoRA, Sun et al.
+    ICLR 2024) keeps A at its seeded shared initialisation and trains only B, so the average
+    of the clients' B is exactly the average of their updates B·A."""
+
+    rank: int = _at_least(0, 0)  # r; 0 = off
+    alpha: float = _at_least(0.0, 0.0)  # scaling α (the update is α / r · B·A); 0 = r
+    targets: str = ""  # module names (comma-separated); "" = attention projections and resnet convs
+    aggregation: str = _choice("fedavg", LORA_AGGREGATIONS)
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     num_train_timesteps: int = _at_least(1000, 2)
@@ -286,6 +302,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -299,6 +316,15 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def trained_modules(self) -> str:
+        """What trains, as a module list for :func:`trained_keys`: ``train.trainable``'s modules
+        and, with LoRA on, the adapters (both factors; only B under FFA-LoRA). "" = everything."""
+        if self.lora.rank == 0:
+            return self.train.trainable
+        adapters = "*.lora_B" if self.lora.aggregation == "ffa" else "*.lora_A,*.lora_B"
+        return ",".join(part for part in (self.train.trainable, adapters) if part)
 
     def __post_init__(self) -> None:
         fed = self.federation
@@ -320,7 +346,12 @@ class Config:
             raise ConfigError(f"data.path is required for data.dataset = {self.data.dataset!r}")
         if self.phoenix.beta > 100 or self.phoenix.alpha > 100:
             raise ConfigError("phoenix.beta and phoenix.alpha are percentages in [0, 100]")
-        problem = _privacy_problem(self) or _classifier_problem(self) or _feddiff_problem(self)
+        problem = (
+            _privacy_problem(self)
+            or _classifier_problem(self)
+            or _feddiff_problem(self)
+            or _lora_problem(self)
+        )
         if problem:
             raise ConfigError(problem)
         if self.phoenix.warmup_steps and not self.phoenix.beta:
@@ -638,6 +669,18 @@ def _classifier_problem(cfg: Config) -> str | None:
             return f"{key} = {value!r} is not available with task = 'classifier' (it is the denoiser's)"
     if cfg.privacy.mode == "dp-sgd":
         return "privacy.mode = 'dp-sgd' is not available with task = 'classifier' (use 'dp-fedavg')"
+    return None
+
+
+def _lora_problem(cfg: Config) -> str | None:
+    lora = cfg.lora
+    if lora.rank == 0:
+        changed = lora.targets or lora.alpha or lora.aggregation != "fedavg"
+        return "lora.targets, lora.alpha and lora.aggregation need lora.rank > 0" if changed else None
+    if cfg.task == "classifier":
+        return "lora.rank > 0 is not available with task = 'classifier' (adapters are the denoiser's)"
+    if cfg.strategy.name == "feddiff":
+        return "lora.rank > 0 does not combine with strategy.name = 'feddiff' (it reads whole uploads)"
     return None
 
 

@@ -47,7 +47,7 @@ def train_update(
     node_config = {PARTITION_ID: pid, **({DATA_PATH: data_path} if data_path else {})}
     _, data = client_data(text, node_config, class_names)
     update = local_train(cfg, data, weights, round_=round_, client_id=pid, state={})
-    frozen = frozen_keys(cfg.train.trainable, update.weights)  # the aggregators keep the round model's
+    frozen = frozen_keys(cfg.trained_modules, update.weights)  # the aggregators keep the round model's
     cid = store.put_weights({k: v for k, v in update.weights.items() if k not in frozen})
     return TrainResult(cid, update_info(update, pid, bytes_down=store.bytes_out, bytes_up=store.bytes_in))
 

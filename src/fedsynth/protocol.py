@@ -31,6 +31,7 @@ UPLOAD_KEY = "upload-groups"
 TASK_KEY = "task"  # "train" (default) or "pretrain" (a one-off local model: FedDDPM, paradigm local)
 STEPS_KEY = "local-steps"  # "pretrain": the local model's optimizer steps
 COUNTS_KEY = "sample-counts"  # "pretrain": send these images per class instead of the model
+BASE_KEY = "base-sha256"  # SHA-256 of the weights no one trains (they never travel); absent: none
 IMAGES, LABELS = "images", "labels"  # arrays of such a reply: uint8 (N, H, W, C) and int64 (N,)
 # keys of a client's node config (simulation engine / flower-supernode --node-config)
 PARTITION_ID, DATA_PATH = "partition-id", "data-path"

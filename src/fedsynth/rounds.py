@@ -27,6 +27,7 @@ from diffusers.training_utils import EMAModel
 
 from fedsynth.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_model
 from fedsynth.config import Config
+from fedsynth.diffusion.lora import has_lora
 from fedsynth.diffusion.training import make_ema
 from fedsynth.errors import FedsynthError
 from fedsynth.progress import progress_bar
@@ -152,7 +153,8 @@ def run_rounds(driver: RoundDriver, run: RunDir, cfg: Config, *, resume: bool) -
     """Run ``driver`` to ``federation.rounds`` (from the newest checkpoint when resuming)."""
     if resume:
         m = driver.model
-        checkpoint = load_latest_checkpoint(run, driver.make_ema, m.device, type(m.unet))
+        template = m.unet if has_lora(m.unet) else type(m.unet)
+        checkpoint = load_latest_checkpoint(run, driver.make_ema, m.device, template)
         driver.resume(checkpoint)
         run.truncate_metrics(checkpoint.round)
     total, every = cfg.federation.rounds, cfg.federation.checkpoint_every

@@ -98,8 +98,8 @@ def check_output(out: Path, fmt: str) -> None:
         raise RunDirError(f"{out} is a file, not a folder for the synthetic set")
     if out.is_dir() and any(out.iterdir()) and not is_synthetic_set(out):
         raise RunDirError(
-            f"{out} is not empty and is not exactly a fedsynth synthetic set (it would be replaced "
-            "whole): choose a new folder"
+            f"{out} is not empty and holds no synthetic set (only a folder that is exactly a fedsynth "
+            "synthetic set is replaced): choose a new folder"
         )
 
 

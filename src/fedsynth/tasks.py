@@ -32,14 +32,14 @@ def build_model(cfg: Config, image_size: int, channels: int, num_classes: int) -
     """The task's model, freshly initialised from the global RNG."""
     if cfg.task == "classifier":
         return SmallCNN(channels, num_classes)
-    return build_unet(cfg.model, image_size, channels, num_classes)
+    return build_unet(cfg.model, image_size, channels, num_classes, cfg.lora)
 
 
 def seeded_model(cfg: Config, seed: int, image_size: int, channels: int, num_classes: int) -> ModelMixin:
     """:func:`build_model` with weights initialised from ``seed`` (global RNG left untouched),
     or for diffusion from ``model.init``."""
     if cfg.task == "diffusion":
-        return seeded_unet(cfg.model, seed, image_size, channels, num_classes)
+        return seeded_unet(cfg.model, seed, image_size, channels, num_classes, cfg.lora)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(cfg, image_size, channels, num_classes)

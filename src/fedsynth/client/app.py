@@ -27,10 +27,11 @@ from fedsynth.diffusion.unet import build_unet
 from fedsynth.errors import DataError
 from fedsynth.exchange.codecs import CodecError
 from fedsynth.exchange.groups import GROUPS
-from fedsynth.exchange.transfer import WEIGHTS, Layout, client_reply, client_start
+from fedsynth.exchange.transfer import WEIGHTS, Layout, check_base, client_reply, client_start
 from fedsynth.prepare import prepare
 from fedsynth.protocol import (
     ARRAYS,
+    BASE_KEY,
     CLASSES_KEY,
     CONFIG,
     CONFIG_KEY,
@@ -55,7 +56,7 @@ from fedsynth.records import numpy_record, record_numpy, record_torch
 from fedsynth.report.plots import to_uint8
 from fedsynth.strategies.scaffold import CONTROL_KEY
 from fedsynth.synthesize import SampleSpec, generate_share
-from fedsynth.tasks import build_model
+from fedsynth.tasks import seeded_model
 
 
 def _not_actor_shutdown(record: logging.LogRecord) -> bool:
@@ -124,10 +125,13 @@ def _save_state(context: Context, state: dict) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _layout(config_text: str, image_size: int, channels: int, classes: int) -> Layout:
+def _layout(config_text: str, image_size: int, channels: int, classes: int) -> tuple[Layout, dict]:
+    """The model's layout and this node's own copy of the weights no one trains (from the seed
+    or ``model.init``): built once per process and kept across rounds."""
     cfg = parse_config(config_text)
-    weights = build_model(cfg, image_size, channels, classes).state_dict()
-    return Layout.of(weights, cfg.exchange.personal, cfg.train.trainable)
+    weights = seeded_model(cfg, cfg.seed, image_size, channels, classes).state_dict()
+    layout = Layout.of(weights, cfg.exchange.personal, cfg.trained_modules)
+    return layout, {k: weights[k] for k in layout.frozen}
 
 
 def update_info(update, client_id: int, **extra) -> UpdateInfo:
@@ -163,7 +167,7 @@ def handle_pretrain(msg: Message, cfg: Config, client_id: int, data: ImageData) 
 @torch.no_grad()
 def own_share(cfg: Config, data: ImageData, weights, counts: list[int], client_id: int) -> dict:
     """This client's share of a mixture, generated here: uint8 images and their labels."""
-    unet = build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes)
+    unet = build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes, cfg.lora)
     unet.load_state_dict(weights)
     scheduler = build_train_scheduler(cfg.diffusion)
     images, labels = generate_share(unet, scheduler, counts, SampleSpec.of(cfg), client_id)
@@ -178,11 +182,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     client_id, data = client_data(text, dict(context.node_config), tuple(config[CLASSES_KEY]))
     if str(config.get(TASK_KEY, "train")) == "pretrain":
         return handle_pretrain(msg, cfg, client_id, data)
-    layout = _layout(text, data.shape[1], data.shape[0], data.num_classes)
+    layout, base = _layout(text, data.shape[1], data.shape[0], data.num_classes)
+    check_base(str(config.get(BASE_KEY, "")), layout)
     upload = tuple(str(g) for g in config.get(UPLOAD_KEY, GROUPS))
     state = _load_state(context)
     mode = str(config.get(MODE_KEY, WEIGHTS))
-    start = client_start(cfg.exchange, layout, record_numpy(msg.content[ARRAYS]), mode, state)
+    start = client_start(cfg.exchange, layout, record_numpy(msg.content[ARRAYS]), mode, state, base)
     control = None
     if CONTROL_KEY in msg.content:
         sent = set(layout.keys(upload))
@@ -193,7 +198,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     _save_state(context, state)
     check = {}
     if cfg.phoenix.filter_from and round_ >= cfg.phoenix.filter_from:
-        unet = build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes)
+        unet = build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes, cfg.lora)
         unet.load_state_dict(update.weights)
         precision, recall = self_check(cfg, unet, data, round_, client_id)
         check = {"filter_precision": precision, "filter_recall": recall}

@@ -101,7 +101,7 @@ def local_train(
         known = state.get("scaffold_c_i", {})
         c_i = {k: known[k].to(device) if k in known else torch.zeros_like(v) for k, v in c.items()}
         hook = scaffold_hook(c, c_i)
-    optimizer = make_optimizer(unet, cfg.train)
+    optimizer = make_optimizer(unet, cfg.train, cfg.trained_modules)
     if cfg.train.keep_optimizer and "optimizer" in state:
         load_optimizer_tensors(optimizer, unet, state["optimizer"])
     generator = round_generator(cfg.seed, round_, client_id, device)

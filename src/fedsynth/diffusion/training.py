@@ -38,9 +38,12 @@ def trainable_parameters(model: torch.nn.Module, spec: str) -> list[torch.nn.Par
     return [p for p in named.values() if p.requires_grad]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimizer over ``model``'s trainable parameters (``train.trainable``)."""
-    params = trainable_parameters(model, cfg.trainable)
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, trainable: str | None = None
+) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s trainable parameters: ``trainable`` (the run's
+    ``Config.trained_modules``, LoRA adapters included), else ``train.trainable``."""
+    params = trainable_parameters(model, cfg.trainable if trainable is None else trainable)
     return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

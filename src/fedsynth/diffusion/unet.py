@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from fedsynth.config import ModelConfig
+from fedsynth.config import LoraConfig, ModelConfig
+from fedsynth.diffusion.lora import add_lora
 from fedsynth.errors import ConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -55,7 +56,14 @@ def null_label(unet: UNet2DModel) -> int | None:
     return None if n is None else int(n) - 1
 
 
-def build_unet(cfg: ModelConfig, image_size: int, channels: int, num_classes: int) -> UNet2DModel:
+NO_LORA = LoraConfig()
+
+
+def build_unet(
+    cfg: ModelConfig, image_size: int, channels: int, num_classes: int, lora: LoraConfig = NO_LORA
+) -> UNet2DModel:
+    """The preset's UNet (with ``lora``'s adapters when its rank is > 0), weights from the
+    global RNG."""
     if cfg.preset not in PRESETS:
         raise ConfigError(f"model.preset = {cfg.preset!r} is not valid; choose one of: {', '.join(PRESETS)}")
     preset = PRESETS[cfg.preset]
@@ -65,24 +73,27 @@ def build_unet(cfg: ModelConfig, image_size: int, channels: int, num_classes: in
             f"data.image_size = {image_size} must be divisible by {2 ** (levels - 1)} "
             f"for model.preset = {cfg.preset!r}"
         )
-    return UNet2DModel(
+    unet = UNet2DModel(
         sample_size=image_size,
         in_channels=channels,
         out_channels=channels,
         num_class_embeds=num_classes + 1 if cfg.conditional else None,
         **preset,
     )
+    return add_lora(unet, lora, seed=0) if lora.rank else unet
 
 
-def seeded_unet(cfg: ModelConfig, seed: int, image_size: int, channels: int, num_classes: int) -> UNet2DModel:
+def seeded_unet(
+    cfg: ModelConfig, seed: int, image_size: int, channels: int, num_classes: int, lora: LoraConfig = NO_LORA
+) -> UNet2DModel:
     """``build_unet`` with weights initialised from ``seed`` (global RNG left untouched), or
-    loaded from ``model.init``."""
+    loaded from ``model.init``; then ``lora``'s adapters, A drawn from ``seed`` too."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = build_unet(cfg, image_size, channels, num_classes)
     if cfg.init:
         unet.load_state_dict(init_weights(Path(cfg.init), unet))
-    return unet
+    return add_lora(unet, lora, seed) if lora.rank else unet
 
 
 def init_folder(path: Path) -> Path:

@@ -2,7 +2,10 @@
 it reads the replies, and what a client does with them.
 
 Download. A client that holds no model yet (first selection, or after it was dropped)
-gets every weight as float32 — the initial broadcast, counted like any other message.
+gets every exchanged weight as float32 — the initial broadcast, counted like any other
+message. What no one trains (``train.trainable``, LoRA's base) never travels: every node
+builds it itself (from the seed, or from its own copy of ``model.init``), and the server's
+SHA-256 of it (:attr:`Layout.base_digest`) lets a client whose copy differs refuse.
 After that it gets the plan's download groups: as float32 weights with the ``fp32``
 codec; with a lossy codec as the encoded difference between the global weights and the
 client's copy of them, which the server tracks exactly (it applies the same decoded
@@ -15,6 +18,7 @@ decoded Δ to the current global weights before the strategy aggregates.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,11 +52,19 @@ class Layout:
     shapes: dict[str, tuple[int, ...]]
     personal: frozenset[str] = frozenset()
     frozen: frozenset[str] = frozenset()
+    base_digest: str = ""  # SHA-256 of the frozen weights ("" when every weight trains)
 
     @classmethod
     def of(cls, weights: Weights, personal: str = "", trainable: str = "") -> Layout:
         shapes = {k: tuple(v.shape) for k, v in weights.items()}
-        return cls(shapes, personal_keys(personal, weights), frozen_keys(trainable, weights))
+        frozen = frozen_keys(trainable, weights)
+        digest = weights_digest({k: weights[k] for k in frozen}) if frozen else ""
+        return cls(shapes, personal_keys(personal, weights), frozen, digest)
+
+    @property
+    def sent(self) -> list[str]:
+        """Every key that ever travels (the full model a client starts from): not the frozen ones."""
+        return [k for k in self.shapes if k not in self.frozen]
 
     def keys(self, groups: tuple[str, ...] | list[str]) -> list[str]:
         """The exchanged keys of ``groups`` (personal and frozen keys excluded); none is an error."""
@@ -67,6 +79,25 @@ class Layout:
 
     def shapes_of(self, keys: list[str]) -> list[tuple[int, ...]]:
         return [self.shapes[k] for k in keys]
+
+
+def weights_digest(weights: Weights) -> str:
+    """SHA-256 over the tensors in key order (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for key in sorted(weights):
+        t = weights[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_base(server_digest: str, layout: Layout) -> None:
+    """A client refuses to train when its own copy of the frozen base is not the server's."""
+    if server_digest != layout.base_digest:
+        raise CodecError(
+            f"this client's base model is not the server's: SHA-256 {layout.base_digest or 'none'} here, "
+            f"{server_digest or 'none'} on the server (every node needs the same model.init weights)"
+        )
 
 
 def _payload_to_weights(
@@ -91,12 +122,12 @@ class ServerExchange:
 
     def _tracks_clients(self) -> bool:
         """Whether a client needs the full model once before the plan's groups suffice."""
-        return has_personal_models(self.ex) or not self.codec.lossless or bool(self.layout.frozen)
+        return has_personal_models(self.ex) or not self.codec.lossless
 
     def download(self, pid: int, global_w: Weights) -> tuple[dict[str, np.ndarray], str, int]:
         """(arrays, mode, parameters covered) for client ``pid``."""
         if self._tracks_clients() and pid not in self.has_model:
-            keys = list(self.layout.shapes)
+            keys = self.layout.sent
             self.has_model.add(pid)
             if not self.codec.lossless:
                 self.refs[pid] = {k: global_w[k].detach().cpu().float().clone() for k in self.download_keys}
@@ -140,12 +171,14 @@ def client_start(
     arrays: dict[str, np.ndarray],
     mode: str,
     state: dict[str, Weights],
+    base: Weights | None = None,
 ) -> Weights:
-    """The weights this client trains from; updates ``state`` (``ref``, ``local``, ``residual``)."""
+    """The weights this client trains from; updates ``state`` (``ref``, ``local``, ``residual``).
+    ``base``: this node's own frozen weights (``layout.frozen``), which never travel."""
     codec, download = codec_of(ex), layout.download(ex.plan)
     if mode == WEIGHTS:
         received = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
-        if set(received) == set(layout.shapes):  # the full model: the server (re)starts us
+        if set(received) == set(layout.sent):  # the full model: the server (re)starts us
             state.pop("residual", None)
             kept = state.get("local", {})  # personal weights we already trained are kept
             state["local"] = {k: kept.get(k, v) for k, v in received.items() if k not in download}
@@ -159,7 +192,8 @@ def client_start(
         received = dict(state["ref"])
     else:
         raise CodecError(f"unknown exchange mode {mode!r}")
-    start = {**received, **state.get("local", {})}  # "local" never holds exchanged keys
+    frozen = {k: v for k, v in (base or {}).items() if k in layout.frozen}
+    start = {**frozen, **received, **state.get("local", {})}  # "local" never holds exchanged keys
     missing = [k for k in layout.shapes if k not in start]
     if missing:
         raise CodecError(f"client holds no local weights for {missing[0]} … (restarted?): needs a full model")
@@ -177,7 +211,9 @@ def client_reply(
     """What to upload; keeps the personal groups and the error-feedback residual in ``state``."""
     codec = codec_of(ex)
     download = set(layout.download(ex.plan))
-    state["local"] = {k: v.detach().cpu().clone() for k, v in new.items() if k not in download}
+    state["local"] = {
+        k: v.detach().cpu().clone() for k, v in new.items() if k not in download and k not in layout.frozen
+    }
     keys = layout.keys(upload_groups)
     if codec.lossless:
         return {k: new[k].detach().cpu().numpy() for k in keys}

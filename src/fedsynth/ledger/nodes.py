@@ -214,7 +214,7 @@ class AggregatorNode:
     ) -> AggregatorNode:
         """The aggregator ``cfg`` describes (its strategy, weighting and trained keys), not joined yet."""
         weight_key = WEIGHT_KEYS[cfg.federation.weighting]
-        return cls(index, account, rounds, store, build_strategy(cfg), weight_key, cfg.train.trainable)
+        return cls(index, account, rounds, store, build_strategy(cfg), weight_key, cfg.trained_modules)
 
     @property
     def address(self) -> str:

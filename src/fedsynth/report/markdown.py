@@ -289,13 +289,22 @@ def privacy_facts(run: RunDir, summary: dict) -> list[str]:
         )
     if cfg.train.trainable:
         sent = {
-            "federated": ", sent to each client once, with its first model",
+            "federated": "; they never travelled: every client built them itself (from the seed or "
+            "model.init), checked against the server's SHA-256",
             "decentralized": "; trainers uploaded only the trained ones and the aggregators kept the "
             "round model's values for the rest",
         }.get(cfg.paradigm, "")
         lines.append(
             f"- Only {code(cfg.train.trainable)} trained (`train.trainable`); every other parameter kept its "
             f"initial weights{sent}."
+        )
+    if cfg.lora.rank:
+        lo = cfg.lora
+        lines.append(
+            f"- LoRA adapters (`lora.rank` = {lo.rank}, α = {lo.alpha or lo.rank:g}, aggregation "
+            f"{code(lo.aggregation)}): only they{' and the modules above' if cfg.train.trainable else ''} "
+            "trained and were exchanged; the base model's weights stayed fixed and never left any node. "
+            "`model/unet` holds the merged model, `model/pytorch_lora_weights.safetensors` the adapter."
         )
     if cfg.paradigm == "centralized":
         lines.append("- Centralized: every training image was pooled in one place.")

@@ -41,7 +41,7 @@ def server_train(
     generator = torch_generator(cfg.seed, "server-train", tag, device=device)
     losses = train_steps(
         unet,
-        make_optimizer(unet, cfg.train),
+        make_optimizer(unet, cfg.train, cfg.trained_modules),
         scheduler,
         data,
         steps=steps,

@@ -85,14 +85,14 @@ class FederatedDriver(ServerEma):
     ) -> None:
         self.cfg, self.run, self.model, self.grid, self.proxy = cfg, run, model, grid, proxy
         self.label = f"federated {cfg.strategy.name}"
-        self.layout = Layout.of(model.unet.state_dict(), cfg.exchange.personal, cfg.train.trainable)
-        trainable_parameters(model.unet, cfg.train.trainable)  # a bad pattern fails before any client trains
+        self.layout = Layout.of(model.unet.state_dict(), cfg.exchange.personal, cfg.trained_modules)
+        trainable_parameters(model.unet, cfg.trained_modules)  # a bad pattern fails before any client trains
         self.exchange = ServerExchange(cfg.exchange, self.layout)
         # one strategy per aggregation unit (groups always uploaded together)
         self.units = {"+".join(u): self.layout.keys(u) for u in UNITS[cfg.exchange.plan]}
         self.strategies = {name: build_strategy(cfg) for name in self.units}
         self.weight_key = WEIGHT_KEYS[cfg.federation.weighting]
-        self.base = base_config(cfg, class_names)
+        self.base = base_config(cfg, class_names, self.layout.base_digest)
         self.class_names = class_names
         self.calibration = Calibration(cfg, model) if cfg.calibration.mode != "off" else None
         self.filter = ThresholdFilter(cfg) if cfg.phoenix.filter_from else None

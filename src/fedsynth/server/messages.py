@@ -24,6 +24,7 @@ from fedsynth.exchange.codecs import CodecError
 from fedsynth.exchange.transfer import Layout, ServerExchange
 from fedsynth.protocol import (
     ARRAYS,
+    BASE_KEY,
     CLASSES_KEY,
     CONFIG,
     CONFIG_KEY,
@@ -62,9 +63,13 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-def base_config(cfg: Config, class_names: tuple[str, ...]) -> ConfigRecord:
-    """What every message carries: the resolved config (TOML) and the class names."""
-    return ConfigRecord({CONFIG_KEY: config_text(cfg), CLASSES_KEY: list(class_names)})
+def base_config(cfg: Config, class_names: tuple[str, ...], base_digest: str = "") -> ConfigRecord:
+    """What every message carries: the resolved config (TOML), the class names and, when some
+    weights never travel, the SHA-256 of the server's copy of them."""
+    record = ConfigRecord({CONFIG_KEY: config_text(cfg), CLASSES_KEY: list(class_names)})
+    if base_digest:
+        record[BASE_KEY] = base_digest
+    return record
 
 
 def discover_nodes(grid: Grid, num_clients: int, base: ConfigRecord, timeout: float) -> tuple[Nodes, dict]:
