@@ -216,8 +216,10 @@ class PrivateGradients:
         )  # fmt: skip
         idx = torch.randperm(len(public), generator=gen, device=device)[: p.subspace_examples]
         grads, _ = helper.per_example(idx)
-        _, _, vh = torch.linalg.svd(torch.cat([g.flatten(1) for g in grads], 1), full_matrices=False)
-        return vh[: p.subspace_dim].T.contiguous()
+        # in float64: a float32 SVD over ~10⁵ coordinates is orthonormal only to ~1e-4 on some CPUs
+        matrix = torch.cat([g.flatten(1) for g in grads], 1).double()
+        _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return vh[: p.subspace_dim].T.float().contiguous()
 
     def example_loss(self, params: dict, noisy: torch.Tensor, t: torch.Tensor, y, noise: torch.Tensor):
         """The objective of one row (one draw of (t, ε) for one example), as a function of the
