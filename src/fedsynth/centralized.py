@@ -48,9 +48,9 @@ class CentralDriver:
             "decay": cfg.diffusion.ema_decay,
             "warm_up": "min(decay, (1 + n) / (10 + n))",
         }
-        unet = seeded_unet(cfg.model, cfg.seed, data.shape[1], data.shape[0], data.num_classes, cfg.lora).to(
-            device
-        )
+        unet = seeded_unet(
+            cfg.model, cfg.seed, data.shape[1], data.shape[0], data.num_classes, cfg.lora, data.class_names
+        ).to(device)
         self.model = Model(unet, self.make_ema(unet), build_train_scheduler(cfg.diffusion))
         self.optimizer = make_optimizer(unet, cfg.train, cfg.trained_modules)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)

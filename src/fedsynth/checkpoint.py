@@ -23,6 +23,7 @@ from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
+from fedsynth.diffusion.latent import PromptUNet, is_latent_model, load_latent, save_latent
 from fedsynth.diffusion.lora import adapter_weights, has_lora, merged_unet
 from fedsynth.errors import RunDirError, first_line
 from fedsynth.rundir import RunDir, write_dir_atomic
@@ -173,9 +174,12 @@ def save_model(
 
     def fill(tmp: Path) -> None:
         shadow = ema_unet(unet, ema)
-        merged_unet(shadow).save_pretrained(tmp / "unet")
-        if has_lora(shadow):
-            save_file(adapter_weights(shadow), tmp / LORA_WEIGHTS)
+        if isinstance(shadow, PromptUNet):  # a latent denoiser: its base stays in its own folder
+            save_latent(tmp, shadow)
+        else:
+            merged_unet(shadow).save_pretrained(tmp / "unet")
+            if has_lora(shadow):
+                save_file(adapter_weights(shadow), tmp / LORA_WEIGHTS)
         if scheduler is not None:
             scheduler.save_pretrained(tmp / "scheduler")
         if ema_info is not None:
@@ -200,7 +204,10 @@ def save_personal_model(
     return run.model
 
 
-def load_model(run: RunDir, device: torch.device) -> tuple[UNet2DModel, DDPMScheduler]:
+def load_model(run: RunDir, device: torch.device) -> tuple[UNet2DModel | PromptUNet, DDPMScheduler]:
+    if is_latent_model(run.model):
+        scheduler = DDPMScheduler.from_pretrained(run.model, subfolder="scheduler")
+        return load_latent(run.model).to(device).eval(), scheduler
     if not (run.model / "unet").is_dir():
         raise RunDirError(f"no trained model in {run.model} (run `fedsynth run` first)")
     if not (run.model / "scheduler").is_dir():

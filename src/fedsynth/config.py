@@ -36,7 +36,7 @@ PUBLIC_DATASETS = ("digits", "fashion-mnist")  # installed with the package: pri
 NATIVE_SIZE = {"fashion-mnist": 28, "idx": 28}  # data.image_size when not set (else 16)
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "class_disjoint", "quantity")
 MODEL_PRESETS = ("tiny", "small", "base", "large")
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "cosine", "scaled_linear")
 LOSSES = ("mse", "huber")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SAMPLERS = ("ddpm", "ddim", "dpm")
@@ -86,7 +86,8 @@ class PartitionConfig:
 class ModelConfig:
     preset: str = _choice("small", MODEL_PRESETS)
     conditional: bool = True
-    init: str = ""  # start from this run's (or model folder's) trained weights instead of random ones
+    init: str = ""  # start from a fedsynth run, a UNet folder or a Stable-Diffusion pipeline folder
+    prompt: str = "a photo of a {label}"  # a pipeline's class prompts ({label}: the class name)
 
 
 LORA_AGGREGATIONS = ("fedavg", "ffa")
@@ -112,6 +113,7 @@ class DiffusionConfig:
     loss: str = _choice("mse", LOSSES)
     cfg_dropout: float = _at_least(0.1, 0.0)  # label dropout for classifier-free guidance
     ema_decay: float = _at_least(0.999, 0.0)
+    clip_sample: bool = True  # clip x̂0 to [-1, 1] when sampling (pixel space); false for latent denoisers
 
 
 @dataclass(frozen=True)
@@ -351,6 +353,7 @@ class Config:
             or _classifier_problem(self)
             or _feddiff_problem(self)
             or _lora_problem(self)
+            or _latent_problem(self)
         )
         if problem:
             raise ConfigError(problem)
@@ -681,6 +684,30 @@ def _lora_problem(cfg: Config) -> str | None:
         return "lora.rank > 0 is not available with task = 'classifier' (adapters are the denoiser's)"
     if cfg.strategy.name == "feddiff":
         return "lora.rank > 0 does not combine with strategy.name = 'feddiff' (it reads whole uploads)"
+    return None
+
+
+def is_pipeline_folder(path: str) -> bool:
+    """Whether ``model.init`` names a diffusers pipeline folder (a latent denoiser's base)."""
+    return bool(path) and (Path(path) / "model_index.json").is_file()
+
+
+def _latent_problem(cfg: Config) -> str | None:
+    """A latent base (a Stable-Diffusion pipeline folder in ``model.init``): what samples or
+    judges images inside a round is not available, and latents are never clipped."""
+    if not is_pipeline_folder(cfg.model.init):
+        return None
+    refused = {
+        "calibration.mode": (cfg.calibration.mode, "off"),
+        "phoenix.filter_from": (cfg.phoenix.filter_from, 0),
+        "privacy.public_subspace": (cfg.privacy.public_subspace, ""),
+        "diffusion.clip_sample": (cfg.diffusion.clip_sample, False),
+    }
+    for key, (value, supported) in refused.items():
+        if value != supported:
+            return f"{key} = {value!r} is not available with a pipeline in model.init (use {supported!r})"
+    if "{label}" not in cfg.model.prompt:
+        return f"model.prompt = {cfg.model.prompt!r} must hold {{label}} (where the class name goes)"
     return None
 
 

@@ -250,7 +250,9 @@ def train_decentralized(
     """Run every round on a freshly deployed contract (a resumed run deploys a new one whose
     initial model is the checkpoint's); ``executor`` runs the trainers' local rounds."""
     full = prepared.data.full
-    unet = seeded_unet(cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes, cfg.lora)
+    unet = seeded_unet(
+        cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes, cfg.lora, full.class_names
+    )
     unet = unet.to(resolve_device(cfg.train.device))
     model = Model(unet, make_ema(unet, cfg.federation.server_ema_decay), build_train_scheduler(cfg.diffusion))
     pool = executor or default_executor(cfg)

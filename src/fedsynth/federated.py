@@ -31,7 +31,7 @@ def train_federated(
     client_app: ClientApp | None = None,
 ) -> None:
     full = prepared.data.full
-    unet = seeded_model(cfg, cfg.seed, full.shape[1], full.shape[0], full.num_classes)
+    unet = seeded_model(cfg, cfg.seed, full.shape[1], full.shape[0], full.num_classes, full.class_names)
     unet = unet.to(resolve_device(cfg.train.device))
     scheduler = build_train_scheduler(cfg.diffusion) if cfg.task == "diffusion" else None
     if not resume and cfg.phoenix.warmup_steps > 0:

@@ -5,6 +5,7 @@ prepare (partitions) → train (per paradigm) → sample → evaluate → report
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -13,7 +14,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from fedsynth.centralized import steps_per_round, train_centralized
 from fedsynth.checkpoint import load_model
-from fedsynth.config import Config, check_resume_changes, load_config
+from fedsynth.config import Config, check_resume_changes, is_pipeline_folder, load_config
+from fedsynth.diffusion.latent import check_pipeline
+from fedsynth.diffusion.schedule import check_base_schedule
 from fedsynth.diffusion.training import resolve_device
 from fedsynth.errors import ConfigError, RunDirError
 from fedsynth.evaluation.evaluate import evaluate_run
@@ -61,6 +64,16 @@ def _check_fresh(root: Path) -> None:
     if run.metrics.exists() or run.model.exists() or run.latest_checkpoint() is not None:
         raise RunDirError(f"{root} already holds a run: pass --resume to continue it, or choose a new --out")
     raise RunDirError(f"{root} is not empty and holds no fedsynth run: choose a new --out")
+
+
+def check_base_model(cfg: Config) -> None:
+    """A pipeline folder in ``model.init`` is complete and its noise schedule is the run's,
+    before anything is written."""
+    if is_pipeline_folder(cfg.model.init):
+        folder = Path(cfg.model.init)
+        check_pipeline(folder)
+        schedule = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        check_base_schedule(cfg.diffusion, schedule, f"model.init = {str(folder)!r}")
 
 
 def check_eval_sizes(cfg: Config, prepared: Prepared, k: int = 3) -> None:
@@ -143,6 +156,7 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None, client_a
         check_weights_file(cfg.eval.inception_weights)  # before hours of training, not after
     if not resume:
         _check_fresh(Path(out))
+    check_base_model(cfg)
     run = RunDir(Path(out)).create()
     start = time.perf_counter()
     if resume:

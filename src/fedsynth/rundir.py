@@ -165,7 +165,11 @@ class RunDir:
     def client_runs(self) -> list[RunDir]:
         if not self.clients.is_dir():
             return []
-        return [RunDir(p) for p in sorted(self.clients.iterdir()) if (p / "model" / "unet").is_dir()]
+        return [RunDir(p) for p in sorted(self.clients.iterdir()) if RunDir(p).has_model()]
+
+    def has_model(self) -> bool:
+        """Whether ``model/`` holds a trained model: ``unet/``, or a latent run's ``base.json``."""
+        return (self.model / "unet").is_dir() or (self.model / "base.json").is_file()
 
     def create(self) -> RunDir:
         self.root.mkdir(parents=True, exist_ok=True)

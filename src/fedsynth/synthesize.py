@@ -19,8 +19,10 @@ from PIL import Image
 
 from fedsynth.config import Config
 from fedsynth.data.datasets import folder_name
+from fedsynth.diffusion.latent import to_images
 from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler
+from fedsynth.diffusion.unet import null_label
 from fedsynth.errors import ConfigError, RunDirError
 from fedsynth.progress import progress_bar
 from fedsynth.report.plots import plot_sample_grid, to_uint8
@@ -54,7 +56,7 @@ def sample_images(
     unet: UNet2DModel, train_scheduler: DDPMScheduler, num_classes: int, spec: SampleSpec
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images in [-1, 1] on CPU, labels or None for an unconditional model)."""
-    conditional = unet.config.num_class_embeds is not None
+    conditional = null_label(unet) is not None
     labels = balanced_labels(num_classes, spec.per_class) if conditional else None
     device = next(unet.parameters()).device
     generator = torch.Generator(device=device).manual_seed(spec.seed)
@@ -84,7 +86,7 @@ def generate_for(
                 guidance=spec.guidance,
                 generator=generator,
             )
-            chunks.append(batch.cpu())
+            chunks.append(to_images(unet, batch).cpu())
             bar.advance(stop - start)
     return torch.cat(chunks) if chunks else torch.empty(0)
 

@@ -28,18 +28,28 @@ def model_class(cfg: Config) -> type[ModelMixin]:
     return SmallCNN if cfg.task == "classifier" else UNet2DModel
 
 
-def build_model(cfg: Config, image_size: int, channels: int, num_classes: int) -> ModelMixin:
-    """The task's model, freshly initialised from the global RNG."""
+def build_model(
+    cfg: Config, image_size: int, channels: int, num_classes: int, class_names: tuple[str, ...] = ()
+) -> ModelMixin:
+    """The task's model, freshly initialised from the global RNG (``class_names``: a latent
+    denoiser's prompts)."""
     if cfg.task == "classifier":
         return SmallCNN(channels, num_classes)
-    return build_unet(cfg.model, image_size, channels, num_classes, cfg.lora)
+    return build_unet(cfg.model, image_size, channels, num_classes, cfg.lora, class_names)
 
 
-def seeded_model(cfg: Config, seed: int, image_size: int, channels: int, num_classes: int) -> ModelMixin:
+def seeded_model(
+    cfg: Config,
+    seed: int,
+    image_size: int,
+    channels: int,
+    num_classes: int,
+    class_names: tuple[str, ...] = (),
+) -> ModelMixin:
     """:func:`build_model` with weights initialised from ``seed`` (global RNG left untouched),
     or for diffusion from ``model.init``."""
     if cfg.task == "diffusion":
-        return seeded_unet(cfg.model, seed, image_size, channels, num_classes, cfg.lora)
+        return seeded_unet(cfg.model, seed, image_size, channels, num_classes, cfg.lora, class_names)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(cfg, image_size, channels, num_classes)

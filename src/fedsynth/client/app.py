@@ -125,11 +125,11 @@ def _save_state(context: Context, state: dict) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _layout(config_text: str, image_size: int, channels: int, classes: int) -> tuple[Layout, dict]:
+def _layout(config_text: str, image_size: int, channels: int, names: tuple[str, ...]) -> tuple[Layout, dict]:
     """The model's layout and this node's own copy of the weights no one trains (from the seed
     or ``model.init``): built once per process and kept across rounds."""
     cfg = parse_config(config_text)
-    weights = seeded_model(cfg, cfg.seed, image_size, channels, classes).state_dict()
+    weights = seeded_model(cfg, cfg.seed, image_size, channels, len(names), names).state_dict()
     layout = Layout.of(weights, cfg.exchange.personal, cfg.trained_modules)
     return layout, {k: weights[k] for k in layout.frozen}
 
@@ -167,7 +167,7 @@ def handle_pretrain(msg: Message, cfg: Config, client_id: int, data: ImageData) 
 @torch.no_grad()
 def own_share(cfg: Config, data: ImageData, weights, counts: list[int], client_id: int) -> dict:
     """This client's share of a mixture, generated here: uint8 images and their labels."""
-    unet = build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes, cfg.lora)
+    unet = build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes, cfg.lora, data.class_names)
     unet.load_state_dict(weights)
     scheduler = build_train_scheduler(cfg.diffusion)
     images, labels = generate_share(unet, scheduler, counts, SampleSpec.of(cfg), client_id)
@@ -182,7 +182,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     client_id, data = client_data(text, dict(context.node_config), tuple(config[CLASSES_KEY]))
     if str(config.get(TASK_KEY, "train")) == "pretrain":
         return handle_pretrain(msg, cfg, client_id, data)
-    layout, base = _layout(text, data.shape[1], data.shape[0], data.num_classes)
+    layout, base = _layout(text, data.shape[1], data.shape[0], tuple(data.class_names))
     check_base(str(config.get(BASE_KEY, "")), layout)
     upload = tuple(str(g) for g in config.get(UPLOAD_KEY, GROUPS))
     state = _load_state(context)
@@ -198,7 +198,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     _save_state(context, state)
     check = {}
     if cfg.phoenix.filter_from and round_ >= cfg.phoenix.filter_from:
-        unet = build_unet(cfg.model, data.shape[1], data.shape[0], data.num_classes, cfg.lora)
+        unet = build_unet(
+            cfg.model, data.shape[1], data.shape[0], data.num_classes, cfg.lora, data.class_names
+        )
         unet.load_state_dict(update.weights)
         precision, recall = self_check(cfg, unet, data, round_, client_id)
         check = {"filter_precision": precision, "filter_recall": recall}

@@ -67,7 +67,7 @@ def scaffold_hook(c: Weights, c_i: Weights):
 
 
 def build_client_model(cfg: Config, data: ImageData, device: torch.device) -> torch.nn.Module:
-    return build_model(cfg, data.shape[1], data.shape[0], data.num_classes).to(device)
+    return build_model(cfg, data.shape[1], data.shape[0], data.num_classes, data.class_names).to(device)
 
 
 def local_train(

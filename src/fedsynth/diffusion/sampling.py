@@ -13,6 +13,7 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from fedsynth.diffusion.latent import PromptUNet
 from fedsynth.diffusion.unet import null_label
 
 
@@ -42,11 +43,14 @@ def generate(
     generator: torch.Generator,
     on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Images in [-1, 1], shape (N, C, H, W). ``sampler`` must have its timesteps set
-    and must not be shared between concurrent calls (schedulers are stateful)."""
-    if labels is not None and unet.config.num_class_embeds is None:
+    """Samples in the model's space, shape (N, C, H, W): images in [-1, 1], or a latent
+    denoiser's latents (:func:`fedsynth.diffusion.latent.to_images` decodes them). ``sampler``
+    must have its timesteps set and must not be shared between concurrent calls (schedulers
+    are stateful)."""
+    conditional = null_label(unet) is not None
+    if labels is not None and not conditional:
         raise ValueError("labels given but the model is unconditional")
-    if labels is None and unet.config.num_class_embeds is not None:
+    if labels is None and conditional:
         raise ValueError("the model is class-conditional: pass labels")
     n = len(labels) if labels is not None else num_images
     if not n:
@@ -62,4 +66,4 @@ def generate(
         x = sampler.step(eps, t, x, generator=generator).prev_sample
         if on_step is not None:
             on_step()
-    return x.clamp(-1.0, 1.0)
+    return x if isinstance(unet, PromptUNet) else x.clamp(-1.0, 1.0)  # latents are not bounded

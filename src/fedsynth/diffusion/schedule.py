@@ -21,19 +21,44 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from fedsynth.config import DiffusionConfig
 from fedsynth.errors import ConfigError
 
-BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+# diffusion.schedule → (diffusers' beta_schedule, β_1, β_T); scaled_linear is Stable Diffusion's
+BETA_SCHEDULES = {
+    "linear": ("linear", 1e-4, 0.02),
+    "cosine": ("squaredcos_cap_v2", 1e-4, 0.02),
+    "scaled_linear": ("scaled_linear", 0.00085, 0.012),
+}
 
 
 def build_train_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    schedule, beta_start, beta_end = BETA_SCHEDULES[cfg.schedule]
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=BETA_SCHEDULES[cfg.schedule],
-        beta_start=1e-4,
-        beta_end=0.02,
+        beta_schedule=schedule,
+        beta_start=beta_start,
+        beta_end=beta_end,
         prediction_type="epsilon",
-        clip_sample=True,
+        clip_sample=cfg.clip_sample,
         clip_sample_range=1.0,
     )
+
+
+def check_base_schedule(cfg: DiffusionConfig, base: dict, where: str) -> None:
+    """A base model (a pipeline's ``scheduler_config.json``) fine-tunes only under its own noise
+    schedule: diffusion.* must give the same β's and T; a one-line ConfigError otherwise."""
+    schedule, beta_start, beta_end = BETA_SCHEDULES[cfg.schedule]
+    theirs = (base.get("beta_schedule"), base.get("beta_start"), base.get("beta_end"))
+    named = next((n for n, (s, b1, b2) in BETA_SCHEDULES.items() if (s, b1, b2) == theirs), None)
+    if (schedule, beta_start, beta_end) != theirs:
+        fix = f'set diffusion.schedule = "{named}"' if named else "no diffusion.schedule gives its β's"
+        raise ConfigError(
+            f"diffusion.schedule = {cfg.schedule!r} does not match the noise schedule {where} was trained "
+            f"with ({theirs[0]}, β from {theirs[1]} to {theirs[2]}): {fix}"
+        )
+    if base.get("num_train_timesteps", 1000) != cfg.num_train_timesteps:
+        raise ConfigError(
+            f"diffusion.num_train_timesteps = {cfg.num_train_timesteps} does not match {where}'s "
+            f"{base.get('num_train_timesteps', 1000)}"
+        )
 
 
 def _ddpm(config) -> SchedulerMixin:
@@ -41,7 +66,7 @@ def _ddpm(config) -> SchedulerMixin:
 
 
 def _ddim(config) -> SchedulerMixin:
-    return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=True)
+    return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=config.clip_sample)
 
 
 def _dpm(config) -> SchedulerMixin:
@@ -49,7 +74,7 @@ def _dpm(config) -> SchedulerMixin:
         config,
         algorithm_type="dpmsolver++",
         solver_order=2,
-        thresholding=True,
+        thresholding=config.clip_sample,
         sample_max_value=1.0,
         timestep_spacing="trailing",
     )

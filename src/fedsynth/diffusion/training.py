@@ -15,6 +15,7 @@ from diffusers.training_utils import EMAModel
 
 from fedsynth.config import DiffusionConfig, TrainConfig, module_list, trained_keys
 from fedsynth.data.datasets import ImageData
+from fedsynth.diffusion.latent import model_space
 from fedsynth.diffusion.objective import diffusion_loss, drop_labels
 from fedsynth.diffusion.unet import null_label
 from fedsynth.errors import ConfigError
@@ -158,7 +159,7 @@ def optimizer_steps(
     ``after_backward`` may edit gradients before the step (e.g. SCAFFOLD's correction).
     """
     device = next(model.parameters()).device
-    images, labels = data.images.to(device), data.labels.to(device)
+    images, labels = model_space(model, data.images).to(device), data.labels.to(device)
     model.train()
     losses: list[float] = []
     batches = batch_indices(len(data), train.batch_size, generator)

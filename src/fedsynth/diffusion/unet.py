@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from fedsynth.config import LoraConfig, ModelConfig
+from fedsynth.config import LoraConfig, ModelConfig, is_pipeline_folder
+from fedsynth.diffusion.latent import PromptUNet, build_latent
 from fedsynth.diffusion.lora import add_lora
 from fedsynth.errors import ConfigError
 
@@ -50,8 +51,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def null_label(unet: UNet2DModel) -> int | None:
-    """The class index meaning "no label" (classifier-free guidance), or None."""
+def null_label(unet: torch.nn.Module) -> int | None:
+    """The class index meaning "no label" (classifier-free guidance; a latent denoiser's empty
+    prompt), or None for an unconditional model."""
+    if isinstance(unet, PromptUNet):
+        return unet.null_index
     n = unet.config.num_class_embeds
     return None if n is None else int(n) - 1
 
@@ -60,10 +64,18 @@ NO_LORA = LoraConfig()
 
 
 def build_unet(
-    cfg: ModelConfig, image_size: int, channels: int, num_classes: int, lora: LoraConfig = NO_LORA
-) -> UNet2DModel:
+    cfg: ModelConfig,
+    image_size: int,
+    channels: int,
+    num_classes: int,
+    lora: LoraConfig = NO_LORA,
+    class_names: tuple[str, ...] = (),
+) -> UNet2DModel | PromptUNet:
     """The preset's UNet (with ``lora``'s adapters when its rank is > 0), weights from the
-    global RNG."""
+    global RNG; or, when ``model.init`` is a pipeline folder, its latent denoiser
+    (:func:`seeded_unet`)."""
+    if is_pipeline_folder(cfg.init):
+        return seeded_unet(cfg, 0, image_size, channels, num_classes, lora, class_names)
     if cfg.preset not in PRESETS:
         raise ConfigError(f"model.preset = {cfg.preset!r} is not valid; choose one of: {', '.join(PRESETS)}")
     preset = PRESETS[cfg.preset]
@@ -84,10 +96,21 @@ def build_unet(
 
 
 def seeded_unet(
-    cfg: ModelConfig, seed: int, image_size: int, channels: int, num_classes: int, lora: LoraConfig = NO_LORA
-) -> UNet2DModel:
+    cfg: ModelConfig,
+    seed: int,
+    image_size: int,
+    channels: int,
+    num_classes: int,
+    lora: LoraConfig = NO_LORA,
+    class_names: tuple[str, ...] = (),
+) -> UNet2DModel | PromptUNet:
     """``build_unet`` with weights initialised from ``seed`` (global RNG left untouched), or
-    loaded from ``model.init``; then ``lora``'s adapters, A drawn from ``seed`` too."""
+    loaded from ``model.init`` (a pipeline folder: its UNet, conditioned on ``class_names``'
+    prompts); then ``lora``'s adapters, A drawn from ``seed`` too."""
+    if is_pipeline_folder(cfg.init):
+        names = tuple(class_names) or tuple(str(i) for i in range(num_classes))
+        unet = build_latent(cfg.init, image_size, channels, names, cfg.prompt)
+        return add_lora(unet, lora, seed) if lora.rank else unet
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = build_unet(cfg, image_size, channels, num_classes)

@@ -207,7 +207,7 @@ def audit_models(cfg: Config, run: RunDir, data: SplitDataset, device) -> dict:
     client's result is the run's (``mia_model`` says which)."""
     n = cfg.eval.membership_samples
     clients = run.client_runs()
-    if n <= 0 or not (clients or (run.model / "unet").is_dir()):
+    if n <= 0 or not (clients or run.has_model()):
         return {}
     if not clients:
         unet, scheduler = load_model(run, device)

@@ -16,6 +16,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedsynth.data.datasets import ImageData
+from fedsynth.diffusion.latent import model_space
 from fedsynth.diffusion.unet import null_label
 from fedsynth.seeding import numpy_rng, torch_generator
 
@@ -32,9 +33,10 @@ def loss_scores(
     num_t = scheduler.config.num_train_timesteps
     steps = [t * num_t // 1000 for t in TIMESTEPS]  # the same noise levels for any T
     null = null_label(unet)
+    images = model_space(unet, data.images)  # a latent denoiser's: the VAE latents
     out = []
     for start in range(0, len(data), batch_size):
-        x0 = data.images[start : start + batch_size].to(device)
+        x0 = images[start : start + batch_size].to(device)
         y = None if null is None else data.labels[start : start + batch_size].to(device)
         total = torch.zeros(len(x0), device=device)
         for t in steps:

@@ -61,6 +61,7 @@ from fedsynth.config import (
     under_module,
 )
 from fedsynth.data.datasets import ImageData, load_dataset
+from fedsynth.diffusion.latent import model_space
 from fedsynth.diffusion.objective import drop_labels, noisy_inputs
 from fedsynth.diffusion.unet import null_label
 from fedsynth.errors import ConfigError
@@ -177,7 +178,7 @@ class PrivateGradients:
         generator: torch.Generator,
     ) -> None:
         device = next(unet.parameters()).device
-        self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.images, self.labels = model_space(unet, data.images).to(device), data.labels.to(device)
         self.scheduler, self.diffusion = scheduler, diffusion
         self.privacy, self.generator = privacy, generator
         self.null, self.n = null_label(unet), len(data)

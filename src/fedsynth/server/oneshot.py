@@ -76,7 +76,9 @@ def mixture_counts(histograms: np.ndarray, per_class: int) -> np.ndarray:
 def initial_model(cfg: Config, prepared: Prepared) -> Model:
     """The seeded initial weights every local model starts from."""
     full = prepared.data.full
-    unet = seeded_unet(cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes, cfg.lora)
+    unet = seeded_unet(
+        cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes, cfg.lora, full.class_names
+    )
     unet = unet.to(resolve_device(cfg.train.device))
     return Model(unet, make_ema(unet, 0.0), build_train_scheduler(cfg.diffusion))
 
