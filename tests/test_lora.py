@@ -173,10 +173,15 @@ def _adapter_numel(cfg) -> tuple[int, int]:
 def test_a_federated_lora_run_sends_only_the_adapter_and_saves_a_loadable_model(tmp_path):
     overrides = [*TINY_OVERRIDES, *LORA, 'federation.engine="in-process"', "federation.round_timeout=120.0"]
     overrides += ["eval.tsne_points=0", "eval.membership_samples=0", 'strategy.name="fedavgm"']
-    cfg = load_config(FEDERATED, overrides)
+    cfg = load_config(FEDERATED, [*overrides, "federation.finetune_steps=2"])
     run = run_all(cfg, tmp_path / "run")
     adapter, tensors = _adapter_numel(cfg)
-    for record in run.read_metrics():  # every download and upload: the adapter, float32
+    *rounds, finetune = run.read_metrics()
+    assert finetune["phase"] == "finetune" and len(run.client_runs()) == 2
+    # the fine-tuned models come back as adapters too: the base stays with every client
+    assert 2 * adapter * 4 <= finetune["bytes_up"] < 2 * (adapter * 4 + tensors * 200 + 2048)
+    assert 2 * adapter * 4 <= finetune["bytes_down"] < 2 * (adapter * 4 + tensors * 200 + 8192)
+    for record in rounds:  # every download and upload: the adapter, float32
         clients = len(record["clients"])
         assert record["params_up"] == record["params_down"] == clients * adapter
         # + per tensor its name, dtype and shape; + the client's report

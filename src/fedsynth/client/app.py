@@ -149,7 +149,11 @@ def update_info(update, client_id: int, **extra) -> UpdateInfo:
 def handle_pretrain(msg: Message, cfg: Config, client_id: int, data: ImageData) -> Message:
     """A local model trained from the received weights for ``STEPS_KEY`` steps, uploaded once
     (FedDDPM's one-off models, paradigm ``local``); the client's exchange state is untouched."""
-    weights = msg.content[ARRAYS].to_torch_state_dict()
+    layout, base = _layout(
+        str(msg.content[CONFIG][CONFIG_KEY]), data.shape[1], data.shape[0], data.class_names
+    )
+    check_base(str(msg.content[CONFIG].get(BASE_KEY, "")), layout)
+    weights = {**base, **msg.content[ARRAYS].to_torch_state_dict()}  # the frozen part is our own
     steps = int(msg.content[CONFIG].get(STEPS_KEY, cfg.calibration.pretrain_steps))
     ema = cfg.local.ema_decay
     update = local_train(
@@ -157,7 +161,7 @@ def handle_pretrain(msg: Message, cfg: Config, client_id: int, data: ImageData) 
     )
     counts = msg.content[CONFIG].get(COUNTS_KEY)
     if counts is None:
-        arrays = ArrayRecord(update.weights)
+        arrays = ArrayRecord({k: update.weights[k] for k in layout.sent})
     else:  # paradigm local, local.upload = "samples": the model never leaves
         arrays = numpy_record(own_share(cfg, data, update.weights, [int(c) for c in counts], client_id))
     content = RecordDict({ARRAYS: arrays, METRICS: update_info(update, client_id).to_record()})

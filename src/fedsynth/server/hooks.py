@@ -158,8 +158,9 @@ def local_models(
     """A one-off round: every client trains a local model for ``steps`` steps from the current
     weights and uploads it within ``timeout`` seconds. (models, reports, bytes down, bytes up)."""
     config = ConfigRecord({**base, ROUND_KEY: 0, TASK_KEY: "pretrain", STEPS_KEY: steps})
-    global_w = {k: v.detach().cpu() for k, v in model.unet.state_dict().items()}
-    records = {ARRAYS: ArrayRecord(global_w), CONFIG: config}
+    state = {k: v.detach().cpu() for k, v in model.unet.state_dict().items()}
+    sent = layout.sent  # what no one trains never travels: each client has it
+    records = {ARRAYS: ArrayRecord({k: state[k] for k in sent}), CONFIG: config}
     replies, errors, down, up = broadcast(grid, nodes, records, MessageType.TRAIN, timeout)
     for pid, reason in sorted(errors.items()):
         log.warning("no local model from client %s: %s", pid, reason)
@@ -168,13 +169,14 @@ def local_models(
         arrays = record_numpy(reply.content[ARRAYS]) if ARRAYS in reply.content else {}
         try:
             info = UpdateInfo.from_mapping(dict(reply.content[METRICS]))
-            reason = check_arrays(arrays, Expected(layout.shapes))
+            reason = check_arrays(arrays, Expected({k: layout.shapes[k] for k in sent}))
         except (KeyError, TypeError, ValueError) as err:
             reason = f"malformed report: {err}"
         if reason:
             log.warning("local model of client %s rejected: %s", pid, reason)
             continue
-        models[pid] = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        received = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        models[pid] = {**{k: state[k] for k in layout.frozen}, **received}
         infos[pid] = info
     if not models:
         raise FederationError("no client returned a local model")

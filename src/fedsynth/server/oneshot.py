@@ -114,7 +114,8 @@ def one_shot(
     began, round_ = time.perf_counter(), len(run.read_metrics()) + 1
     model = start or initial_model(cfg, prepared)
     unet = model.unet
-    base = base_config(cfg, tuple(prepared.data.full.class_names))
+    layout = Layout.of(unet.state_dict(), trainable=cfg.trained_modules)
+    base = base_config(cfg, tuple(prepared.data.full.class_names), layout.base_digest)
     fed = cfg.federation
     nodes, histograms = discover_nodes(grid, cfg.partition.num_clients, base, max(60.0, fed.round_timeout))
     if start is None:
@@ -126,16 +127,14 @@ def one_shot(
     if ledger is not None:
         ledger.check_round(round_, sorted(nodes), steps)
     if cfg.local.upload == "model":
-        models, infos, down, up = local_models(
-            cfg, model, Layout.of(unet.state_dict()), grid, nodes, base, steps, timeout
-        )
+        models, infos, down, up = local_models(cfg, model, layout, grid, nodes, base, steps, timeout)
         for pid, weights in models.items():
             client = run.client(pid).create()
             client.write_config(cfg)
             save_personal_model(client, unet, weights, model.scheduler)
     else:
         models, infos, down, up = collect_shares(
-            cfg, run, model, grid, nodes, histograms, base, steps, timeout
+            cfg, run, model, layout.sent, grid, nodes, histograms, base, steps, timeout
         )
     dropped = [Dropped(p, f"no local {cfg.local.upload}") for p in sorted(set(nodes) - set(models))]
     n = np.array([infos[p].num_examples for p in sorted(infos)], float)
@@ -160,6 +159,7 @@ def collect_shares(
     cfg: Config,
     run: RunDir,
     model: Model,
+    sent: list[str],
     grid: Grid,
     nodes: dict[int, int],
     histograms: dict[int, list[int]],
@@ -171,7 +171,8 @@ def collect_shares(
     and uploads only the images; ``synthetic/`` is written from them here."""
     order = sorted(nodes)
     counts = mixture_counts(np.array([histograms[p] for p in order]), cfg.sample.per_class)
-    global_w = ArrayRecord({k: v.detach().cpu() for k, v in model.unet.state_dict().items()})
+    state = model.unet.state_dict()
+    global_w = ArrayRecord({k: state[k].detach().cpu() for k in sent})  # the frozen part never travels
     messages = {}
     for pid, row in zip(order, counts, strict=True):
         config = ConfigRecord(
