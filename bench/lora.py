@@ -13,6 +13,8 @@ in what trains and so travels:
 - ``lora<r>-<fedavg|ffa>``: from the base, rank-r LoRA adapters (A and B averaged apart, or
   FFA-LoRA: A frozen, only B trained and sent) plus the class embedding (the base's classes
   are Fashion-MNIST's, the federation's are digits);
+- ``central-ft``: centralized from the base, every weight, the federation's 2,400 steps, lr and
+  guidance (the reference for FD);
 - ``dp-lora4``: centralized DP-SGD at ε = 10 from the base with rank-4 LoRA + class embedding,
   bench/privacy.py's best recipe otherwise (batch 512 × 260 steps, lr 3e-3, C = 0.005).
 
@@ -69,6 +71,13 @@ ROWS: dict[str, tuple[str, str, list[str], bool]] = {
         for r in RANKS
         for agg in AGGREGATIONS
     },
+    # the same 2,400 steps in one place, at the federation's lr and guidance: FD's reference
+    "central-ft": (
+        CENTRAL,
+        "centralized from the base, every weight (2,400 steps)",
+        ["federation.rounds=30", "train.local_steps=20", "train.lr=3e-4", "sample.guidance=2.0"],
+        True,
+    ),
     "dp-lora4": (
         CENTRAL,
         "centralized DP-SGD ε = 10 from the base, LoRA r = 4 + class embedding (512 × 260, lr 3e-3, C 0.005)",
