@@ -151,3 +151,30 @@ def test_class_names_become_safe_folders_inside_the_output(tmp_path):
     assert all(p.parts[:2] == ("run", "synthetic") and len(p.parts) == 4 for p in written), written
     fake = load_synthetic(out, real, image_size=8)  # read back under the real class names
     assert torch.equal(fake.labels.sort().values, real.labels)
+
+
+def test_sixteen_bit_gray_pngs_are_scaled_by_their_depth_not_saturated(tmp_path):
+    """Pillow clips 16-bit values at 255 when converting to "L": a dark 16-bit image would load
+    nearly all white. Loaded values must be the source's / 65535 (to 8-bit rounding)."""
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(ramp).save(tmp_path / cls / "x.png")  # mode I;16
+    data = load_images(DataConfig(dataset="imagefolder", path=str(tmp_path), image_size=16))
+    got = (data.images[0, 0].numpy() + 1) / 2  # back to [0, 1]
+    assert np.abs(got - ramp / 65535).max() <= 1 / 255 + 1e-6
+    assert (got >= 0.999).mean() < 0.01  # Pillow's own conversion: most pixels at the maximum
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90° clockwise to view)."""
+    stored = np.zeros((8, 16), dtype=np.uint8)  # 8 high, 16 wide
+    stored[:, :8] = 255  # left half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(stored).save(tmp_path / cls / "x.png", exif=exif)
+    data = load_images(DataConfig(dataset="imagefolder", path=str(tmp_path), image_size=16))
+    viewed = data.images[0, 0].numpy() > 0  # rotated 90° clockwise: the white half is on top
+    assert viewed[:6].all() and not viewed[10:].any()

@@ -51,7 +51,7 @@ def run(
 ) -> None:
     """Run every stage: partition, train, sample, evaluate, report."""
     from fedsynth.config import load_config
-    from fedsynth.rundir import RunDir, read_json
+    from fedsynth.rundir import RunDir, check_fresh, read_json
 
     if resume is not None:
         if config is not None or out is not None:
@@ -70,7 +70,10 @@ def run(
         from fedsynth.superlink import run_on_superlink  # every stage runs in Flower's process
 
         source = RunDir(target).config if resume is not None else config
-        run_on_superlink(cfg, source, target, overrides or [], resume=resume is not None)
+        if resume is None:
+            check_fresh(target)
+        with RunDir(target).writer_lock():  # Flower's processes write under this process's lock
+            run_on_superlink(cfg, source, target, overrides or [], resume=resume is not None)
         result = RunDir(target)
     else:
         from fedsynth.pipeline import run_all
@@ -167,18 +170,23 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="a run directory with 
     rd = RunDir(run_dir)
     cfg = load_config(rd.config)
     _set_threads(cfg.train.threads)
-    evaluate_run(cfg, rd)
+    with rd.writer_lock():
+        evaluate_run(cfg, rd)
     print_summary(read_json(rd.summary))
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Write RUN_DIR/report.md with its pictures."""
+    from fedsynth.errors import RunDirError
     from fedsynth.report.markdown import write_report
     from fedsynth.rundir import RunDir
 
     rd = RunDir(run_dir)
-    write_report(rd)
+    if not rd.config.is_file():
+        raise RunDirError(f"{rd.root} is not a fedsynth run (no config.toml)")
+    with rd.writer_lock():
+        write_report(rd)
     print(f"report: {rd.report}")
 
 

@@ -18,7 +18,7 @@ from fedsynth.config import Config, check_resume_changes, is_pipeline_folder, lo
 from fedsynth.diffusion.latent import check_pipeline
 from fedsynth.diffusion.schedule import check_base_schedule
 from fedsynth.diffusion.training import resolve_device
-from fedsynth.errors import ConfigError, RunDirError
+from fedsynth.errors import ConfigError
 from fedsynth.evaluation.evaluate import evaluate_run
 from fedsynth.evaluation.inception import check_weights_file
 from fedsynth.exchange.transfer import has_personal_models
@@ -27,7 +27,7 @@ from fedsynth.local import sample_mixture, train_local
 from fedsynth.prepare import Prepared, check_partitions, prepare
 from fedsynth.privacy.accounting import default_delta, resolve_noise
 from fedsynth.report.markdown import write_report
-from fedsynth.rundir import RunDir
+from fedsynth.rundir import RunDir, check_fresh
 from fedsynth.synthesize import SampleSpec, synthesize
 
 
@@ -52,18 +52,6 @@ def sample_run(
         grid_title=f"{cfg.paradigm} · {spec.sampler}-{spec.steps}",
     )
     return manifest
-
-
-def _check_fresh(root: Path) -> None:
-    """A new run goes into a new or empty folder: never over a run, a file or anyone's files."""
-    if root.exists() and not root.is_dir():
-        raise RunDirError(f"--out {root} is a file, not a folder")
-    if not root.is_dir() or not any(root.iterdir()):
-        return
-    run = RunDir(root)
-    if run.metrics.exists() or run.model.exists() or run.latest_checkpoint() is not None:
-        raise RunDirError(f"{root} already holds a run: pass --resume to continue it, or choose a new --out")
-    raise RunDirError(f"{root} is not empty and holds no fedsynth run: choose a new --out")
 
 
 def check_base_model(cfg: Config) -> None:
@@ -155,9 +143,16 @@ def run_all(cfg: Config, out: Path, *, resume: bool = False, grid=None, client_a
     if cfg.eval.enabled and cfg.eval.inception_weights:
         check_weights_file(cfg.eval.inception_weights)  # before hours of training, not after
     if not resume:
-        _check_fresh(Path(out))
+        check_fresh(Path(out))
     check_base_model(cfg)
-    run = RunDir(Path(out)).create()
+    with RunDir(Path(out)).writer_lock():
+        return _run_all(cfg, Path(out), resume=resume, grid=grid, client_app=client_app)
+
+
+def _run_all(cfg: Config, out: Path, *, resume: bool, grid, client_app) -> RunDir:
+    run = RunDir(out).create()
+    if not resume and run.metrics.exists():
+        run.truncate_metrics(0)  # a run that stopped before its first checkpoint starts again
     start = time.perf_counter()
     if resume:
         if check_resume_changes(load_config(run.config), cfg):

@@ -3,6 +3,7 @@ split among clients, and write ``partitions.json`` (+ a clients × classes heat-
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,14 +78,30 @@ def write_partitions(run: RunDir, cfg: Config, prepared: Prepared) -> None:
             "shared_indices": prepared.shared.tolist(),
             "train_indices": prepared.data.train_indices.tolist(),
             "test_indices": prepared.data.test_indices.tolist(),
+            "train_sha256": training_fingerprint(prepared),
         },
     )
     plot_partition_heatmap(hist, names, run.root / "partitions.png")
 
 
+def training_fingerprint(prepared: Prepared) -> str:
+    """SHA-256 of the training split's images (as loaded) and labels, in index order."""
+    data, idx = prepared.data.full, prepared.data.train_indices
+    h = hashlib.sha256(np.ascontiguousarray(data.images[idx].numpy()).tobytes())
+    h.update(np.ascontiguousarray(data.labels[idx].numpy()).tobytes())
+    return h.hexdigest()
+
+
 def check_partitions(run: RunDir, prepared: Prepared) -> None:
-    """Loud error if the run directory's recorded split differs from the data now."""
+    """Loud error if the run directory's recorded split differs from the data now (its indices,
+    and, for runs that recorded it, the training images themselves)."""
     recorded = read_json(run.partitions)
+    recorded_sha = recorded.get("train_sha256")
+    if recorded_sha is not None and recorded_sha != training_fingerprint(prepared):
+        raise RunDirError(
+            f"{run.partitions}: the training images are not the ones this run trained on (SHA-256 "
+            f"{recorded_sha[:12]}… recorded); point data.path back at them, or start a new run"
+        )
     if recorded["test_indices"] != prepared.data.test_indices.tolist():
         raise RunDirError(f"{run.partitions}: the test split no longer matches the dataset")
     if [c["indices"] for c in recorded["clients"]] != [p.tolist() for p in prepared.clients] or recorded.get(

@@ -10,12 +10,15 @@ renamed into place, so a kill mid-write never leaves a corrupt latest checkpoint
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ from fedsynth.config import Config, config_toml
 from fedsynth.errors import RunDirError
 
 CHECKPOINT_RE = re.compile(r"^round-(\d{4,})$")
+LOCK_NAME = ".lock"
+LOCK_ENV = "FEDSYNTH_RUN_LOCKED"  # a run directory whose writer lock a parent process holds
 
 
 def _umask() -> int:
@@ -75,11 +80,28 @@ def make_dir_temp(parent: Path, name: str) -> Path:
     return tmp
 
 
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says the disk is full: ENOSPC / EDQUOT, or torch's serializer's
+    "unexpected pos" (what a full disk gives ``torch.save``)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("unexpected pos" in text or "No space left" in text)
+
+
 def write_dir_atomic(target: Path, fill: Callable[[Path], None]) -> None:
-    """Call ``fill(tmpdir)`` then move ``tmpdir`` to ``target`` (replacing it)."""
+    """Call ``fill(tmpdir)`` then move ``tmpdir`` to ``target`` (replacing it). A full disk is a
+    one-line RunDirError; what ``target`` held before is kept."""
     tmp = make_dir_temp(target.parent, target.name)
     try:
-        fill(tmp)
+        try:
+            fill(tmp)
+        except (OSError, RuntimeError) as err:
+            if disk_full(err):
+                raise RunDirError(
+                    f"no space left on device writing {target}: free some and --resume"
+                ) from None
+            raise
         if target.exists() or target.is_symlink():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -175,6 +197,37 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         return self.check_links()
 
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """One writer per run directory: an advisory lock (``flock`` on ``RUN/.lock``, which
+        holds the holder's PID) for as long as the block runs; a second writer gets a one-line
+        RunDirError naming the holder. The lock goes with its process (a killed run leaves none).
+        Processes this one starts (Flower's, for a simulation on a SuperLink) write under it."""
+        key = str(self.root.resolve())
+        if os.environ.get(LOCK_ENV) == key:
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise RunDirError(
+                    f"{self.root} is in use by another fedsynth process (PID {holder}): one writer per "
+                    "run directory; wait for it to end or stop it"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.environ[LOCK_ENV] = key
+            try:
+                yield
+            finally:
+                os.environ.pop(LOCK_ENV, None)
+        finally:
+            os.close(fd)
+
     def write_config(self, cfg: Config) -> None:
         write_text_atomic(self.config, config_toml(cfg))
 
@@ -239,3 +292,18 @@ class RunDir:
         summary.update(values)
         write_json_atomic(self.summary, summary)
         return summary
+
+
+def check_fresh(root: Path) -> None:
+    """A new run goes into a new or empty folder, or over a run that failed before its first
+    checkpoint (nothing to resume: it starts again); never over a run, a file or anyone's files."""
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"--out {root} is a file, not a folder")
+    if not root.is_dir() or not any(p.name != LOCK_NAME for p in root.iterdir()):
+        return
+    run = RunDir(root)
+    if run.config.is_file() and not run.model.exists() and not run.checkpoints_newest_first():
+        return  # it stopped before a first checkpoint: a new run replaces it
+    if run.metrics.exists() or run.model.exists() or run.latest_checkpoint() is not None:
+        raise RunDirError(f"{root} already holds a run: pass --resume to continue it, or choose a new --out")
+    raise RunDirError(f"{root} is not empty and holds no fedsynth run: choose a new --out")

@@ -233,6 +233,32 @@ def _alive(group: int) -> bool:
     return True
 
 
+def watch_parent(parent: int, home: str, every: float = 0.5) -> None:
+    """Run in a process of its own session: while this process's parent (``parent``, the CLI)
+    lives, note the process groups under it; once it is gone — even killed by SIGKILL, which
+    no handler sees — end those groups (the SuperLink, its executor, the simulation, Ray) and
+    remove ``home``, so nothing finishes the run unattended or writes beside a resumed one."""
+    own = {os.getpgrp(), os.getpgid(parent)}
+    groups: list[int] = []
+    while os.getppid() == parent:  # a dead parent's children are handed to another process
+        groups = [g for g in _groups_under(parent) if g not in own]
+        time.sleep(every)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, sig)
+        deadline = time.monotonic() + 5.0
+        while any(_alive(g) for g in groups) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def start_watchdog(home: Path) -> subprocess.Popen:
+    """:func:`watch_parent` for this process, in a session of its own."""
+    code = f"from fedsynth.superlink import watch_parent; watch_parent({os.getpid()}, {str(home)!r})"
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+
+
 def stop_all() -> None:
     """Stop every SuperLink this process started (the CLI's interrupt handler calls this)."""
     for proc in list(_RUNNING):
@@ -296,9 +322,10 @@ def run_on_superlink(cfg: Config, config: Path, out: Path, overrides: list[str],
     env = flower_env(home, live=sys.stdout.isatty())
     cmd = [str(_BIN / "flwr"), "run", str(home / "app"), "local", "--stream"]
     cmd += ["--run-config", str(home / "run-config.toml"), "--federation-config", federation]
-    start_superlink(home, env)
+    watchdog = start_watchdog(home)  # ends everything below should this process be killed
     relay = Relay(sys.stdout)
     try:
+        start_superlink(home, env)
         client = _start(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         with (home / "run.log").open("w") as raw:
             for line in split_lines(_decoded(client.stdout)):
@@ -307,6 +334,8 @@ def run_on_superlink(cfg: Config, config: Path, out: Path, overrides: list[str],
         code = client.wait()
     finally:
         stop_all()
+        watchdog.terminate()
+        watchdog.wait()
     _raise_failure(relay, code, out, home)
     shutil.rmtree(home, ignore_errors=True)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fedsynth.config import DataConfig
 from fedsynth.data.idx import find_idx, read_pair
@@ -227,11 +227,26 @@ def _load_idx(cfg: DataConfig) -> tuple[ImageData, int]:
     return data, 0 if test is None else len(test[1])
 
 
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """Gray images of more than 8 bits as 8-bit "L", scaled by their depth (Pillow's own
+    conversion clips 16-bit values at 255, saturating most pixels): 16-bit modes ÷ 257; 32-bit
+    integers as 16-bit when any value exceeds 255; floats in [0, 1] × 255."""
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img
+    x = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        scale = 255.0 if x.size and x.max() <= 1.0 else 1.0
+    else:
+        scale = 1.0 / 257.0 if img.mode.startswith("I;16") or (x.size and x.max() > 255) else 1.0
+    return Image.fromarray(np.clip(np.rint(x * scale), 0, 255).astype(np.uint8), "L")
+
+
 def _read_image(path: Path) -> Image.Image:
+    """The image as its owner sees it: EXIF orientation applied, gray depth scaled to 8 bits."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.copy()
+            return _eight_bit(ImageOps.exif_transpose(img))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"unreadable image {path}: {first_line(exc)}") from None
 
