@@ -72,6 +72,18 @@ ROWS: dict[str, tuple[str, str, list[str], bool]] = {
         for agg in AGGREGATIONS
     },
     # the same 2,400 steps in one place, at the federation's lr and guidance: FD's reference
+    # LoRA usually wants a larger step than full fine-tuning (the demo's lr 3e-4 is full training's)
+    **{
+        f"lora{r}-{agg}-lr{lr}": (
+            FEDERATED,
+            f"from the base, LoRA r = {r} ({agg}) + class embedding, lr {lr}",
+            [*_lora(r, agg), f"train.lr={lr}"],
+            True,
+        )
+        for r in RANKS
+        for agg in AGGREGATIONS
+        for lr in ("1e-3", "3e-3")
+    },
     "central-ft": (
         CENTRAL,
         "centralized from the base, every weight (2,400 steps)",
