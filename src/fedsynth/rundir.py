@@ -29,6 +29,19 @@ from fedsynth.errors import RunDirError
 CHECKPOINT_RE = re.compile(r"^round-(\d{4,})$")
 LOCK_NAME = ".lock"
 LOCK_ENV = "FEDSYNTH_RUN_LOCKED"  # a run directory whose writer lock a parent process holds
+# what a run directory holds before its first checkpoint (a run stopped then may start again)
+BEFORE_FIRST_CHECKPOINT = frozenset(
+    {
+        "config.toml",
+        "partitions.json",
+        "partitions.png",
+        "metrics.jsonl",
+        "checkpoints",
+        "ledger.json",
+        "store",
+        LOCK_NAME,
+    }
+)
 
 
 def _umask() -> int:
@@ -302,8 +315,9 @@ def check_fresh(root: Path) -> None:
     if not root.is_dir() or not any(p.name != LOCK_NAME for p in root.iterdir()):
         return
     run = RunDir(root)
-    if run.config.is_file() and not run.model.exists() and not run.checkpoints_newest_first():
-        return  # it stopped before a first checkpoint: a new run replaces it
+    names = {p.name for p in root.iterdir()}
+    if run.partitions.is_file() and names <= BEFORE_FIRST_CHECKPOINT and not run.checkpoints_newest_first():
+        return  # only what a run writes before its first checkpoint: nothing to resume, it starts again
     if run.metrics.exists() or run.model.exists() or run.latest_checkpoint() is not None:
         raise RunDirError(f"{root} already holds a run: pass --resume to continue it, or choose a new --out")
     raise RunDirError(f"{root} is not empty and holds no fedsynth run: choose a new --out")
