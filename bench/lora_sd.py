@@ -78,8 +78,9 @@ def table(rows: list[dict]) -> str:
     lines = [
         "# A Stable-Diffusion-layout pipeline: full UNet or LoRA (tiny random pipeline, 32 px, CPU)",
         "",
-        "Command: `.venv/bin/python bench/lora_sd.py`. Step: one optimizer step of the denoising loss on",
-        "a batch of cached latents (the UNet alone: prompts and latents are encoded once).",
+        "Command: `.venv/bin/python bench/lora_sd.py` (batch 16 of 16×16 latents, one torch thread). Step:",
+        "one optimizer step of the denoising loss on cached latents (the UNet alone: prompts and latents",
+        "are encoded once).",
         "",
         "| row | trained parameters | MB per client and direction | step s (median) |",
         "| --- | --- | --- | --- |",
@@ -96,14 +97,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared CPU)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_tiny_pipeline(Path(tmp) / "tiny-sd")
         rows = [measure(pipe, 0, "fedavg", args.steps, args.batch)]
         rows += [
             measure(pipe, r, agg, args.steps, args.batch) for r in (1, 4, 16) for agg in ("fedavg", "ffa")
         ]
-    write_result("lora_sd", {"steps": args.steps, "batch": args.batch, "rows": rows})
+    write_result("lora_sd", {"steps": args.steps, "batch": args.batch, "threads": args.threads, "rows": rows})
     (RESULTS / "lora_sd.md").write_text(table(rows))
 
 
