@@ -28,7 +28,7 @@ from fedsynth.prepare import Prepared, check_partitions, prepare
 from fedsynth.privacy.accounting import default_delta, resolve_noise
 from fedsynth.report.markdown import write_report
 from fedsynth.rundir import RunDir, check_fresh
-from fedsynth.synthesize import SampleSpec, synthesize
+from fedsynth.synthesize import SampleSpec, check_fits, synthesize
 
 
 def sample_run(
@@ -164,6 +164,8 @@ def _run_all(cfg: Config, out: Path, *, resume: bool, grid, client_app) -> RunDi
         cfg = resolve_noise(cfg, privacy_sizes(cfg, prepared), steps_per_round(cfg, prepared))
         run.write_config(cfg)
     check_eval_sizes(cfg, prepared)  # before hours of training, not after
+    full = prepared.data.full
+    check_fits(cfg.sample.per_class * full.num_classes, tuple(full.shape), run.synthetic)
     train(cfg, run, prepared, resume=resume, grid=grid, client_app=client_app)
     metrics = run.read_metrics()
     run.update_summary(

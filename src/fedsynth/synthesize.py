@@ -9,6 +9,7 @@ plus ``OUT/manifest.json``; or ``OUT/synthetic.npz`` (``images`` uint8, ``labels
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from PIL import Image
 
 from fedsynth.config import Config
 from fedsynth.data.datasets import folder_name
-from fedsynth.diffusion.latent import to_images
+from fedsynth.diffusion.latent import image_shape, to_images
 from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler
 from fedsynth.diffusion.unet import null_label
@@ -102,6 +103,36 @@ def check_output(out: Path, fmt: str) -> None:
         raise RunDirError(
             f"{out} is not empty and holds no synthetic set (only a folder that is exactly a fedsynth "
             "synthetic set is replaced): choose a new folder"
+        )
+
+
+def _memory_available() -> int:
+    """MemAvailable from /proc/meminfo (bytes); elsewhere no limit is known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 1 << 62
+
+
+def check_fits(total: int, shape: tuple[int, ...], out: Path) -> None:
+    """Refuse, before generating anything, a synthetic set that cannot fit: the images are held
+    in memory as float32 (with their 8-bit copy) and written as PNGs (at most their raw size)."""
+    pixels = int(np.prod(shape))
+    memory, available = total * pixels * 5, _memory_available()
+    if memory > available:
+        raise ConfigError(
+            f"{total:,} images of {tuple(shape)} need ~{memory / 1e9:.1f} GB of memory, "
+            f"{available / 1e9:.1f} GB is available: draw fewer per class (or several sets)"
+        )
+    folder = next(p for p in (out, *out.parents) if p.exists())
+    disk, free = total * (pixels + 256), shutil.disk_usage(folder).free
+    if disk > free:
+        raise RunDirError(
+            f"{total:,} images need up to {disk / 1e9:.1f} GB on disk, {free / 1e9:.1f} GB is free at "
+            f"{folder}: draw fewer per class"
         )
 
 
@@ -193,6 +224,7 @@ def synthesize(
     """Generate, write the dataset and its manifest (and a sample grid PNG when ``grid``
     is given, drawn from the same images); return the manifest."""
     check_output(out, fmt)
+    check_fits(len(class_names) * spec.per_class, image_shape(unet), out)
     images, labels = sample_images(unet, train_scheduler, len(class_names), spec)
     extra = {"model_round": model_round}
     return write_synthetic(images, labels, class_names, spec, out, fmt, extra, grid, grid_per_row, grid_title)

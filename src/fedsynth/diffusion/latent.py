@@ -296,6 +296,14 @@ def model_space(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return _ENCODED[key]
 
 
+def image_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images ``model`` generates (after decoding)."""
+    if isinstance(model, PromptUNet):
+        side = model.config.sample_size * model.frozen.factor
+        return (model.data_channels, side, side)
+    return (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+
+
 def to_images(model: torch.nn.Module, samples: torch.Tensor) -> torch.Tensor:
     """Generated samples as images in [-1, 1]: decoded by the VAE for latent models."""
     if not isinstance(model, PromptUNet):
