@@ -21,16 +21,15 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fedsynth.diffusion.latent import PromptUNet, is_latent_model, load_latent, save_latent
-from fedsynth.diffusion.lora import adapter_weights, has_lora, merged_unet
+from fedsynth.diffusion.lora import has_lora, merged_unet, save_adapter
 from fedsynth.errors import RunDirError, first_line
 from fedsynth.rundir import RunDir, write_dir_atomic
 
 log = logging.getLogger("fedsynth.checkpoint")
 SAFETENSORS = "diffusion_pytorch_model.safetensors"  # what save_pretrained writes
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
 
 
 def ema_unet(unet: ModelMixin, ema: EMAModel) -> ModelMixin:
@@ -179,7 +178,7 @@ def save_model(
         else:
             merged_unet(shadow).save_pretrained(tmp / "unet")
             if has_lora(shadow):
-                save_file(adapter_weights(shadow), tmp / LORA_WEIGHTS)
+                save_adapter(tmp, shadow)
         if scheduler is not None:
             scheduler.save_pretrained(tmp / "scheduler")
         if ema_info is not None:

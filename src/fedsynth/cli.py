@@ -178,13 +178,10 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="a run directory with 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Write RUN_DIR/report.md with its pictures."""
-    from fedsynth.errors import RunDirError
     from fedsynth.report.markdown import write_report
     from fedsynth.rundir import RunDir
 
-    rd = RunDir(run_dir)
-    if not rd.config.is_file():
-        raise RunDirError(f"{rd.root} is not a fedsynth run (no config.toml)")
+    rd = RunDir(run_dir).check_is_run()  # before the lock, which would create the folder
     with rd.writer_lock():
         write_report(rd)
     print(f"report: {rd.report}")

@@ -244,6 +244,12 @@ class RunDir:
     def write_config(self, cfg: Config) -> None:
         write_text_atomic(self.config, config_toml(cfg))
 
+    def check_is_run(self) -> RunDir:
+        """A one-line RunDirError when ``root`` holds no fedsynth run (no ``config.toml``)."""
+        if not self.config.is_file():
+            raise RunDirError(f"{self.root} is not a fedsynth run (no config.toml)")
+        return self
+
     def check_links(self) -> RunDir:
         """Refuse a run directory (e.g. one received from someone else) whose entries are links
         leading out of it: every file fedsynth writes must land inside the run directory."""

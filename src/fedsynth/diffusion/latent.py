@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from fedsynth.config import LoraConfig as LoraSettings
-from fedsynth.diffusion.lora import add_lora, has_lora
+from fedsynth.config import is_pipeline_folder
+from fedsynth.diffusion.lora import LORA_WEIGHTS, add_lora, has_lora, save_adapter
 from fedsynth.errors import ConfigError
 
 PARTS = {  # folder: (library, class) as model_index.json names them
@@ -42,11 +43,6 @@ PARTS = {  # folder: (library, class) as model_index.json names them
     "scheduler": None,  # any diffusers scheduler: its β's must match diffusion.*
 }
 ENCODE_BATCH = 64
-
-
-def is_pipeline(path: str | Path) -> bool:
-    """Whether ``path`` is a diffusers pipeline folder (it has ``model_index.json``)."""
-    return bool(str(path)) and (Path(path) / "model_index.json").is_file()
 
 
 def check_pipeline(path: Path) -> dict:
@@ -205,8 +201,6 @@ def build_latent(
             f"data.image_size = {image_size} must be a multiple of the VAE factor {base.frozen.factor} "
             f"of model.init = {path!r}"
         )
-    if not class_names:
-        raise ConfigError("a latent denoiser needs the class names (its prompts)")
     config = {k: v for k, v in base.unet_config.items() if not k.startswith("_")}
     unet = PromptUNet.from_config({**config, "sample_size": image_size // base.frozen.factor})
     unet.load_state_dict(base.unet_weights, strict=True)
@@ -215,14 +209,14 @@ def build_latent(
 
 # ----------------------------------------------------------------------------- model/
 
-BASE_JSON, LORA_WEIGHTS = "base.json", "pytorch_lora_weights.safetensors"
+BASE_JSON = "base.json"
 
 
 def save_latent(folder: Path, model: PromptUNet) -> None:
     """A latent run's ``model/``: ``base.json`` (the pipeline's path and SHA-256, prompts, image
     size), then the adapter in diffusers' LoRA file (``pipe.load_lora_weights(folder)``) or,
     without adapters, the fine-tuned UNet (``unet/``). The base's weights are not copied."""
-    lora = model.peft_config["default"] if has_lora(model) else None
+    lora = model.peft_config["default"] if has_lora(model) else None  # rank, α, targets
     info = {
         "path": model.frozen.path,
         "sha256": model.frozen.digest,
@@ -238,15 +232,8 @@ def save_latent(folder: Path, model: PromptUNet) -> None:
     (folder / BASE_JSON).write_text(json.dumps(info, indent=2) + "\n")
     if lora is None:
         model.save_pretrained(folder / "unet")
-        return
-    from diffusers import StableDiffusionPipeline
-
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=get_peft_model_state_dict(model),
-        unet_lora_adapter_metadata=lora.to_dict(),
-        weight_name=LORA_WEIGHTS,
-    )
+    else:
+        save_adapter(folder, model)
 
 
 def is_latent_model(folder: Path) -> bool:
@@ -257,7 +244,7 @@ def load_latent(folder: Path) -> PromptUNet:
     """:func:`save_latent`'s model back: the base from its folder (its SHA-256 checked), then
     the adapter or the fine-tuned UNet."""
     info = json.loads((folder / BASE_JSON).read_text())
-    if not is_pipeline(info["path"]):
+    if not is_pipeline_folder(info["path"]):
         raise ConfigError(f"{folder / BASE_JSON}: the base pipeline {info['path']!r} is not there")
     names = tuple(info["class_names"])
     unet = build_latent(info["path"], info["image_size"], info["channels"], names, info["prompt"])

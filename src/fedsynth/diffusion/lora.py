@@ -9,13 +9,14 @@ peft renames a wrapped layer's own weights ``….base_layer.weight`` and adds
 ``….lora_A.default.weight`` / ``….lora_B.default.weight``: the whole adapted model keeps
 one state dict, exchanged and checkpointed by those names (never peft's stripped names,
 whose silent mismatch drops an aggregated adapter). :func:`merged_unet` folds the adapters
-into a plain model (what ``model/unet`` holds); :func:`adapter_weights` is the adapter in
-diffusers' LoRA format.
+into a plain model (what ``model/unet`` holds); :func:`save_adapter` writes the adapter in
+diffusers' LoRA file.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
@@ -51,7 +52,10 @@ def resolve_targets(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
 
 def add_lora(model: UNet2DModel, lora: LoraConfig, seed: int) -> UNet2DModel:
     """Wrap ``model``'s target layers with rank-r adapters in place; A is drawn from ``seed``
-    (every node draws the same A: FFA-LoRA's shared initialisation), the global RNG untouched."""
+    (every node draws the same A: FFA-LoRA's shared initialisation), the global RNG untouched.
+    Rank 0 (LoRA off) leaves ``model`` as it is."""
+    if lora.rank == 0:
+        return model
     spec = PeftLoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha or lora.rank,
@@ -93,8 +97,18 @@ def merged_unet(model: UNet2DModel) -> UNet2DModel:
     return plain.to(next(model.parameters()).device)
 
 
-def adapter_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters alone, in diffusers' LoRA layout (``unet.…lora_A.weight``; peft's names
-    without the adapter name), as ``save_lora_weights`` writes them."""
-    state = get_peft_model_state_dict(model)
-    return {f"unet.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
+
+
+def save_adapter(folder: Path, model: torch.nn.Module) -> None:
+    """The adapters alone in ``folder/pytorch_lora_weights.safetensors``, written by diffusers
+    (``unet.…lora_A.weight``: peft's names without the adapter name; rank, α and targets in its
+    metadata), so ``pipe.load_lora_weights(folder)`` reads it."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=get_peft_model_state_dict(model),
+        unet_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+        weight_name=LORA_WEIGHTS,
+    )

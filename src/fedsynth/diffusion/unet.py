@@ -92,7 +92,7 @@ def build_unet(
         num_class_embeds=num_classes + 1 if cfg.conditional else None,
         **preset,
     )
-    return add_lora(unet, lora, seed=0) if lora.rank else unet
+    return add_lora(unet, lora, seed=0)
 
 
 def seeded_unet(
@@ -110,13 +110,13 @@ def seeded_unet(
     if is_pipeline_folder(cfg.init):
         names = tuple(class_names) or tuple(str(i) for i in range(num_classes))
         unet = build_latent(cfg.init, image_size, channels, names, cfg.prompt)
-        return add_lora(unet, lora, seed) if lora.rank else unet
+        return add_lora(unet, lora, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = build_unet(cfg, image_size, channels, num_classes)
     if cfg.init:
         unet.load_state_dict(init_weights(Path(cfg.init), unet))
-    return add_lora(unet, lora, seed) if lora.rank else unet
+    return add_lora(unet, lora, seed)
 
 
 def init_folder(path: Path) -> Path:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from fedsynth.config import PrivacyConfig, load_config
-from fedsynth.errors import RunDirError
+from fedsynth.config import PrivacyConfig, is_pipeline_folder, load_config
 from fedsynth.report.plots import plot_bars, plot_curve
 from fedsynth.rundir import RunDir, read_json, write_text_atomic
 
@@ -300,11 +299,16 @@ def privacy_facts(run: RunDir, summary: dict) -> list[str]:
         )
     if cfg.lora.rank:
         lo = cfg.lora
+        saved = (
+            "`model/` holds the adapter and `base.json` (the base's path and SHA-256), not the base"
+            if is_pipeline_folder(cfg.model.init)
+            else "`model/unet` holds the merged model, `model/pytorch_lora_weights.safetensors` the adapter"
+        )
         lines.append(
             f"- LoRA adapters (`lora.rank` = {lo.rank}, α = {lo.alpha or lo.rank:g}, aggregation "
             f"{code(lo.aggregation)}): only they{' and the modules above' if cfg.train.trainable else ''} "
-            "trained and were exchanged; the base model's weights stayed fixed and never left any node. "
-            "`model/unet` holds the merged model, `model/pytorch_lora_weights.safetensors` the adapter."
+            f"trained and were exchanged; the base model's weights stayed fixed and never left any node. "
+            f"{saved}."
         )
     if cfg.paradigm == "centralized":
         lines.append("- Centralized: every training image was pooled in one place.")
@@ -332,9 +336,7 @@ def privacy_facts(run: RunDir, summary: dict) -> list[str]:
 
 
 def write_report(run: RunDir) -> str:
-    if not run.config.is_file():
-        raise RunDirError(f"{run.root} is not a fedsynth run (no config.toml)")
-    run.check_links()
+    run.check_is_run().check_links()
     summary = read_json(run.summary) if run.summary.is_file() else {}
     lines = [f"# fedsynth run report: {code(run.root.name)}", "", "| metric | value |", "| --- | --- |"]
     lines += [
