@@ -362,3 +362,32 @@ def test_datasets_lists_the_built_in_datasets_and_where_they_come_from():
     assert res.returncode == 0, res.stderr
     for name in ("digits", "fashion-mnist", "idx", "imagefolder", "npz", "present"):
         assert name in res.stdout
+
+
+def test_keys_writes_a_ca_a_server_certificate_for_the_host_and_node_key_pairs(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    fedsynth = [sys.executable, "-m", "fedsynth.cli", "keys"]
+    res = subprocess.run(
+        [*fedsynth, str(tmp_path / "k"), "--host", "10.1.2.3", "--host", "fed.example", "--nodes", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    ca = x509.load_pem_x509_certificate((tmp_path / "k/ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "k/server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    assert names.get_values_for_type(x509.DNSName) == ["fed.example"]
+    for i in (0, 1):
+        key = load_ssh_private_key((tmp_path / f"k/node-{i}.key").read_bytes(), None)
+        public = load_ssh_public_key((tmp_path / f"k/node-{i}.pub").read_bytes())
+        assert key.public_key().public_numbers() == public.public_numbers()
+        assert (tmp_path / f"k/node-{i}.key").stat().st_mode & 0o777 == 0o600
+    again = subprocess.run(
+        [*fedsynth, str(tmp_path / "k"), "--host", "h", "--nodes", "1"], capture_output=True, text=True
+    )
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1

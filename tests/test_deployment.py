@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -187,6 +188,86 @@ def test_a_round_of_each_paradigm_on_one_loopback_superlink(tmp_path):
             )
             assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
             _check_run(out, paradigm, res.stdout)
+    finally:
+        leftover = _stop([link, *nodes])
+    assert leftover == [], f"processes still running: {leftover}"
+
+
+def _documented(title: str) -> str:
+    """A block of docs/real-federation.md, as a user copies it."""
+    page = (ROOT / "docs" / "real-federation.md").read_text()
+    blocks = dict(re.findall(r'```bash title="([^"]+)"\n(.*?)```', page, re.S))
+    return blocks[title]
+
+
+def _bash(script: str, env: dict, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_the_documented_deployment_with_tls_and_node_authentication(tmp_path):
+    """docs/real-federation.md's blocks, run as written on 127.0.0.1: keys, a SuperLink with TLS
+    and node authentication, registration, two SuperNodes with their own folders, and
+    `fedsynth submit`; then a run that fails on the SuperLink exits 2 with its one line."""
+    from fedsynth.config import config_toml, load_config
+
+    link, nodes = _free_port(), [_free_port(), _free_port()]
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        config_toml(load_config(ROOT / "configs/digits-federated.toml", _overrides("federated").split(";")))
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "SERVER": "127.0.0.1",
+        "PORT": str(link),
+        "CONFIG": str(config),
+    }
+    try:
+        server = _bash(_documented("server"), env, tmp_path)
+        assert server.returncode == 0, server.stdout[-3000:] + server.stderr[-3000:]
+        assert (tmp_path / "fed-keys" / "node-1.key").stat().st_mode & 0o777 == 0o600
+        for i, port in enumerate(nodes):
+            folder = _node_folder(tmp_path / f"holder{i}", range(5 * i, 5 * i + 5))
+            holder = {**env, "I": str(i), "KEYS": str(tmp_path / "fed-keys"), "NODE_DATA": str(folder)}
+            started = _bash(_documented("data holder"), {**holder, "NODE_PORT": str(port)}, tmp_path)
+            assert started.returncode == 0, started.stderr
+        res = _bash(_documented("submit"), env, tmp_path, timeout=480)
+        logs = "".join(p.read_text() for p in tmp_path.glob("super*.log"))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + logs[-3000:]
+        assert f"report: {tmp_path / 'runs/fed-1/report.md'}" in res.stdout
+        _check_run(tmp_path / "runs/fed-1", "federated", res.stdout)
+        # a node whose key was not registered is turned away
+        assert _bash("fedsynth keys stranger --host 127.0.0.1 --nodes 1", env, tmp_path).returncode == 0
+        stranger = [str(BIN / "flower-supernode"), "--root-certificates", "fed-keys/ca.crt"]
+        stranger += [
+            "--superlink",
+            f"127.0.0.1:{link}",
+            "--auth-supernode-private-key",
+            "stranger/node-0.key",
+        ]
+        log = tmp_path / "stranger.log"
+        with log.open("w") as sink:  # the node's own children keep a pipe open: a file instead
+            refused = subprocess.Popen(
+                [*stranger, "--port", str(_free_port()), "--max-retries", "0"],
+                env=env,
+                cwd=tmp_path,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+            assert refused.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in log.read_text(), log.read_text()[-2000:]
+        failed = _bash(f'fedsynth submit fed missing.toml --out "{tmp_path}/runs/fed-2"', env, tmp_path)
+        assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
+        lines = [x for x in failed.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and "missing.toml" in lines[0], failed.stderr
     finally:
         leftover = _stop([link, *nodes])
     assert leftover == [], f"processes still running: {leftover}"

@@ -187,3 +187,35 @@ def test_a_synthetic_set_that_cannot_fit_is_refused_before_anything_is_generated
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert "1,000,000,000 images of (1, 16, 16) need ~1280.0 GB of memory" in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+
+
+def test_a_nodes_own_data_error_reaches_the_servers_error(monkeypatch):
+    """A SuperNode whose data is wrong answers the server's query with Flower's error reply;
+    the run's one-line error carries that node's message, not only "no node answered"."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord
+
+    from fedsynth.protocol import INFO, PARTITION_ID
+    from fedsynth.server.messages import FederationError, discover_nodes
+
+    def reply(node: int, pid: int | None) -> SimpleNamespace:
+        meta = SimpleNamespace(src_node_id=node)
+        if pid is None:  # what flwr/supernode/runtime/run_clientapp.py sends for an exception
+            reason = "<class 'fedsynth.errors.DataError'>:<'class folders [a, b] do not match [0, 1]\nmore'>"
+            return SimpleNamespace(
+                has_error=lambda: True, error=SimpleNamespace(reason=reason), metadata=meta
+            )
+        content = {INFO: {PARTITION_ID: pid, "histogram": [1, 2]}}
+        return SimpleNamespace(has_error=lambda: False, content=content, metadata=meta)
+
+    grid = SimpleNamespace(
+        get_node_ids=lambda: [11, 12], send_and_receive=lambda msgs, timeout: [reply(11, 0), reply(12, None)]
+    )
+    monkeypatch.setattr("fedsynth.server.messages._to_all", lambda nodes, records, kind: list(nodes))
+    with pytest.raises(FederationError) as err:
+        discover_nodes(grid, 2, ConfigRecord({}), timeout=5)
+    assert str(err.value) == (
+        "no node answered for partition-id(s) [1]; "
+        "node 12: DataError: class folders [a, b] do not match [0, 1]"
+    )

@@ -53,19 +53,11 @@ def run(
     from fedsynth.config import load_config
     from fedsynth.rundir import RunDir, check_fresh, read_json
 
+    target = _target(config, out, resume, "run")
     if resume is not None:
-        if config is not None or out is not None:
-            raise FedsynthError(
-                "--resume RUN_DIR takes the config from RUN_DIR/config.toml; "
-                "do not pass CONFIG or --out with it"
-            )
         cfg = load_config(RunDir(resume).check_links().config, overrides)
-        target = resume
     else:
-        if config is None or out is None:
-            raise FedsynthError("usage: fedsynth run CONFIG --out RUN_DIR [--set k=v] | --resume RUN_DIR")
         cfg = load_config(config, overrides)
-        target = out
     if cfg.paradigm in ("federated", "local") and cfg.federation.engine == "superlink":
         from fedsynth.superlink import run_on_superlink  # every stage runs in Flower's process
 
@@ -82,6 +74,53 @@ def run(
         result = run_all(cfg, target, resume=resume is not None)
     print_summary(read_json(result.summary))
     print(f"report: {result.report}")
+
+
+def _target(config: Path | None, out: Path | None, resume: Path | None, command: str) -> Path:
+    """The run directory of ``run``/``submit``: ``--out`` with a CONFIG, or ``--resume`` alone."""
+    if resume is not None:
+        if config is not None or out is not None:
+            raise FedsynthError(
+                "--resume RUN_DIR takes the config from RUN_DIR/config.toml; "
+                "do not pass CONFIG or --out with it"
+            )
+        return resume
+    if config is None or out is None:
+        raise FedsynthError(f"usage: fedsynth {command} CONFIG --out RUN_DIR [--set k=v] | --resume RUN_DIR")
+    return out
+
+
+@app.command()
+def submit(
+    federation: Annotated[str, typer.Argument(help="[superlink.NAME] in $FLWR_HOME/config.toml")],
+    config: Annotated[Path | None, typer.Argument(help="config TOML on the SuperLink's machine")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory on the SuperLink's machine")] = None,
+    overrides: Overrides = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the run in this directory")] = None,
+) -> None:
+    """Run every stage on a real federation's SuperLink (`flwr run` with paths made absolute);
+    a run that fails there exits 2 with its one-line error."""
+    from fedsynth.rundir import RunDir
+    from fedsynth.superlink import submit as submit_run
+
+    target = _target(config, out, resume, f"submit {federation}")
+    source = RunDir(target).config if resume is not None else config
+    report = submit_run(federation, source, target, overrides or [], resume=resume is not None)
+    print(f"report: {report}")
+
+
+@app.command()
+def keys(
+    folder: Annotated[Path, typer.Argument(help="new folder for the federation's keys")],
+    host: Annotated[list[str], typer.Option(help="the SuperLink's host name or IP (repeatable)")],
+    nodes: Annotated[int, typer.Option(help="how many data holders (SuperNodes)")],
+    days: Annotated[int, typer.Option(min=1, help="certificate lifetime")] = 365,
+) -> None:
+    """Write a federation's TLS certificates (CA, SuperLink) and one key pair per SuperNode."""
+    from fedsynth.deploy import write_keys
+
+    for path in write_keys(folder, host, nodes, days):
+        print(path)
 
 
 @app.command()

@@ -18,7 +18,7 @@ from fedsynth.diffusion.training import use_threads
 from fedsynth.errors import FedsynthError, first_line
 from fedsynth.pipeline import run_all
 from fedsynth.rundir import RunDir
-from fedsynth.superlink import CRASH_MARK, ERROR_MARK
+from fedsynth.superlink import CRASH_MARK, ERROR_MARK, REPORT_MARK
 
 app = ServerApp()
 
@@ -44,4 +44,4 @@ def run_stages(grid: Grid, context: Context) -> None:
     cfg = load_config(config_path, overrides)
     use_threads(cfg.train.threads)
     run = run_all(cfg, out, resume=resume, grid=grid)
-    print(f"report: {run.report}")
+    print(f"{REPORT_MARK}{run.report}", flush=True)

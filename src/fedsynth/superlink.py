@@ -33,6 +33,7 @@ from fedsynth.errors import FedsynthError
 # the app's own failure line, printed by fedsynth.serverapp and turned back into an error here
 ERROR_MARK = "fedsynth-error: "
 CRASH_MARK = "fedsynth-crash: "
+REPORT_MARK = "report: "  # the app's last line: every stage finished
 
 _BIN = Path(sys.executable).parent
 # Flower's log lines in its console format (INFO/DEBUG dropped, warnings kept unless silenced
@@ -45,7 +46,7 @@ _CURSOR = re.compile(r"\x1b\[\?25[hl]")
 _TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
 # lines of the `flwr run` client about its own bookkeeping, and the app's report line
 # (`fedsynth run` prints it after the summary)
-_PREAMBLE = ("Using SuperLink", "Successfully started run", "Successfully installed ", "report: ")
+_PREAMBLE = ("Using SuperLink", "Successfully started run", "Successfully installed ", REPORT_MARK)
 # messages about choices fedsynth made for the user (as in fedsynth.simulation)
 _SILENCED = (
     "fraction_evaluate is set to 0.0",
@@ -91,6 +92,7 @@ class Relay:
     out: TextIO
     error: str | None = None
     crashed: bool = False
+    report: str | None = None  # the app's last line when every stage finished
     _skip_next: bool = False
     _blank: str = ""  # blank lines wait for the next line shown (none before a failure line)
 
@@ -106,6 +108,8 @@ class Relay:
             if body.startswith(mark):
                 self.error, self.crashed = body[len(mark) :], crashed
                 return
+        if body.startswith(REPORT_MARK):
+            self.report = body[len(REPORT_MARK) :].strip()
         if self._skip_next:  # the source line Python prints under a warning
             self._skip_next = False
             if body.strip().startswith("warnings.warn("):
@@ -315,32 +319,60 @@ def run_config(config: Path, out: Path, overrides: list[str], resume: bool) -> s
 def run_on_superlink(cfg: Config, config: Path, out: Path, overrides: list[str], *, resume: bool) -> None:
     """Run every stage of ``cfg`` as ``flwr run`` on a private local SuperLink."""
     values, federation = run_config(config, out, overrides, resume), federation_config(cfg)
-    home = Path(tempfile.mkdtemp(prefix="fedsynth-superlink-"))
-    (home / "app").mkdir()
-    (home / "app" / "pyproject.toml").write_text(_APP_PYPROJECT)
-    (home / "run-config.toml").write_text(values)
+    home = _app_home("fedsynth-superlink-", values)
     env = flower_env(home, live=sys.stdout.isatty())
     cmd = [str(_BIN / "flwr"), "run", str(home / "app"), "local", "--stream"]
     cmd += ["--run-config", str(home / "run-config.toml"), "--federation-config", federation]
     watchdog = start_watchdog(home)  # ends everything below should this process be killed
-    relay = Relay(sys.stdout)
     try:
         start_superlink(home, env)
-        client = _start(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        with (home / "run.log").open("w") as raw:
-            for line in split_lines(_decoded(client.stdout)):
-                raw.write(line)
-                relay.line(line)
-        code = client.wait()
+        relay, code = _relay(cmd, env, home / "run.log")
     finally:
         stop_all()
         watchdog.terminate()
         watchdog.wait()
-    _raise_failure(relay, code, out, home)
+    done = (out / "summary.json").is_file()
+    _raise_failure(relay, code, done, home, "the simulation on the local SuperLink")
     shutil.rmtree(home, ignore_errors=True)
 
 
-def _raise_failure(relay: Relay, code: int, out: Path, home: Path) -> None:
+def submit(federation: str, config: Path, out: Path, overrides: list[str], *, resume: bool) -> str:
+    """Run every stage on the SuperLink of a real federation: ``flwr run`` against the
+    connection ``[superlink.<federation>]`` of ``$FLWR_HOME/config.toml``. Paths are sent
+    absolute (the ServerApp reads them on the SuperLink's machine); a run that fails there
+    raises its one line here (``flwr run`` itself exits 0). Returns the report's path."""
+    home = _app_home("fedsynth-submit-", run_config(config, out, overrides, resume))
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env["PATH"] = f"{_BIN}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [str(_BIN / "flwr"), "run", str(home / "app"), federation, "--stream"]
+    relay, code = _relay([*cmd, "--run-config", str(home / "run-config.toml")], env, home / "run.log")
+    _raise_failure(relay, code, relay.report is not None, home, f"the run on SuperLink {federation!r}")
+    shutil.rmtree(home, ignore_errors=True)
+    return str(relay.report)
+
+
+def _app_home(prefix: str, run_config_text: str) -> Path:
+    """A temporary folder holding the minimal app (fedsynth's components, imported from the
+    SuperLink's environment) and its run config."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    (home / "app").mkdir()
+    (home / "app" / "pyproject.toml").write_text(_APP_PYPROJECT)
+    (home / "run-config.toml").write_text(run_config_text)
+    return home
+
+
+def _relay(cmd: list[str], env: dict[str, str], log: Path) -> tuple[Relay, int]:
+    """Run ``cmd``, relaying its output (raw copy in ``log``); the relay and the exit code."""
+    relay = Relay(sys.stdout)
+    client = _start(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with log.open("w") as raw:
+        for line in split_lines(_decoded(client.stdout)):
+            raw.write(line)
+            relay.line(line)
+    return relay, client.wait()
+
+
+def _raise_failure(relay: Relay, code: int, done: bool, home: Path, what: str) -> None:
     """The app's own error as it is; anything else names the full log (kept for that)."""
     log = home / "run.log"
     if relay.error is not None and not relay.crashed:
@@ -348,7 +380,5 @@ def _raise_failure(relay: Relay, code: int, out: Path, home: Path) -> None:
         raise FedsynthError(relay.error)
     if relay.error is not None:
         raise FedsynthError(f"{relay.error} (the full log: {log})")
-    if code != 0 or not (out / "summary.json").is_file():
-        raise FedsynthError(
-            f"the simulation on the local SuperLink failed (exit {code}); the full log: {log}"
-        )
+    if code != 0 or not done:
+        raise FedsynthError(f"{what} failed (exit {code}); the full log: {log}")

@@ -10,6 +10,7 @@ the serialized payloads, as they travel.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -84,9 +85,11 @@ def discover_nodes(grid: Grid, num_clients: int, base: ConfigRecord, timeout: fl
         time.sleep(0.5)
     mapping: Nodes = {}
     histograms: dict[int, list[int]] = {}
+    failed: list[str] = []
     for reply in grid.send_and_receive(_to_all(nodes, {CONFIG: base}, MessageType.QUERY), timeout=timeout):
         if reply.has_error():
-            log.warning("node %s failed to identify itself: %s", reply.metadata.src_node_id, reply.error)
+            failed.append(f"node {reply.metadata.src_node_id}: {_node_error(reply.error.reason)}")
+            log.warning("%s", failed[-1])
             continue
         pid = int(reply.content[INFO][PARTITION_ID])
         if pid in mapping:
@@ -95,8 +98,18 @@ def discover_nodes(grid: Grid, num_clients: int, base: ConfigRecord, timeout: fl
         histograms[pid] = [int(x) for x in reply.content[INFO]["histogram"]]
     missing = sorted(set(range(num_clients)) - set(mapping))
     if missing:
-        raise FederationError(f"no node answered for partition-id(s) {missing}")
+        why = f"; {'; '.join(failed)}" if failed else ""
+        raise FederationError(f"no node answered for partition-id(s) {missing}{why}")
     return mapping, histograms
+
+
+def _node_error(reason: str) -> str:
+    """A node's error as one line: a SuperNode reports its ClientApp's exception as
+    ``<class 'pkg.Type'>:<'message'>``."""
+    found = re.search(r"(\w+)'>:<'(.*)'>\s*$", reason, re.S)
+    text = f"{found.group(1)}: {found.group(2)}" if found else reason
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else "failed without a message"
 
 
 def _to_all(nodes, records: dict, kind: str) -> list[Message]:
