@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -101,3 +102,70 @@ def run_missing(
         write_result(name, {**payload(rows), "rows": rows})
         (RESULTS / f"{name}.md").write_text(render(rows))
     return rows
+
+
+class TreeRss:
+    """The peak of the summed resident memory of every process under this one (the run, its
+    SuperLink, the simulation and Ray), sampled every ``every`` seconds from /proc; with
+    ``role(pid, cmdline) -> str``, also the peak of each role's sum."""
+
+    def __init__(self, every: float = 1.0, role: Callable[[int, str], str] | None = None) -> None:
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.role, self.peak_by_role = role, {}
+
+    def __enter__(self) -> TreeRss:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            pids = _descendants(os.getpid())
+            rss = {pid: _rss(pid) for pid in pids}
+            self.peak = max(self.peak, sum(rss.values()))
+            if self.role is None:
+                continue
+            by_role: dict[str, int] = {}
+            for pid, size in rss.items():
+                name = self.role(pid, _cmdline(pid))
+                by_role[name] = by_role.get(name, 0) + size
+            for name, size in by_role.items():
+                self.peak_by_role[name] = max(self.peak_by_role.get(name, 0), size)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(
+                int(stat.parent.name)
+            )
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import threading
 from pathlib import Path
 
-from _common import run_missing, timed_fedsynth_run
+from _common import TreeRss, run_missing, timed_fedsynth_run
 from privacy import B512, PATH, public_model
 
 FEDERATED = "configs/digits-federated-finetune.toml"
@@ -99,54 +97,6 @@ ROWS: dict[str, tuple[str, str, list[str], bool]] = {
     ),
 }
 KEYS = ("cas_accuracy", "label_fidelity", "fd", "precision", "recall", "epsilon")
-
-
-class TreeRss:
-    """The peak of the summed resident memory of every process under this one (the run, its
-    SuperLink, the simulation and Ray), sampled every ``every`` seconds from /proc."""
-
-    def __init__(self, every: float = 1.0) -> None:
-        self.every, self.peak, self._stop = every, 0, threading.Event()
-
-    def __enter__(self) -> TreeRss:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.every):
-            self.peak = max(self.peak, sum(_rss(pid) for pid in _descendants(os.getpid())))
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(
-                int(stat.parent.name)
-            )
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 def run_row(name: str, seed: int, runs: Path, public_runs: Path) -> dict:
