@@ -1,4 +1,4 @@
-"""Seed 004's communication experiment at our scale: digits, Dirichlet(0.5) label skew,
+"""de Goede et al. 2024's communication experiment at our scale: digits, Dirichlet(0.5) label skew,
 5 clients (all in every round), FedAvg, equal rounds; every exchange plan and codec.
 
 For each run: total bytes up / down (serialized messages, initial broadcast included),
@@ -154,7 +154,7 @@ def _spread(rows: dict[str, dict]) -> list[str]:
 def render(settings: dict, rows: dict[str, dict]) -> None:
     ref = rows["full/fp32"]
     md = [
-        "# Communication: exchange plans × codecs (seed 004's experiment at our scale)",
+        "# Communication: exchange plans × codecs (de Goede et al. 2024's experiment at our scale)",
         "",
         "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()),
         "",

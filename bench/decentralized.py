@@ -1,9 +1,9 @@
-"""Seed 000's Table 3 at our scale: time per round of the centralized baseline, centralized
+"""Senden 2025's Table 3 at our scale: time per round of the centralized baseline, centralized
 FL (Flower simulation) and decentralized FL (contract + content store), same model and the
 same optimizer steps per round, measured in one run, for each model preset; with bytes
 moved, gas and transactions per round for the decentralized paradigm.
 
-Settings follow seed 000: 8 trainers holding class-disjoint digits, 4 trainers per round,
+Settings follow Senden 2025: 8 trainers holding class-disjoint digits, 4 trainers per round,
 every aggregator aggregates every round (8 by default). Steady state = median over the
 rounds after the first (the first pays for worker start-up). Results:
 bench/results/decentralized.{json,md}.
@@ -112,16 +112,16 @@ def main() -> None:
             "settings": settings,
             "results": results,
             "decentralized_over_federated": ratios,
-            "goal": "decentralized <= 1.5x centralized FL per round (seed 000: 5.61x)",
+            "goal": "decentralized <= 1.5x centralized FL per round (Senden 2025: 5.61x)",
         },
     )
     text = (
-        "# Decentralized vs centralized FL vs centralized (seed 000's Table 3 at our scale)\n\n"
+        "# Decentralized vs centralized FL vs centralized (Senden 2025's Table 3 at our scale)\n\n"
         + "Settings: "
         + ", ".join(f"{k} = {v}" for k, v in settings.items())
         + "\n\n"
         + table(results)
-        + "\n\nSeed 000 (SD-1.5, 3.4 GB updates, 8 aggregators): centralized 74.1 s, centralized FL 110.9 s "
+        + "\n\nSenden 2025 (SD-1.5, 3.4 GB updates, 8 aggregators): centralized 74.1 s, centralized FL 110.9 s "
         "(1.50×), decentralized 621.8 s (8.39× centralized, 5.61× centralized FL). Goal: decentralized "
         "≤ 1.5× centralized FL per round. Reproduce: `.venv/bin/python bench/decentralized.py "
         f"--rounds {args.rounds} --local-steps {args.local_steps} --aggregators {args.aggregators}`.\n"

@@ -3,7 +3,7 @@
 Every federated row spends 2,400 client optimizer steps (4 clients per round): 15 rounds ×
 40 local steps, 30 × 20 (the demo), 60 × 10 or 120 × 5. A method is a list of config
 overrides on top of the demo's federation (``configs/digits-federated.toml``); a setting is the
-partition (class-disjoint digits, seed 000's: 8 clients; Dirichlet α = 0.1: 10 clients).
+partition (class-disjoint digits, Senden 2025's: 8 clients; Dirichlet α = 0.1: 10 clients).
 Centralized rows train one model with the same total compute (2,400 steps) or the same
 sequential steps (rounds × local steps = 600). A fine-tuning method (``…-ft<steps>``:
 ``federation.finetune_steps``) spends <steps> on every client after the last round; its rounds
@@ -225,7 +225,7 @@ HEADER = (
     "The demo's federation (`configs/digits-federated.toml`: digits 16×16, small UNet, AdamW with client "
     "lr 1e-3 unless the method names another (`-lr…`), server EMA 0.8, DDIM-25, guidance 2 "
     "unless the method says w1) with 2,400 client optimizer steps, 4 clients per round. "
-    "`disjoint`: 8 class-disjoint clients (seed 000's setting); `dirichlet`: 10 clients, "
+    "`disjoint`: 8 class-disjoint clients (Senden 2025's setting); `dirichlet`: 10 clients, "
     "α = 0.1. Centralized rows: `equal-compute` 2,400 steps, `equal-sequential` rounds × local "
     "steps. `-ft<s>`: after the last round every client fine-tunes for s steps (taken from the "
     "2,400) and the synthetic set is the per-class mixture of the fine-tuned models. "

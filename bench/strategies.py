@@ -1,4 +1,4 @@
-"""Seed 000's Table 2 at our scale: every strategy on class-disjoint digits, 8 clients,
+"""Senden 2025's Table 2 at our scale: every strategy on class-disjoint digits, 8 clients,
 4 per round, equal compute, plus the centralized baseline doing the same optimizer steps.
 
 Each run is a separate ``fedsynth run`` (train → sample → evaluate) in RUNS_DIR/<name>;
@@ -111,7 +111,7 @@ def render(settings: dict, rows: dict[str, dict], result: str = "strategies") ->
         if "cas_accuracy" in r and central
     ]
     md = [
-        "# Strategies on class-disjoint digits (seed 000's Table 2 layout)",
+        "# Strategies on class-disjoint digits (Senden 2025's Table 2 layout)",
         "",
         "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()),
         "",

@@ -1,4 +1,4 @@
-"""FedDiff (seed 002): consolidation maths by hand, the networks' shapes, the T ∝ r schedule,
+"""FedDiff (Li & Ping): consolidation maths by hand, the networks' shapes, the T ∝ r schedule,
 determinism, the strategy on toy weights, the config refusals and a tiny federated run."""
 
 import io

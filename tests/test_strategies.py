@@ -132,7 +132,7 @@ def test_krum_keeps_the_smallest_score():
     out = aggregate(
         strategy("krum", num_malicious=0), {"a": [0.0]}, [reply({"a": [v]}) for v in (0.0, 1.0, 2.0, 10.0)]
     )
-    assert np.allclose(out["a"], [1.0])  # not 10.0 (seed 000's box took the largest)
+    assert np.allclose(out["a"], [1.0])  # not 10.0 (Senden 2025's box took the largest)
 
 
 def test_multikrum_mean_of_m_best():

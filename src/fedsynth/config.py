@@ -202,7 +202,7 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class FedDiffConfig:
-    """FedDiff (seed 002; ``strategy.name = "feddiff"``): a subset of the parameters is
+    """FedDiff (Li & Ping; ``strategy.name = "feddiff"``): a subset of the parameters is
     consolidated by a weight-space latent diffusion model pre-trained on the proxy set
     (Phoenix's shared set G: ``phoenix.beta`` > 0); ``strategies/feddiff.py``."""
 

@@ -1,5 +1,5 @@
 """Stage 2 (decentralized paradigm): rounds coordinated by a smart contract, no central
-aggregator (seed 000's third paradigm, BlockLearning's protocol).
+aggregator (Senden 2025's third paradigm, BlockLearning's protocol).
 
 The model owner deploys ``rounds.vy`` with the initial model's CID; trainers and
 aggregators self-register (``ledger/federation.py``). Per round the owner selects

@@ -1,5 +1,5 @@
 # pragma version 0.4.3
-# @title fedsynth round protocol (BlockLearning's phases, seed 000's decentralized paradigm)
+# @title fedsynth round protocol (BlockLearning's phases, Senden 2025's decentralized paradigm)
 # @notice The owner (deployer) starts rounds naming the trainers and aggregators that take
 #         part; selected trainers submit the content ID (CID) of their update once; selected
 #         aggregators submit the CID of their aggregate; the round's new model is the CID that

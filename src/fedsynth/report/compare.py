@@ -1,4 +1,4 @@
-"""``fedsynth compare``: one row per run in seed 000's Table 2 layout, plus a bar chart."""
+"""``fedsynth compare``: one row per run in Senden 2025's Table 2 layout, plus a bar chart."""
 
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ def plot_curve(
 
 
 def plot_tsne(figures: dict, class_names: list[str], path: Path, points: int, seed: int) -> None:
-    """Real vs synthetic features in 2-D (t-SNE), coloured by class (seed 000's Figure 3)."""
+    """Real vs synthetic features in 2-D (t-SNE), coloured by class (Senden 2025's Figure 3)."""
     from sklearn.manifold import TSNE
 
     rng = np.random.default_rng(seed)

@@ -1,4 +1,4 @@
-"""FedDiff's pre-training on the proxy set (seed 002 §2.2), run by the server before round 1.
+"""FedDiff's pre-training on the proxy set (Li & Ping §2.2), run by the server before round 1.
 
 The proxy set is Phoenix's shared set G (``phoenix.beta`` % of the clients' images, class
 balanced, held by the server; README "Privacy"). From the initial global model the server

@@ -1,4 +1,4 @@
-"""FedDiff (Li & Ping, seed 002): the server consolidates a small subset of the clients'
+"""FedDiff (Li & Ping): the server consolidates a small subset of the clients'
 parameters with a weight-space latent diffusion model instead of averaging it; every other
 parameter is aggregated by a base strategy (FedAvg by default).
 
