@@ -7,7 +7,7 @@ RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test lint bench clean fashion-mnist
+.PHONY: install demo test check docs lint bench clean fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,10 +49,20 @@ fashion-mnist:
 demo: install
 	$(BIN)/fedsynth run configs/digits-federated-finetune.toml --out $(RUN_DIR)
 
-test: install
+test: install docs
 	$(BIN)/ruff check src tests bench
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q --durations=15
+
+# The edit-test loop: lint, import layers and every test not marked slow (no end-to-end run).
+check: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -m "not slow" --durations=5
+
+# The documentation site, built offline with warnings as errors (broken links, orphan pages).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 
 lint: install
 	$(BIN)/ruff check src tests bench

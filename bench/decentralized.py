@@ -121,7 +121,8 @@ def main() -> None:
         + ", ".join(f"{k} = {v}" for k, v in settings.items())
         + "\n\n"
         + table(results)
-        + "\n\nSenden 2025 (SD-1.5, 3.4 GB updates, 8 aggregators): centralized 74.1 s, centralized FL 110.9 s "
+        + "\n\nSenden 2025 (SD-1.5, 3.4 GB updates, 8 aggregators): centralized 74.1 s, "
+        "centralized FL 110.9 s "
         "(1.50×), decentralized 621.8 s (8.39× centralized, 5.61× centralized FL). Goal: decentralized "
         "≤ 1.5× centralized FL per round. Reproduce: `.venv/bin/python bench/decentralized.py "
         f"--rounds {args.rounds} --local-steps {args.local_steps} --aggregators {args.aggregators}`.\n"

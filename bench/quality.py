@@ -102,7 +102,7 @@ METHODS = {
         ]
         for d in ("0.9", "0.97")
     },
-    # centralized at its own best guidance (w = 1, README "Guidance")
+    # centralized at its own best guidance (w = 1, docs/results/guidance.md)
     "centralized-equal-compute": ['paradigm="centralized"', "sample.guidance=1.0"],
     "centralized-equal-sequential": ['paradigm="centralized"', "sample.guidance=1.0"],
 }

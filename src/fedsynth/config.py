@@ -42,6 +42,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SAMPLERS = ("ddpm", "ddim", "dpm")
 DEVICES = ("auto", "cpu", "cuda")
 WEIGHTINGS = ("examples", "steps")
+TRACKERS = ("none", "tensorboard", "mlflow")  # where per-round metrics also go (src/fedsynth/tracking.py)
 ENGINES = ("superlink", "in-process")  # how `fedsynth run` simulates a federation
 STRATEGY_NAMES = (
     "fedavg",
@@ -257,7 +258,7 @@ class LedgerConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Sample-level differential privacy of each training party (README, "Privacy")."""
+    """Sample-level differential privacy of each training party (docs/privacy.md)."""
 
     mode: str = _choice("none", ("none", "dp-sgd", "dp-fedavg"))
     max_grad_norm: float = _at_least(
@@ -297,10 +298,17 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = ""  # "" = a file store in the run directory (RUN/mlruns)
+    experiment: str = "fedsynth"  # MLflow experiment the run is logged under
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     paradigm: str = _choice("centralized", PARADIGMS)
     task: str = _choice("diffusion", ("diffusion", "classifier"))  # what is trained (src/fedsynth/tasks.py)
+    track: str = _choice("none", TRACKERS)  # also log metrics and sample grids to TensorBoard or MLflow
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -318,6 +326,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     @property
     def trained_modules(self) -> str:
@@ -546,6 +555,8 @@ RESUMABLE = (
     "ledger.trainer_workers",
     "sample.",
     "eval.",
+    "track",
+    "mlflow.",
 )
 
 

@@ -12,7 +12,7 @@ by the same loop as the other paradigms.
 
 In simulation every node lives in this process (trainers' local training in a process
 pool, like Flower's simulation workers); across machines each node runs
-``fedsynth node …`` against the same JSON-RPC chain and store (README).
+``fedsynth node …`` against the same JSON-RPC chain and store (docs/methods/decentralized.md).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from fedsynth.privacy.accounting import default_delta, resolve_noise
 from fedsynth.report.markdown import write_report
 from fedsynth.rundir import RunDir, check_fresh
 from fedsynth.synthesize import SampleSpec, check_fits, synthesize
+from fedsynth.tracking import tracking
 
 
 def sample_run(
@@ -166,6 +167,14 @@ def _run_all(cfg: Config, out: Path, *, resume: bool, grid, client_app) -> RunDi
     check_eval_sizes(cfg, prepared)  # before hours of training, not after
     full = prepared.data.full
     check_fits(cfg.sample.per_class * full.num_classes, tuple(full.shape), run.synthetic)
+    with tracking(cfg, run) as tracker:
+        _stages(cfg, run, prepared, start, resume=resume, grid=grid, client_app=client_app)
+        tracker.final(run)
+    return run
+
+
+def _stages(cfg: Config, run: RunDir, prepared, start: float, *, resume: bool, grid, client_app) -> None:
+    """Train, then sample, evaluate and report (the summary grows at each stage)."""
     train(cfg, run, prepared, resume=resume, grid=grid, client_app=client_app)
     metrics = run.read_metrics()
     run.update_summary(
@@ -190,4 +199,3 @@ def _run_all(cfg: Config, out: Path, *, resume: bool, grid, client_app) -> RunDi
         write_report(client)
     run.update_summary(wall_s=time.perf_counter() - start)
     write_report(run)
-    return run

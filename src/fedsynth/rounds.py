@@ -33,6 +33,7 @@ from fedsynth.errors import FedsynthError
 from fedsynth.progress import progress_bar
 from fedsynth.rundir import RunDir
 from fedsynth.seeding import numpy_rng
+from fedsynth.tracking import active, checkpoint_grid
 
 
 class RoundError(FedsynthError):
@@ -56,7 +57,7 @@ class Dropped:
 @dataclass
 class RoundRecord:
     """One line of ``metrics.jsonl``: the documented keys, then ``extra`` (keys that a
-    paradigm or a round hook adds, also documented in the README)."""
+    paradigm or a round hook adds, also documented in docs/run-directory.md)."""
 
     round: int
     train_loss: float
@@ -162,7 +163,8 @@ def run_rounds(driver: RoundDriver, run: RunDir, cfg: Config, *, resume: bool) -
         bar.advance(driver.round * driver.units_per_round)
         while driver.round < total:
             record = driver.run_round(lambda n, loss: bar.advance(n, loss))
-            run.append_metrics(record.to_json())
+            run.append_metrics(line := record.to_json())
+            active().round(line)
             if driver.round % every == 0 or driver.round == total:
                 m = driver.model
                 save_checkpoint(
@@ -174,5 +176,6 @@ def run_rounds(driver: RoundDriver, run: RunDir, cfg: Config, *, resume: bool) -
                     driver.state_dict(),
                     driver.checkpoint_meta(),
                 )
+                checkpoint_grid(cfg, run, m.unet, m.scheduler, driver.round)
         driver.finish()
     save_model(run, driver.model.unet, driver.model.ema, driver.model.scheduler, driver.ema_info)

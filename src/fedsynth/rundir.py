@@ -1,6 +1,6 @@
 """The run directory: every stage reads and writes here (a public interface).
 
-Layout (see README): ``config.toml``, ``partitions.json``, ``partitions.png``,
+Layout (docs/run-directory.md): ``config.toml``, ``partitions.json``, ``partitions.png``,
 ``metrics.jsonl``, ``model/{unet,scheduler}``, ``checkpoints/round-NNNN/``,
 ``synthetic/<class>/*.png``, ``samples.png``, ``eval.json``, ``summary.json``, ``report.md``.
 

@@ -254,7 +254,7 @@ def _public_subspace(p: PrivacyConfig) -> str:
 
 
 def privacy_facts(run: RunDir, summary: dict) -> list[str]:
-    """What is protected and what is not, from the run's config (README, "Privacy")."""
+    """What is protected and what is not, from the run's config (docs/privacy.md)."""
     cfg = load_config(run.config)
     lines = ["", "## Privacy", ""]
     p = cfg.privacy

@@ -48,6 +48,7 @@ from fedsynth.server.calibration import auxiliary_counts
 from fedsynth.server.hooks import local_models
 from fedsynth.server.messages import FederationError, base_config, discover_nodes, payload_bytes
 from fedsynth.synthesize import SampleSpec, mixture_labels, write_mixture
+from fedsynth.tracking import active
 
 log = logging.getLogger("fedsynth.server")
 
@@ -151,7 +152,8 @@ def one_shot(
     wall = time.perf_counter() - began
     loss = float((n * losses).sum() / n.sum())
     record = RoundRecord(round_, loss, wall, up, down, sorted(models), dropped, extra)
-    run.append_metrics(record.to_json())
+    run.append_metrics(line := record.to_json())
+    active().round(line)
     run.update_summary(**{"local_steps" if start is None else "finetune_steps": steps})
 
 

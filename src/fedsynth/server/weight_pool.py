@@ -1,7 +1,7 @@
 """FedDiff's pre-training on the proxy set (Li & Ping §2.2), run by the server before round 1.
 
 The proxy set is Phoenix's shared set G (``phoenix.beta`` % of the clients' images, class
-balanced, held by the server; README "Privacy"). From the initial global model the server
+balanced, held by the server; docs/privacy.md). From the initial global model the server
 trains ``feddiff.pool_runs`` copies of the task's model on it (the clients' optimizer, each
 run its own data order), keeping the subset every ``feddiff.pool_every`` steps with its
 proxy-set score — accuracy for a classifier, minus the denoising loss (fixed noise and

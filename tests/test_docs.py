@@ -1,0 +1,30 @@
+"""The documentation agrees with the code."""
+
+import re
+import subprocess
+from pathlib import Path
+
+from fedsynth.config_reference import render, unused_help
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_the_configuration_reference_is_what_the_code_generates():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page == render(), "regenerate: python -m fedsynth.config_reference docs/configuration.md"
+    assert unused_help() == []
+
+
+def test_papers_are_named_by_their_authors_never_by_a_file_number():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    texts = [p for p in tracked if p.endswith((".py", ".md", ".toml", ".vy", ".yml"))]
+    pattern = re.compile(r"\bseeds?[ /_]0\d\d\b", re.IGNORECASE)
+    found = [p for p in texts if pattern.search((ROOT / p).read_text(errors="replace"))]
+    assert found == []
+
+
+def test_the_readme_is_short_with_the_two_commands_first():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert len(readme) <= 200
+    assert readme[3].startswith("make demo") and readme[4].startswith("make test")
+    assert [line for line in readme if len(line) > 300] == []
