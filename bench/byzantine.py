@@ -28,10 +28,10 @@ from flwr.clientapp import ClientApp
 from _common import RESULTS, ROOT, write_result
 from fedsynth.client.app import handle_export, handle_query, handle_train
 from fedsynth.config import load_config
+from fedsynth.core.protocol import ARRAYS, CONFIG, PARTITION_ID, TASK_KEY
+from fedsynth.core.records import numpy_record, record_numpy
+from fedsynth.core.rundir import read_json
 from fedsynth.pipeline import run_all
-from fedsynth.protocol import ARRAYS, CONFIG, PARTITION_ID, TASK_KEY
-from fedsynth.records import numpy_record, record_numpy
-from fedsynth.rundir import read_json
 
 CONFIG_FILE = "configs/digits-federated.toml"
 ATTACKERS = (0, 1)

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from _common import RESULTS, load_rows, write_result
-from fedsynth.checkpoint import load_model
 from fedsynth.config import load_config, under_module
+from fedsynth.core.rundir import RunDir
 from fedsynth.diffusion.unet import seeded_unet
-from fedsynth.prepare import prepare
 from fedsynth.privacy.dpsgd import PrivateGradients, clip_and_noise, clip_groups
-from fedsynth.rundir import RunDir
+from fedsynth.stages.checkpoint import load_model
+from fedsynth.stages.prepare import prepare
 
 RUN = "runs/bench-privacy/fashion-centralized-eps10-s0-b256"
 ALL = "all parameters"

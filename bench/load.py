@@ -93,7 +93,7 @@ def faulty_app(seed: int):
     from flwr.clientapp import ClientApp
 
     from fedsynth.client.app import handle_query, handle_train
-    from fedsynth.protocol import ROUND_KEY
+    from fedsynth.core.protocol import ROUND_KEY
 
     app = ClientApp()
     app.query()(handle_query)

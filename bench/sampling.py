@@ -15,16 +15,16 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from _common import write_result
-from fedsynth.checkpoint import load_model
 from fedsynth.config import load_config
+from fedsynth.core.rundir import RunDir
 from fedsynth.data.datasets import ImageData, load_dataset
 from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler
 from fedsynth.evaluation.classifier import predict
 from fedsynth.evaluation.domain import domain_classifier
 from fedsynth.evaluation.metrics import fd_between, precision_recall
-from fedsynth.rundir import RunDir
-from fedsynth.synthesize import balanced_labels
+from fedsynth.stages.checkpoint import load_model
+from fedsynth.stages.synthesize import balanced_labels
 
 VARIANTS = [
     ("ddpm", 1000),

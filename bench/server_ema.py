@@ -21,14 +21,14 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from _common import RESULTS, ROOT, timed_fedsynth_run, write_result
-from fedsynth.checkpoint import save_model
 from fedsynth.config import load_config
+from fedsynth.core.rundir import RunDir, read_json
 from fedsynth.data.datasets import load_dataset
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema
 from fedsynth.evaluation.evaluate import evaluate_run
 from fedsynth.pipeline import sample_run
-from fedsynth.rundir import RunDir, read_json
+from fedsynth.stages.checkpoint import save_model
 
 CONFIG = "configs/digits-federated.toml"
 KEYS = ("fd", "precision", "recall", "cas_accuracy", "class_tv_from_uniform")

@@ -7,7 +7,7 @@ simulation mode, which runs the app in a separate ``flwr-simulation`` process â€
 hand with ``flower-superlink`` + ``flwr run``. All run the same tiny federated job (2
 clients, 2 rounds, tiny UNet), so the differences are start-up and teardown, not training.
 
-The by-hand SuperLink is started with :func:`fedsynth.superlink.start_superlink` (the one
+The by-hand SuperLink is started with :func:`fedsynth.runtime.superlink.start_superlink` (the one
 ``fedsynth run`` uses: ``--disable-runtime-dependency-installation``, so nothing is
 downloaded; by default ``flwr run`` on a fresh machine creates a runtime environment with
 ``uv sync``) on private ports and a private ``FLWR_HOME``, and stopped at the end.
@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, ROOT, run_command, timed_command, write_result
-from fedsynth.superlink import flower_env, start_superlink, stop
+from fedsynth.runtime.processes import stop
+from fedsynth.runtime.superlink import flower_env, start_superlink
 
 CONFIG = "configs/digits-federated.toml"
 TINY = [

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES
-from fedsynth.centralized import train_centralized
 from fedsynth.config import load_config
-from fedsynth.errors import RunDirError
-from fedsynth.prepare import prepare
-from fedsynth.rundir import RunDir
+from fedsynth.core.errors import RunDirError
+from fedsynth.core.rundir import RunDir
+from fedsynth.paradigms.centralized import train_centralized
+from fedsynth.stages.prepare import prepare
 from test_cli import CENTRAL
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -47,7 +47,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, damage
     full = _run(tmp_path, "full", 3)
     part = _run(tmp_path, "part", 2)
     DAMAGE[damage](part.checkpoint_dir(2))
-    with caplog.at_level(logging.WARNING, logger="fedsynth.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fedsynth.stages.checkpoint"):
         _run(tmp_path, "part", 3, resume=True)
     assert "checkpoint round-0002 is damaged, resuming from the one before" in caplog.text
     assert [r["round"] for r in part.read_metrics()] == [1, 2, 3]

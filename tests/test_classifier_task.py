@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES
-from fedsynth.checkpoint import load_model
 from fedsynth.config import ConfigError, config_from_dict, load_config
+from fedsynth.core.rundir import RunDir
 from fedsynth.evaluation.classifier import SmallCNN
 from fedsynth.pipeline import accuracy_summary, run_all
-from fedsynth.rundir import RunDir
-from fedsynth.tasks import classifier_loss, heldout_accuracy, seeded_model
+from fedsynth.stages.checkpoint import load_model
+from fedsynth.training.tasks import classifier_loss, heldout_accuracy, seeded_model
 from test_cli import CENTRAL
 from test_federated import _run, tiny_federated
 

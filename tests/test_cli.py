@@ -177,8 +177,8 @@ def test_missing_inception_weights_fail_before_training(tmp_path):
 
 
 def test_resume_without_checkpoint_is_clear(tmp_path):
-    from fedsynth.prepare import prepare
-    from fedsynth.rundir import RunDir
+    from fedsynth.core.rundir import RunDir
+    from fedsynth.stages.prepare import prepare
 
     cfg = load_config(CENTRAL, TINY_OVERRIDES)
     run = RunDir(tmp_path / "r").create()
@@ -242,7 +242,7 @@ def test_interrupted_run_exits_non_zero_says_how_to_resume_and_resumes(tmp_path,
 
 
 def test_a_new_run_never_goes_into_a_foreign_folder_or_a_file(tmp_path):
-    from fedsynth.errors import RunDirError
+    from fedsynth.core.errors import RunDirError
 
     cfg = load_config(CENTRAL, TINY_OVERRIDES)
     foreign = tmp_path / "project"
@@ -261,7 +261,7 @@ def test_a_new_run_never_goes_into_a_foreign_folder_or_a_file(tmp_path):
 def test_too_few_images_to_evaluate_fail_before_training(tmp_path):
     import numpy as np
 
-    from fedsynth.errors import ConfigError
+    from fedsynth.core.errors import ConfigError
 
     path = tmp_path / "small.npz"
     np.savez(path, images=np.zeros((6, 8, 8), np.uint8), labels=np.array([0, 0, 0, 1, 1, 1]))
@@ -279,11 +279,11 @@ def test_files_that_are_not_what_they_claim_are_one_line_errors(tmp_path):
     from PIL import Image
 
     from fedsynth.config import DataConfig
+    from fedsynth.core.errors import DataError, RunDirError
+    from fedsynth.core.rundir import RunDir
     from fedsynth.data.datasets import load_images
-    from fedsynth.errors import DataError, RunDirError
     from fedsynth.report.compare import write_comparison
     from fedsynth.report.markdown import write_report
-    from fedsynth.rundir import RunDir
 
     def npz_error(name, **arrays):
         path = tmp_path / name

@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from fedsynth.config import DataConfig
+from fedsynth.core.errors import DataError
 from fedsynth.data.datasets import load_dataset, load_images, stratified_split
-from fedsynth.errors import DataError
 
 
 def test_digits_shape_range_and_split():
@@ -140,7 +140,7 @@ def test_npz_class_names_and_labels_are_checked_up_front(tmp_path, names, labels
 def test_class_names_become_safe_folders_inside_the_output(tmp_path):
     from fedsynth.data.datasets import folder_name
     from fedsynth.evaluation.evaluate import load_synthetic
-    from fedsynth.synthesize import write_imagefolder
+    from fedsynth.stages.synthesize import write_imagefolder
 
     names = ["../escape", "/abs/olute", "T-shirt/top", ".hidden", "ok"]
     assert [folder_name(n) for n in names] == ["_escape", "_abs_olute", "T-shirt_top", "hidden", "ok"]

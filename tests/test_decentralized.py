@@ -22,21 +22,22 @@ import torch
 
 from conftest import TINY_OVERRIDES
 from fedsynth.config import config_from_dict, load_config
-from fedsynth.decentralized import DecentralizedDriver, train_decentralized
+from fedsynth.core.errors import ConfigError
+from fedsynth.core.protocol import UpdateInfo, config_text
+from fedsynth.core.rundir import RunDir
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema
 from fedsynth.diffusion.unet import seeded_unet
-from fedsynth.errors import ConfigError
 from fedsynth.ledger.federation import DecentralizedError
 from fedsynth.ledger.nodes import TrainerNode, TrainResult
 from fedsynth.ledger.store import open_store
-from fedsynth.node import train_update
+from fedsynth.paradigms.decentralized import DecentralizedDriver, train_decentralized
 from fedsynth.pipeline import run_all
-from fedsynth.prepare import prepare
-from fedsynth.protocol import UpdateInfo, config_text
 from fedsynth.report.markdown import privacy_facts
-from fedsynth.rounds import Model
-from fedsynth.rundir import RunDir
+from fedsynth.runtime.ledger_node import train_update
+from fedsynth.runtime.processes import free_port
+from fedsynth.stages.prepare import prepare
+from fedsynth.training.round_loop import Model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -297,12 +298,6 @@ def _anvil() -> str | None:
     return str(local) if local.exists() else shutil.which("anvil")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 MNEMONIC = "test test test test test test test test test test test junk"
 
 
@@ -310,7 +305,7 @@ MNEMONIC = "test test test test test test test test test test test junk"
 def anvil_node():
     """A standalone EVM node on a free loopback port (the dev mnemonic's accounts funded);
     yields its JSON-RPC URL and stops it afterwards."""
-    port = _free_port()
+    port = free_port()
     cmd = [_anvil(), "--host", "127.0.0.1", "--port", str(port), "--accounts", "10", "--silent"]
     node = subprocess.Popen(
         [*cmd, "--mnemonic", MNEMONIC], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

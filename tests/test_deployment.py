@@ -13,15 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from fedsynth.runtime.processes import free_port
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_listening(port: int, timeout: float = 60.0) -> None:
@@ -118,7 +114,7 @@ def _check_run(out: Path, paradigm: str, stdout: str) -> None:
 def test_a_round_of_each_paradigm_on_one_loopback_superlink(tmp_path):
     """One SuperLink and two SuperNodes (each with its own image folder) serve a federated
     run, then a run of paradigm local."""
-    link, nodes = _free_port(), [_free_port(), _free_port()]
+    link, nodes = free_port(), [free_port(), free_port()]
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -217,7 +213,7 @@ def test_the_documented_deployment_with_tls_and_node_authentication(tmp_path):
     `fedsynth submit`; then a run that fails on the SuperLink exits 2 with its one line."""
     from fedsynth.config import config_toml, load_config
 
-    link, nodes = _free_port(), [_free_port(), _free_port()]
+    link, nodes = free_port(), [free_port(), free_port()]
     config = tmp_path / "tiny.toml"
     config.write_text(
         config_toml(load_config(ROOT / "configs/digits-federated.toml", _overrides("federated").split(";")))
@@ -256,7 +252,7 @@ def test_the_documented_deployment_with_tls_and_node_authentication(tmp_path):
         log = tmp_path / "stranger.log"
         with log.open("w") as sink:  # the node's own children keep a pipe open: a file instead
             refused = subprocess.Popen(
-                [*stranger, "--port", str(_free_port()), "--max-retries", "0"],
+                [*stranger, "--port", str(free_port()), "--max-retries", "0"],
                 env=env,
                 cwd=tmp_path,
                 stdout=sink,

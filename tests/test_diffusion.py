@@ -3,13 +3,13 @@ import torch
 from diffusers import UNet2DModel
 
 from fedsynth.config import DiffusionConfig, ModelConfig, TrainConfig
+from fedsynth.core.errors import ConfigError
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.objective import diffusion_loss, drop_labels
 from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler, build_train_scheduler
 from fedsynth.diffusion.training import make_ema, make_optimizer, steps_for, train_steps
 from fedsynth.diffusion.unet import build_unet, count_parameters, null_label, seeded_unet
-from fedsynth.errors import ConfigError
 
 
 def _tiny(conditional=True, classes=3):
@@ -231,7 +231,7 @@ def test_client_optimizer_state_carries_over_rounds_when_kept():
 
     from fedsynth.client.local import local_train
     from fedsynth.config import config_from_dict
-    from fedsynth.records import record_torch
+    from fedsynth.core.records import record_torch
 
     cfg = config_from_dict({"model": {"preset": "tiny"}, "train": {"keep_optimizer": True, "local_steps": 2}})
     data = ImageData(torch.rand(8, 1, 16, 16) * 2 - 1, torch.arange(8) % 10, tuple("0123456789"))

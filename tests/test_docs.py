@@ -4,14 +4,14 @@ import re
 import subprocess
 from pathlib import Path
 
-from fedsynth.config_reference import render, unused_help
+from fedsynth.config.reference import render, unused_help
 
 ROOT = Path(__file__).parents[1]
 
 
 def test_the_configuration_reference_is_what_the_code_generates():
     page = (ROOT / "docs" / "configuration.md").read_text()
-    assert page == render(), "regenerate: python -m fedsynth.config_reference docs/configuration.md"
+    assert page == render(), "regenerate: python -m fedsynth.config.reference docs/configuration.md"
     assert unused_help() == []
 
 

@@ -14,7 +14,7 @@ from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.evaluation.classifier import train_classifier
 from fedsynth.evaluation.domain import domain_classifier
 from fedsynth.evaluation.evaluate import evaluate_synthetic
-from fedsynth.synthesize import SampleSpec, synthesize
+from fedsynth.stages.synthesize import SampleSpec, synthesize
 
 
 def test_domain_classifier_is_trained_once_and_cached(tmp_path):
@@ -121,7 +121,7 @@ def test_inception_fid_is_from_a_local_weights_file(tmp_path, monkeypatch):
 
 
 def test_inception_weights_missing_or_wrong_is_one_line_error(tmp_path):
-    from fedsynth.errors import ConfigError
+    from fedsynth.core.errors import ConfigError
     from fedsynth.evaluation.inception import load_inception
 
     with pytest.raises(ConfigError, match=r"no file at .*never downloaded"):
@@ -146,7 +146,7 @@ class _Payload:
 def test_inception_weights_that_are_a_code_pickle_are_refused_without_running_it(tmp_path, monkeypatch):
     import pickle
 
-    from fedsynth.errors import ConfigError
+    from fedsynth.core.errors import ConfigError
     from fedsynth.evaluation.inception import load_inception
 
     marker = tmp_path / "pwned"
@@ -163,7 +163,7 @@ def test_inception_weights_that_are_a_code_pickle_are_refused_without_running_it
 
 
 def test_sampling_again_replaces_the_set_and_never_writes_into_a_foreign_folder(tmp_path):
-    from fedsynth.errors import ConfigError, RunDirError
+    from fedsynth.core.errors import ConfigError, RunDirError
 
     unet = seeded_unet(ModelConfig(preset="tiny"), 0, 8, 1, 3).eval()
     sched = build_train_scheduler(DiffusionConfig(num_train_timesteps=20))

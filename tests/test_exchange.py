@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fedsynth.config import ExchangeConfig, ModelConfig
+from fedsynth.core.errors import ConfigError
 from fedsynth.diffusion.unet import build_unet
-from fedsynth.errors import ConfigError
 from fedsynth.exchange.codecs import Codec, CodecError, compress, decode, encode
 from fedsynth.exchange.groups import GROUPS, group_keys, group_of
 from fedsynth.exchange.plans import DOWNLOAD, is_personal, upload_groups, usplit_assignment

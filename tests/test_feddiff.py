@@ -11,13 +11,12 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedsynth.config import FedDiffConfig, config_from_dict
+from fedsynth.core.errors import ConfigError
+from fedsynth.core.rundir import RunDir
 from fedsynth.diffusion.unet import build_unet
-from fedsynth.errors import ConfigError
 from fedsynth.evaluation.classifier import SmallCNN
 from fedsynth.report.markdown import write_report
-from fedsynth.rundir import RunDir
 from fedsynth.strategies import build_strategy
-from fedsynth.strategies.adapter import ensure_run_identity
 from fedsynth.strategies.feddiff import (
     LatentDenoiser,
     WeightAE,
@@ -27,6 +26,7 @@ from fedsynth.strategies.feddiff import (
     pretrain_space,
     subset_keys,
 )
+from fedsynth.strategies.flower import ensure_run_identity
 from test_federated import _run, tiny_federated
 
 TINY = {"ae_steps": 30, "ldm_steps": 30, "timesteps": 10, "t_final": 6, "encoder_steps": 3}

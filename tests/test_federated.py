@@ -12,10 +12,10 @@ from flwr.clientapp import ClientApp
 
 from fedsynth.client.app import handle_query, handle_train
 from fedsynth.config import config_from_dict
-from fedsynth.federated import train_federated
-from fedsynth.prepare import prepare
-from fedsynth.rundir import RunDir
+from fedsynth.core.rundir import RunDir
+from fedsynth.paradigms.federated import train_federated
 from fedsynth.server.messages import FederationError
+from fedsynth.stages.prepare import prepare
 
 pytestmark = pytest.mark.slow
 
@@ -127,9 +127,9 @@ def test_resume_matches_uninterrupted_with_strategy_state(tmp_path):
 
 def test_udec_keeps_personal_groups_on_clients_and_evaluates_each(tmp_path):
     from fedsynth.config import load_config
+    from fedsynth.core.rundir import read_json
     from fedsynth.exchange.groups import group_of
     from fedsynth.pipeline import run_all
-    from fedsynth.rundir import read_json
 
     overrides = [
         "model.preset=tiny",

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from conftest import TINY_OVERRIDES
-from fedsynth.checkpoint import save_checkpoint
 from fedsynth.config import load_config
-from fedsynth.errors import RunDirError
+from fedsynth.core.errors import RunDirError
+from fedsynth.core.rundir import LOCK_ENV, RunDir
 from fedsynth.pipeline import run_all
-from fedsynth.prepare import prepare
-from fedsynth.rundir import LOCK_ENV, RunDir
+from fedsynth.stages.checkpoint import save_checkpoint
+from fedsynth.stages.prepare import prepare
 
 ROOT = Path(__file__).parents[1]
 CENTRAL = ROOT / "configs" / "digits-centralized.toml"
@@ -196,13 +196,15 @@ def test_a_nodes_own_data_error_reaches_the_servers_error(monkeypatch):
 
     from flwr.app import ConfigRecord
 
-    from fedsynth.protocol import INFO, PARTITION_ID
+    from fedsynth.core.protocol import INFO, PARTITION_ID
     from fedsynth.server.messages import FederationError, discover_nodes
 
     def reply(node: int, pid: int | None) -> SimpleNamespace:
         meta = SimpleNamespace(src_node_id=node)
         if pid is None:  # what flwr/supernode/runtime/run_clientapp.py sends for an exception
-            reason = "<class 'fedsynth.errors.DataError'>:<'class folders [a, b] do not match [0, 1]\nmore'>"
+            reason = (
+                "<class 'fedsynth.core.errors.DataError'>:<'class folders [a, b] do not match [0, 1]\nmore'>"
+            )
             return SimpleNamespace(
                 has_error=lambda: True, error=SimpleNamespace(reason=reason), metadata=meta
             )

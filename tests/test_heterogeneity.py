@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedsynth.config import config_from_dict
+from fedsynth.core.errors import ConfigError
 from fedsynth.data.sharing import share
-from fedsynth.errors import ConfigError
 from fedsynth.server.calibration import auxiliary_counts, stalled
 
 
@@ -107,11 +107,11 @@ def test_exclusion_never_leaves_fewer_eligible_clients_than_a_round_selects():
 def test_phoenix_and_feddpm_plus_end_to_end(tmp_path):
     from diffusers import UNet2DModel
 
+    from fedsynth.core.rundir import RunDir, read_json
     from fedsynth.exchange.groups import personal_keys
-    from fedsynth.federated import train_federated
-    from fedsynth.prepare import prepare
-    from fedsynth.rundir import RunDir, read_json
+    from fedsynth.paradigms.federated import train_federated
     from fedsynth.server.calibration import load_auxiliary
+    from fedsynth.stages.prepare import prepare
 
     raw = {
         "paradigm": "federated",
@@ -172,7 +172,7 @@ def test_phoenix_and_feddpm_plus_end_to_end(tmp_path):
 
 
 def test_excluded_clients_are_never_selected():
-    from fedsynth.rounds import RoundError, select_clients
+    from fedsynth.training.round_loop import RoundError, select_clients
 
     for round_ in range(1, 30):
         chosen = select_clients(0, round_, 0, 10, 5, frozenset({1, 4}))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from fedsynth.config import DataConfig, config_from_dict
+from fedsynth.core.errors import DataError
 from fedsynth.data.datasets import load_dataset
 from fedsynth.data.idx import read_idx
-from fedsynth.errors import DataError
 
 
 def write_idx(path, array, gz=None):

@@ -11,12 +11,12 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from conftest import TINY_OVERRIDES
-from fedsynth.checkpoint import load_model
 from fedsynth.config import ConfigError, load_config
+from fedsynth.core.rundir import RunDir
 from fedsynth.diffusion.latent import PromptUNet, load_base, model_space, to_images
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.pipeline import run_all
-from fedsynth.rundir import RunDir
+from fedsynth.stages.checkpoint import load_model
 from sd_tiny import LATENT_SETTINGS, build_tiny_pipeline
 
 ROOT = Path(__file__).parents[1]
@@ -150,9 +150,9 @@ def test_a_client_whose_base_differs_refuses(pipeline, tmp_path):
 
 
 def test_a_decentralized_trainer_uploads_only_the_adapter_of_a_latent_denoiser(pipeline, tmp_path):
+    from fedsynth.core.protocol import config_text
     from fedsynth.ledger.store import open_store
-    from fedsynth.node import train_update
-    from fedsynth.protocol import config_text
+    from fedsynth.runtime.ledger_node import train_update
 
     over = _settings(pipeline, 'paradigm="decentralized"', "ledger.aggregators=2", "lora.rank=2")
     cfg = load_config(CENTRAL, over)

@@ -295,7 +295,7 @@ def test_events_since_replays_history_for_a_rejoining_node(deployed):
     "name", ["fedavg", "fedavgm", "fedmedian", "fedtrimmedavg", "fedyogi", "krum", "multikrum", "bulyan"]
 )
 def test_flat_aggregation_equals_per_key_aggregation(name):
-    from fedsynth.strategies.adapter import ensure_run_identity
+    from fedsynth.strategies.flower import ensure_run_identity
 
     ensure_run_identity()  # messages built outside a Flower run, as aggregator nodes do
     _check_flat_equals_per_key(name)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fedsynth.config import load_config
-from fedsynth.prepare import check_partitions, prepare
+from fedsynth.core.rundir import RunDir
 from fedsynth.report.markdown import write_report
-from fedsynth.rundir import RunDir
+from fedsynth.stages.prepare import check_partitions, prepare
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +23,11 @@ LEGACY = Path(__file__).parent / "data" / "legacy-runs"
 def _resume(cfg, run: RunDir) -> None:
     check_partitions(run, prepare(cfg))
     if cfg.paradigm == "federated":
-        from fedsynth.federated import train_federated
+        from fedsynth.paradigms.federated import train_federated
 
         train_federated(cfg, run, prepare(cfg), resume=True)
     else:
-        from fedsynth.decentralized import train_decentralized
+        from fedsynth.paradigms.decentralized import train_decentralized
 
         with ThreadPoolExecutor(2) as pool:
             train_decentralized(cfg, run, prepare(cfg), resume=True, executor=pool)

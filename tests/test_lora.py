@@ -216,9 +216,9 @@ def test_centralized_lora_with_dp_sgd_trains_only_the_adapter_and_resumes_exactl
 
 
 def test_a_decentralized_trainer_uploads_only_the_adapter(tmp_path):
+    from fedsynth.core.protocol import config_text
     from fedsynth.ledger.store import open_store
-    from fedsynth.node import train_update
-    from fedsynth.protocol import config_text
+    from fedsynth.runtime.ledger_node import train_update
 
     over = [*TINY_OVERRIDES, 'paradigm="decentralized"', "ledger.aggregators=2", *LORA]
     cfg = load_config(CENTRAL, over)
@@ -232,7 +232,7 @@ def test_a_decentralized_trainer_uploads_only_the_adapter(tmp_path):
 
 def test_ffa_keeps_a_at_its_shared_start_in_a_trained_client(tmp_path):
     from fedsynth.client.local import local_train
-    from fedsynth.prepare import prepare
+    from fedsynth.stages.prepare import prepare
 
     cfg = load_config(FEDERATED, [*TINY_OVERRIDES, *LORA, 'lora.aggregation="ffa"'])
     data = prepare(cfg).client_data(0)

@@ -131,7 +131,7 @@ def test_nearest_distances_and_memorisation():
 
 
 def test_precision_recall_with_too_few_images_is_a_clear_error():
-    from fedsynth.errors import DataError
+    from fedsynth.core.errors import DataError
 
     with pytest.raises(DataError, match=r"need more than 3 images in each set; got 3 real and 10 generated"):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)

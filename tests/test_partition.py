@@ -128,7 +128,7 @@ def test_too_many_clients():
 def test_one_seed_derivation_is_seedsequence_of_seed_purpose_and_ids():
     import zlib
 
-    from fedsynth.seeding import derive, numpy_rng, torch_generator
+    from fedsynth.core.seeding import derive, numpy_rng, torch_generator
 
     entropy = [7, zlib.crc32(b"select"), 3, 1]
     expected = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1

@@ -8,9 +8,9 @@ from opacus import GradSampleModule
 
 from conftest import TINY_OVERRIDES
 from fedsynth.config import DiffusionConfig, ModelConfig, PrivacyConfig, config_from_dict, load_config
+from fedsynth.core.errors import ConfigError
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.unet import init_folder, seeded_unet
-from fedsynth.errors import ConfigError
 from fedsynth.privacy.accounting import PrivacyBudgetError, PrivacyLedger, calibrate, epsilon
 from fedsynth.privacy.dpsgd import ClipGroups, clip_and_noise, clip_groups, poisson_batch
 

@@ -14,10 +14,10 @@ import pytest
 
 from conftest import TINY_OVERRIDES
 from fedsynth.config import load_config
-from fedsynth.errors import RunDirError
+from fedsynth.core.errors import RunDirError
+from fedsynth.core.rundir import DIR_MODE, FILE_MODE, RunDir, write_text_atomic
 from fedsynth.pipeline import run_all
 from fedsynth.report.markdown import code, md, write_report
-from fedsynth.rundir import DIR_MODE, FILE_MODE, RunDir, write_text_atomic
 
 ROOT = Path(__file__).parents[1]
 CENTRAL = ROOT / "configs" / "digits-centralized.toml"

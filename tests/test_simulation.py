@@ -3,7 +3,7 @@ import warnings
 
 from flwr.supercore.logger import warn_deprecated_feature
 
-from fedsynth.simulation import quiet_framework
+from fedsynth.runtime.simulation import quiet_framework
 
 
 def test_quiet_framework_drops_only_the_messages_a_user_cannot_act_on(caplog):

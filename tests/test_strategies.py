@@ -9,8 +9,8 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedsynth.config import STRATEGY_NAMES, config_from_dict
 from fedsynth.strategies import STRATEGIES, build_strategy
-from fedsynth.strategies.adapter import ensure_run_identity
 from fedsynth.strategies.feddiff import pretrain_space
+from fedsynth.strategies.flower import ensure_run_identity
 from fedsynth.strategies.scaffold import CONTROL_KEY, client_control_update, server_update
 
 
@@ -272,9 +272,9 @@ def test_conformance_state_keys_are_checked(name):
 def test_per_key_aggregation_over_the_clients_that_sent_each_group(tmp_path):
     """USPLIT: each group is averaged (by example count) over the replies that carry it;
     a group nobody sent keeps its global value."""
+    from fedsynth.core.protocol import UpdateInfo
     from fedsynth.diffusion.unet import seeded_unet
     from fedsynth.exchange.groups import group_of
-    from fedsynth.protocol import UpdateInfo
     from fedsynth.strategies.adapter import Update
 
     cfg = config_from_dict(
@@ -302,11 +302,11 @@ def test_per_key_aggregation_over_the_clients_that_sent_each_group(tmp_path):
 
 
 def _driver(cfg, unet, tmp_path):
+    from fedsynth.core.rundir import RunDir
     from fedsynth.diffusion.schedule import build_train_scheduler
     from fedsynth.diffusion.training import make_ema
-    from fedsynth.rounds import Model
-    from fedsynth.rundir import RunDir
     from fedsynth.server.driver import FederatedDriver
+    from fedsynth.training.round_loop import Model
 
     model = Model(unet, make_ema(unet, 0.9), build_train_scheduler(cfg.diffusion))
     return FederatedDriver(cfg, RunDir(tmp_path), model, tuple(str(i) for i in range(10)), grid=None)
@@ -351,7 +351,7 @@ def test_malformed_or_nan_compressed_updates_are_dropped_with_reasons(tmp_path):
 def test_screen_keeps_valid_updates_and_drops_errors_rejections_and_silence_with_reasons():
     from flwr.app import ConfigRecord, Error
 
-    from fedsynth.protocol import UpdateInfo
+    from fedsynth.core.protocol import UpdateInfo
     from fedsynth.server.messages import screen
     from fedsynth.strategies.adapter import Update
 
@@ -384,7 +384,7 @@ def test_screen_keeps_valid_updates_and_drops_errors_rejections_and_silence_with
 
 
 def test_aggregation_does_not_depend_on_the_order_updates_arrived_in():
-    from fedsynth.protocol import UpdateInfo
+    from fedsynth.core.protocol import UpdateInfo
     from fedsynth.strategies.adapter import Update, aggregate
 
     g = torch.Generator().manual_seed(0)
@@ -416,8 +416,8 @@ def test_class_rows_by_hand():
 
 
 def test_class_aware_aggregation_in_the_round(tmp_path):
+    from fedsynth.core.protocol import UpdateInfo
     from fedsynth.diffusion.unet import seeded_unet
-    from fedsynth.protocol import UpdateInfo
     from fedsynth.strategies.adapter import Update
     from fedsynth.strategies.class_rows import CLASS_KEY
 

@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 
 from fedsynth.config import load_config
-from fedsynth.errors import FedsynthError
-from fedsynth.superlink import CRASH_MARK, ERROR_MARK, Relay, federation_config, run_config, split_lines
+from fedsynth.core.errors import FedsynthError
+from fedsynth.runtime.superlink import (
+    CRASH_MARK,
+    ERROR_MARK,
+    Relay,
+    federation_config,
+    run_config,
+    split_lines,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDERATED = ROOT / "configs" / "digits-federated.toml"
@@ -112,7 +119,7 @@ def test_the_run_config_carries_absolute_paths_and_every_override(tmp_path, monk
 def test_the_server_app_prints_its_failure_as_one_marked_line_and_still_fails(
     monkeypatch, capsys, error, line
 ):
-    from fedsynth import serverapp
+    from fedsynth.runtime import serverapp as serverapp
 
     def failing(grid, context):
         raise error

@@ -6,9 +6,9 @@ import pytest
 
 from conftest import TINY_OVERRIDES
 from fedsynth.config import load_config
-from fedsynth.errors import ConfigError
+from fedsynth.core.errors import ConfigError
 from fedsynth.pipeline import run_all
-from fedsynth.tracking import numbers
+from fedsynth.stages.tracking import numbers
 
 CENTRAL = [*TINY_OVERRIDES, "paradigm=centralized", "eval.enabled=false", "sample.grid_per_class=2"]
 

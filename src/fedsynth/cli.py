@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedsynth.errors import FedsynthError, first_line
+from fedsynth.core.errors import FedsynthError, first_line
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -51,7 +51,7 @@ def run(
 ) -> None:
     """Run every stage: partition, train, sample, evaluate, report."""
     from fedsynth.config import load_config
-    from fedsynth.rundir import RunDir, check_fresh, read_json
+    from fedsynth.core.rundir import RunDir, check_fresh, read_json
 
     target = _target(config, out, resume, "run")
     if resume is not None:
@@ -59,7 +59,7 @@ def run(
     else:
         cfg = load_config(config, overrides)
     if cfg.paradigm in ("federated", "local") and cfg.federation.engine == "superlink":
-        from fedsynth.superlink import run_on_superlink  # every stage runs in Flower's process
+        from fedsynth.runtime.superlink import run_on_superlink  # every stage runs in Flower's process
 
         source = RunDir(target).config if resume is not None else config
         if resume is None:
@@ -100,8 +100,8 @@ def submit(
 ) -> None:
     """Run every stage on a real federation's SuperLink (`flwr run` with paths made absolute);
     a run that fails there exits 2 with its one-line error."""
-    from fedsynth.rundir import RunDir
-    from fedsynth.superlink import submit as submit_run
+    from fedsynth.core.rundir import RunDir
+    from fedsynth.runtime.superlink import submit as submit_run
 
     target = _target(config, out, resume, f"submit {federation}")
     source = RunDir(target).config if resume is not None else config
@@ -117,7 +117,7 @@ def keys(
     days: Annotated[int, typer.Option(min=1, help="certificate lifetime")] = 365,
 ) -> None:
     """Write a federation's TLS certificates (CA, SuperLink) and one key pair per SuperNode."""
-    from fedsynth.deploy import write_keys
+    from fedsynth.runtime.deploy import write_keys
 
     for path in write_keys(folder, host, nodes, days):
         print(path)
@@ -139,7 +139,7 @@ def node(
 ) -> None:
     """Run one decentralized node (trainer or aggregator) against a deployed contract."""
     from fedsynth.config import load_config
-    from fedsynth.node import run_node
+    from fedsynth.runtime.ledger_node import run_node
 
     cfg = load_config(config, overrides)
     if not key_file.is_file():
@@ -173,12 +173,12 @@ def sample(
     ] = None,
 ) -> None:
     """Generate a class-balanced synthetic dataset of any size from a trained run."""
-    from fedsynth.checkpoint import load_model
     from fedsynth.config import load_config
+    from fedsynth.core.errors import RunDirError
+    from fedsynth.core.rundir import RunDir, read_json
     from fedsynth.diffusion.training import resolve_device
-    from fedsynth.errors import RunDirError
-    from fedsynth.rundir import RunDir, read_json
-    from fedsynth.synthesize import SampleSpec, check_output, synthesize
+    from fedsynth.stages.checkpoint import load_model
+    from fedsynth.stages.synthesize import SampleSpec, check_output, synthesize
 
     check_output(out, fmt)  # before loading anything
     rd = RunDir(run_dir).check_links()
@@ -203,8 +203,8 @@ def sample(
 def evaluate(run_dir: Annotated[Path, typer.Argument(help="a run directory with synthetic/")]) -> None:
     """Judge RUN_DIR/synthetic against the real test split: eval.json + summary.json."""
     from fedsynth.config import load_config
+    from fedsynth.core.rundir import RunDir, read_json
     from fedsynth.evaluation.evaluate import evaluate_run
-    from fedsynth.rundir import RunDir, read_json
 
     rd = RunDir(run_dir)
     cfg = load_config(rd.config)
@@ -217,8 +217,8 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="a run directory with 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Write RUN_DIR/report.md with its pictures."""
+    from fedsynth.core.rundir import RunDir
     from fedsynth.report.markdown import write_report
-    from fedsynth.rundir import RunDir
 
     rd = RunDir(run_dir).check_is_run()  # before the lock, which would create the folder
     with rd.writer_lock():
@@ -274,7 +274,7 @@ def _interrupted(code: int) -> None:
         highlight=False,
         soft_wrap=True,
     )
-    from fedsynth.superlink import stop_all
+    from fedsynth.runtime.superlink import stop_all
 
     stop_all()  # a local SuperLink and its simulation, if this run started one
     # os._exit: threads still running (a simulation's server thread waiting on workers that

@@ -12,24 +12,24 @@ from pathlib import Path
 
 from diffusers import DDPMScheduler, UNet2DModel
 
-from fedsynth.centralized import steps_per_round, train_centralized
-from fedsynth.checkpoint import load_model
 from fedsynth.config import Config, check_resume_changes, is_pipeline_folder, load_config
+from fedsynth.core.errors import ConfigError
+from fedsynth.core.rundir import RunDir, check_fresh
 from fedsynth.diffusion.latent import check_pipeline
 from fedsynth.diffusion.schedule import check_base_schedule
 from fedsynth.diffusion.training import resolve_device
-from fedsynth.errors import ConfigError
 from fedsynth.evaluation.evaluate import evaluate_run
 from fedsynth.evaluation.inception import check_weights_file
 from fedsynth.exchange.transfer import has_personal_models
-from fedsynth.federated import train_federated
-from fedsynth.local import sample_mixture, train_local
-from fedsynth.prepare import Prepared, check_partitions, prepare
+from fedsynth.paradigms.centralized import steps_per_round, train_centralized
+from fedsynth.paradigms.federated import train_federated
+from fedsynth.paradigms.local_models import sample_mixture, train_local
 from fedsynth.privacy.accounting import default_delta, resolve_noise
 from fedsynth.report.markdown import write_report
-from fedsynth.rundir import RunDir, check_fresh
-from fedsynth.synthesize import SampleSpec, check_fits, synthesize
-from fedsynth.tracking import tracking
+from fedsynth.stages.checkpoint import load_model
+from fedsynth.stages.prepare import Prepared, check_partitions, prepare
+from fedsynth.stages.synthesize import SampleSpec, check_fits, synthesize
+from fedsynth.stages.tracking import tracking
 
 
 def sample_run(
@@ -85,7 +85,7 @@ def train(cfg: Config, run: RunDir, prepared, *, resume: bool, grid=None, client
     elif cfg.paradigm == "federated":
         train_federated(cfg, run, prepared, resume=resume, grid=grid, client_app=client_app)
     elif cfg.paradigm == "decentralized":
-        from fedsynth.decentralized import train_decentralized  # web3 and the chain: only when used
+        from fedsynth.paradigms.decentralized import train_decentralized  # web3 and the chain: only when used
 
         train_decentralized(cfg, run, prepared, resume=resume)
     elif cfg.paradigm == "local":

@@ -21,15 +21,8 @@ from flwr.clientapp import ClientApp
 from fedsynth.client.local import local_train
 from fedsynth.client.selfcheck import self_check
 from fedsynth.config import Config, DataConfig
-from fedsynth.data.datasets import ImageData, load_images
-from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.unet import build_unet
-from fedsynth.errors import DataError
-from fedsynth.exchange.codecs import CodecError
-from fedsynth.exchange.groups import GROUPS
-from fedsynth.exchange.transfer import WEIGHTS, Layout, check_base, client_reply, client_start
-from fedsynth.prepare import prepare
-from fedsynth.protocol import (
+from fedsynth.core.errors import DataError
+from fedsynth.core.protocol import (
     ARRAYS,
     BASE_KEY,
     CLASSES_KEY,
@@ -52,26 +45,35 @@ from fedsynth.protocol import (
     UpdateInfo,
     parse_config,
 )
-from fedsynth.records import numpy_record, record_numpy, record_torch
+from fedsynth.core.records import numpy_record, record_numpy, record_torch
+from fedsynth.data.datasets import ImageData, load_images
+from fedsynth.diffusion.schedule import build_train_scheduler
+from fedsynth.diffusion.unet import build_unet
+from fedsynth.exchange.codecs import CodecError
+from fedsynth.exchange.groups import GROUPS
+from fedsynth.exchange.transfer import WEIGHTS, Layout, check_base, client_reply, client_start
 from fedsynth.report.plots import to_uint8
+from fedsynth.runtime.processes import quiet_flower
+from fedsynth.stages.prepare import prepare
+from fedsynth.stages.synthesize import SampleSpec, generate_share
 from fedsynth.strategies.scaffold import CONTROL_KEY
-from fedsynth.synthesize import SampleSpec, generate_share
-from fedsynth.tasks import seeded_model
-
-
-def _not_actor_shutdown(record: logging.LogRecord) -> bool:
-    return "Manually terminating" not in record.getMessage()
-
+from fedsynth.training.tasks import seeded_model
 
 # Flower's simulation workers import this module before they run a client; their actors' normal
 # shutdown at the end of a run ("Manually terminating ClientAppActor") is not news to a user.
-logging.getLogger("flwr").addFilter(_not_actor_shutdown)
+quiet_flower(logging.getLogger("flwr").level)
+
+
+@functools.lru_cache(maxsize=2)
+def _prepared(config_text: str):
+    """The federation's data and partitions, prepared once per process: a simulation worker
+    serves many partitions (100 clients on 2 workers: 50 each), and preparing is the costly part."""
+    return prepare(parse_config(config_text))
 
 
 @functools.lru_cache(maxsize=8)
 def _partition_data(config_text: str, partition_id: int) -> ImageData:
-    cfg = parse_config(config_text)
-    return prepare(cfg).client_data(partition_id)
+    return _prepared(config_text).client_data(partition_id)
 
 
 @functools.lru_cache(maxsize=8)

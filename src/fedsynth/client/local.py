@@ -16,6 +16,7 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from fedsynth.config import Config
+from fedsynth.core.seeding import torch_generator
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import (
@@ -26,9 +27,8 @@ from fedsynth.diffusion.training import (
     steps_for,
 )
 from fedsynth.privacy.dpsgd import dp_train_steps
-from fedsynth.seeding import torch_generator
 from fedsynth.strategies.scaffold import client_control_update, corrected_gradient
-from fedsynth.tasks import build_model, task_steps
+from fedsynth.training.tasks import build_model, task_steps
 
 Weights = dict[str, torch.Tensor]
 

@@ -14,12 +14,12 @@ import torch
 from diffusers import UNet2DModel
 
 from fedsynth.config import Config
+from fedsynth.core.seeding import torch_generator
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler, build_train_scheduler
 from fedsynth.evaluation.classifier import SmallCNN
 from fedsynth.evaluation.metrics import precision_recall
-from fedsynth.seeding import torch_generator
 
 
 def shared_features(seed: int, channels: int) -> SmallCNN:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fedsynth.config import DataConfig
+from fedsynth.core.errors import DataError, first_line
 from fedsynth.data.idx import find_idx, read_pair
-from fedsynth.errors import DataError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

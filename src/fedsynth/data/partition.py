@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedsynth.config import PartitionConfig
-from fedsynth.errors import ConfigError, first_line
+from fedsynth.core.errors import ConfigError, first_line
 
 Partitioner = Callable[[np.ndarray, PartitionConfig, int], list[np.ndarray]]
 

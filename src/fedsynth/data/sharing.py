@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsynth.seeding import numpy_rng
+from fedsynth.core.seeding import numpy_rng
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from safetensors.torch import load_file
 
 from fedsynth.config import LoraConfig as LoraSettings
 from fedsynth.config import is_pipeline_folder
+from fedsynth.core.errors import ConfigError
 from fedsynth.diffusion.lora import LORA_WEIGHTS, add_lora, has_lora, save_adapter
-from fedsynth.errors import ConfigError
 
 PARTS = {  # folder: (library, class) as model_index.json names them
     "unet": "UNet2DConditionModel",

@@ -26,7 +26,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 from fedsynth.config import LoraConfig, module_list
-from fedsynth.errors import ConfigError
+from fedsynth.core.errors import ConfigError
 
 # Attention projections (diffusers' Attention) and the resnet blocks' 3×3 convolutions.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")

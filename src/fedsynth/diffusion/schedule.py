@@ -19,7 +19,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from fedsynth.config import DiffusionConfig
-from fedsynth.errors import ConfigError
+from fedsynth.core.errors import ConfigError
 
 # diffusion.schedule → (diffusers' beta_schedule, β_1, β_T); scaled_linear is Stable Diffusion's
 BETA_SCHEDULES = {

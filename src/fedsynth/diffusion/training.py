@@ -14,11 +14,11 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from fedsynth.config import DiffusionConfig, TrainConfig, module_list, trained_keys
+from fedsynth.core.errors import ConfigError
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.latent import model_space
 from fedsynth.diffusion.objective import diffusion_loss, drop_labels
 from fedsynth.diffusion.unet import null_label
-from fedsynth.errors import ConfigError
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,

@@ -13,9 +13,9 @@ import torch
 from diffusers import UNet2DModel
 
 from fedsynth.config import LoraConfig, ModelConfig, is_pipeline_folder
+from fedsynth.core.errors import ConfigError
 from fedsynth.diffusion.latent import PromptUNet, build_latent
 from fedsynth.diffusion.lora import add_lora
-from fedsynth.errors import ConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from fedsynth.core.errors import first_line
 from fedsynth.data.datasets import ImageData
-from fedsynth.errors import first_line
 from fedsynth.evaluation.classifier import SmallCNN, train_classifier
 
 log = logging.getLogger("fedsynth.evaluation")

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsynth.checkpoint import load_model
 from fedsynth.config import Config, DataConfig
+from fedsynth.core.errors import RunDirError
+from fedsynth.core.progress import progress_bar
+from fedsynth.core.rundir import RunDir, read_json, write_json_atomic
 from fedsynth.data.datasets import ImageData, SplitDataset, folder_name, load_dataset, load_images
 from fedsynth.diffusion.training import resolve_device
-from fedsynth.errors import RunDirError
 from fedsynth.evaluation.classifier import predict, train_classifier
 from fedsynth.evaluation.domain import domain_classifier
 from fedsynth.evaluation.inception import inception_metrics
@@ -31,9 +32,8 @@ from fedsynth.evaluation.metrics import (
     memorisation,
     precision_recall,
 )
-from fedsynth.progress import progress_bar
 from fedsynth.report.plots import plot_tsne
-from fedsynth.rundir import RunDir, read_json, write_json_atomic
+from fedsynth.stages.checkpoint import load_model
 
 SUMMARY_KEYS = (
     "fd",

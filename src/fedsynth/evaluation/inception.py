@@ -21,7 +21,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from fedsynth.errors import ConfigError, first_line
+from fedsynth.core.errors import ConfigError, first_line
 from fedsynth.evaluation.metrics import fd_between, inception_style_score
 
 FEATURES = ("2048", "logits_unbiased")

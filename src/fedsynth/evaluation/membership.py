@@ -15,10 +15,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from fedsynth.core.seeding import numpy_rng, torch_generator
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.latent import model_space
 from fedsynth.diffusion.unet import null_label
-from fedsynth.seeding import numpy_rng, torch_generator
 
 TIMESTEPS = (25, 50, 100, 200)
 

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import linalg
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from fedsynth.errors import DataError
+from fedsynth.core.errors import DataError
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fedsynth.config import keys_under, module_list, trained_keys
-from fedsynth.errors import ConfigError
+from fedsynth.core.errors import ConfigError
 
 GROUPS = ("down", "mid", "up")
 MODULE_GROUP = {

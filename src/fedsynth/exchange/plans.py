@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedsynth.core.seeding import numpy_rng
 from fedsynth.exchange.groups import GROUPS
-from fedsynth.seeding import numpy_rng
 
 Groups = tuple[str, ...]
 DOWNLOAD: dict[str, Groups] = {"full": GROUPS, "usplit": GROUPS, "udec": ("up",), "ulatdec": ("mid", "up")}

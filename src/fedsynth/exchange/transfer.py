@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fedsynth.config import ExchangeConfig
-from fedsynth.errors import ConfigError
+from fedsynth.core.errors import ConfigError
 from fedsynth.exchange.codecs import Codec, CodecError, compress, decode
 from fedsynth.exchange.groups import frozen_keys, group_keys, personal_keys
 from fedsynth.exchange.plans import DOWNLOAD, is_personal

@@ -24,7 +24,7 @@ from typing import Any
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from fedsynth.errors import FedsynthError
+from fedsynth.core.errors import FedsynthError
 
 EVM_VERSION = "cancun"
 FUNDING_WEI = 10**21  # in-process chain: each node account gets 1,000 ether for gas

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from fedsynth.config import Config
-from fedsynth.errors import FedsynthError
+from fedsynth.core.errors import FedsynthError
+from fedsynth.core.rundir import RunDir, write_json_atomic
 from fedsynth.ledger.chain import (
     Chain,
     RoundsContract,
@@ -26,7 +27,6 @@ from fedsynth.ledger.chain import (
 )
 from fedsynth.ledger.nodes import AggregatorNode, EventFeed, TrainerNode
 from fedsynth.ledger.store import ContentStore, open_store
-from fedsynth.rundir import RunDir, write_json_atomic
 
 
 class DecentralizedError(FedsynthError):

@@ -29,14 +29,14 @@ from eth_account.signers.local import LocalAccount
 from flwr.app import ArrayRecord
 
 from fedsynth.config import Config
-from fedsynth.errors import FedsynthError
+from fedsynth.core.errors import FedsynthError
+from fedsynth.core.protocol import UpdateInfo
+from fedsynth.core.validate import Expected, check_arrays
 from fedsynth.exchange.groups import frozen_keys
 from fedsynth.ledger.chain import LedgerError, RoundsContract
 from fedsynth.ledger.store import ContentStore, Weights
-from fedsynth.protocol import UpdateInfo
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 from fedsynth.strategies.adapter import Update, aggregate
-from fedsynth.validate import Expected, check_arrays
 
 log = logging.getLogger("fedsynth.ledger")
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fedsynth.errors import FedsynthError
+from fedsynth.core.errors import FedsynthError
 from fedsynth.ledger.cid import content_id, is_content_id
 
 Weights = dict[str, torch.Tensor]

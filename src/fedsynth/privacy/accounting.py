@@ -17,8 +17,8 @@ from typing import Any
 from opacus.accountants import RDPAccountant, create_accountant
 
 from fedsynth.config import Config, PrivacyConfig
-from fedsynth.errors import ConfigError, FedsynthError
-from fedsynth.protocol import UpdateInfo
+from fedsynth.core.errors import ConfigError, FedsynthError
+from fedsynth.core.protocol import UpdateInfo
 
 RDP_ALPHAS = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 1025, 8)]
 History = list[tuple[float, float, int]]  # (σ, q, steps) segments, in Opacus' layout

@@ -60,11 +60,11 @@ from fedsynth.config import (
     parse_clip_groups,
     under_module,
 )
+from fedsynth.core.errors import ConfigError
 from fedsynth.data.datasets import ImageData, load_dataset
 from fedsynth.diffusion.latent import model_space
 from fedsynth.diffusion.objective import drop_labels, noisy_inputs
 from fedsynth.diffusion.unet import null_label
-from fedsynth.errors import ConfigError
 
 PER_EXAMPLE = {
     "mse": lambda pred, target: F.mse_loss(pred, target, reduction="none"),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedsynth.errors import RunDirError
+from fedsynth.core.errors import RunDirError
+from fedsynth.core.rundir import RunDir, read_json
 from fedsynth.report.plots import plot_bars
-from fedsynth.rundir import RunDir, read_json
 
 COLUMNS = (
     # the question a federation asks: how good is the downstream classifier on real test data

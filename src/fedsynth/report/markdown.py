@@ -6,8 +6,8 @@ import json
 import re
 
 from fedsynth.config import PrivacyConfig, is_pipeline_folder, load_config
+from fedsynth.core.rundir import RunDir, read_json, write_text_atomic
 from fedsynth.report.plots import plot_bars, plot_curve
-from fedsynth.rundir import RunDir, read_json, write_text_atomic
 
 SUMMARY_ROWS = (
     ("paradigm", "paradigm", "{}"),

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from fedsynth.rundir import write_bytes_atomic
+from fedsynth.core.rundir import write_bytes_atomic
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

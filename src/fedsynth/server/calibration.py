@@ -24,12 +24,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from fedsynth.config import Config
+from fedsynth.core.seeding import torch_generator
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.objective import diffusion_loss
 from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler
 from fedsynth.diffusion.training import make_optimizer, train_steps
-from fedsynth.seeding import torch_generator
 
 
 def server_train(

@@ -1,4 +1,4 @@
-"""The federated round runner over a Flower ``Grid`` (a :class:`~fedsynth.rounds.RoundDriver`).
+"""The federated round runner over a Flower ``Grid`` (a :class:`~fedsynth.training.round_loop.RoundDriver`).
 
 Per round: seeded client selection → one TRAIN message per selected node (its download,
 the run config, the strategy's extras) → replies screened (``server/messages.py``) →
@@ -9,7 +9,7 @@ Phoenix filtering, the privacy ledger, task ``classifier``'s test accuracy; only
 configured) → server EMA. With fewer than
 ``federation.min_clients`` valid updates the round is retried with a fresh selection
 (``federation.max_retries`` times), then the run stops with a clear error; the last
-checkpoint stays intact. The loop around rounds is :func:`fedsynth.rounds.run_rounds`.
+checkpoint stays intact. The loop around rounds is :func:`fedsynth.training.round_loop.run_rounds`.
 """
 
 from __future__ import annotations
@@ -25,18 +25,16 @@ import torch
 from flwr.app import ArrayRecord, MessageType
 from flwr.serverapp import Grid
 
-from fedsynth.checkpoint import Checkpoint, ema_unet, save_personal_model
 from fedsynth.config import Config
+from fedsynth.core.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, UpdateInfo
+from fedsynth.core.rundir import RunDir
+from fedsynth.core.seeding import torch_generator
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.training import trainable_parameters
 from fedsynth.exchange.plans import UNITS, upload_groups
 from fedsynth.exchange.transfer import Layout, ServerExchange, has_personal_models
 from fedsynth.privacy.accounting import privacy_ledger
 from fedsynth.privacy.client_level import noised_mean
-from fedsynth.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, UpdateInfo
-from fedsynth.rounds import Model, RoundRecord, ServerEma, Tick, select_clients
-from fedsynth.rundir import RunDir
-from fedsynth.seeding import torch_generator
 from fedsynth.server.hooks import (
     Calibration,
     HeldoutAccuracy,
@@ -58,11 +56,13 @@ from fedsynth.server.messages import (
     train_message,
 )
 from fedsynth.server.weight_pool import attach_weight_space
+from fedsynth.stages.checkpoint import Checkpoint, ema_unet, save_personal_model
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 from fedsynth.strategies.adapter import Update, aggregate
 from fedsynth.strategies.class_rows import CLASS_KEY, class_rows
 from fedsynth.strategies.feddiff import FedDiff
 from fedsynth.strategies.scaffold import warn_if_adaptive
+from fedsynth.training.round_loop import Model, RoundRecord, ServerEma, Tick, select_clients
 
 log = logging.getLogger("fedsynth.server")
 Weights = dict[str, torch.Tensor]

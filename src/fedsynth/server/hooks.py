@@ -22,12 +22,12 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType
 from flwr.serverapp import Grid
 
 from fedsynth.config import Config
+from fedsynth.core.protocol import ARRAYS, CONFIG, METRICS, ROUND_KEY, STEPS_KEY, TASK_KEY, UpdateInfo
+from fedsynth.core.records import record_numpy
+from fedsynth.core.rundir import RunDir
+from fedsynth.core.validate import Expected, check_arrays
 from fedsynth.data.datasets import ImageData
 from fedsynth.exchange.transfer import Layout
-from fedsynth.protocol import ARRAYS, CONFIG, METRICS, ROUND_KEY, STEPS_KEY, TASK_KEY, UpdateInfo
-from fedsynth.records import record_numpy
-from fedsynth.rounds import Model
-from fedsynth.rundir import RunDir
 from fedsynth.server.calibration import (
     aux_loss,
     auxiliary_counts,
@@ -40,8 +40,8 @@ from fedsynth.server.calibration import (
 from fedsynth.server.filtering import exclusions, strikes_after, warned
 from fedsynth.server.messages import FederationError, Nodes, broadcast
 from fedsynth.strategies.adapter import Update
-from fedsynth.tasks import heldout_accuracy
-from fedsynth.validate import Expected, check_arrays
+from fedsynth.training.round_loop import Model
+from fedsynth.training.tasks import heldout_accuracy
 
 log = logging.getLogger("fedsynth.server")
 

@@ -20,10 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsynth.config import Config
-from fedsynth.errors import FedsynthError
-from fedsynth.exchange.codecs import CodecError
-from fedsynth.exchange.transfer import Layout, ServerExchange
-from fedsynth.protocol import (
+from fedsynth.core.errors import FedsynthError
+from fedsynth.core.protocol import (
     ARRAYS,
     BASE_KEY,
     CLASSES_KEY,
@@ -38,11 +36,13 @@ from fedsynth.protocol import (
     UpdateInfo,
     config_text,
 )
-from fedsynth.records import numpy_record, record_numpy
-from fedsynth.rounds import Dropped
+from fedsynth.core.records import numpy_record, record_numpy
+from fedsynth.core.validate import Expected, check_arrays, check_metrics
+from fedsynth.exchange.codecs import CodecError
+from fedsynth.exchange.transfer import Layout, ServerExchange
 from fedsynth.strategies.adapter import Update
 from fedsynth.strategies.scaffold import CONTROL_KEY
-from fedsynth.validate import Expected, check_arrays, check_metrics
+from fedsynth.training.round_loop import Dropped
 
 log = logging.getLogger("fedsynth.server")
 Weights = dict[str, torch.Tensor]

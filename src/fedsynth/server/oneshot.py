@@ -1,7 +1,7 @@
 """One-shot rounds: every client trains once from weights the server sends and uploads its
 model, or only its share of a per-class mixture of samples (``local.upload``).
 
-Paradigm ``local`` (the mixture of local models, :mod:`fedsynth.local`) starts the clients
+Paradigm ``local`` (the mixture of local models, :mod:`fedsynth.paradigms.local_models`) starts the clients
 from the seeded initial weights; a federated run with ``federation.finetune_steps`` starts them
 from its final global model (:func:`finetune_round`). The synthetic set draws class c from the
 clients that hold class c, in proportion to their counts (:func:`mixture_counts`). Both
@@ -20,15 +20,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsynth.checkpoint import ema_unet, save_personal_model
 from fedsynth.config import Config
-from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.training import make_ema, resolve_device, steps_for
-from fedsynth.diffusion.unet import seeded_unet
-from fedsynth.exchange.transfer import Layout
-from fedsynth.prepare import Prepared
-from fedsynth.privacy.accounting import PrivacyLedger
-from fedsynth.protocol import (
+from fedsynth.core.protocol import (
     ARRAYS,
     CLASSES_KEY,
     CONFIG,
@@ -41,14 +34,21 @@ from fedsynth.protocol import (
     TASK_KEY,
     UpdateInfo,
 )
-from fedsynth.records import record_numpy
-from fedsynth.rounds import Dropped, Model, RoundRecord
-from fedsynth.rundir import RunDir
+from fedsynth.core.records import record_numpy
+from fedsynth.core.rundir import RunDir
+from fedsynth.diffusion.schedule import build_train_scheduler
+from fedsynth.diffusion.training import make_ema, resolve_device, steps_for
+from fedsynth.diffusion.unet import seeded_unet
+from fedsynth.exchange.transfer import Layout
+from fedsynth.privacy.accounting import PrivacyLedger
 from fedsynth.server.calibration import auxiliary_counts
 from fedsynth.server.hooks import local_models
 from fedsynth.server.messages import FederationError, base_config, discover_nodes, payload_bytes
-from fedsynth.synthesize import SampleSpec, mixture_labels, write_mixture
-from fedsynth.tracking import active
+from fedsynth.stages.checkpoint import ema_unet, save_personal_model
+from fedsynth.stages.prepare import Prepared
+from fedsynth.stages.synthesize import SampleSpec, mixture_labels, write_mixture
+from fedsynth.stages.tracking import active
+from fedsynth.training.round_loop import Dropped, Model, RoundRecord
 
 log = logging.getLogger("fedsynth.server")
 

@@ -18,14 +18,14 @@ import time
 import torch
 
 from fedsynth.config import Config
+from fedsynth.core.rundir import RunDir
+from fedsynth.core.seeding import torch_generator
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.training import make_optimizer
-from fedsynth.rounds import Model
-from fedsynth.rundir import RunDir
-from fedsynth.seeding import torch_generator
 from fedsynth.server.calibration import aux_loss
 from fedsynth.strategies.feddiff import FedDiff, Scorer, flatten, pretrain_space, subset_keys
-from fedsynth.tasks import heldout_accuracy, task_steps
+from fedsynth.training.round_loop import Model
+from fedsynth.training.tasks import heldout_accuracy, task_steps
 
 log = logging.getLogger("fedsynth.server")
 

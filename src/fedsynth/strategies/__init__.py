@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedsynth.config import STRATEGY_NAMES, Config
-from fedsynth.errors import ConfigError
+from fedsynth.core.errors import ConfigError
 from fedsynth.strategies import flower
 from fedsynth.strategies.feddiff import FedDiff
 from fedsynth.strategies.fedexp import FedExP

@@ -7,8 +7,8 @@ depend on the order replies arrived in), and calls ``aggregate_train``. Both the
 federated server and the ledger's aggregator nodes aggregate through it.
 
 Outside a Flower run (an aggregator node, a unit test) Flower refuses to build a
-``Message`` without a run identity; :func:`ensure_run_identity` gives it a fixed one —
-the only place fedsynth touches Flower internals.
+``Message`` without a run identity; :func:`~fedsynth.strategies.flower.ensure_run_identity`
+gives it a fixed one.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 
-from fedsynth.errors import FedsynthError
-from fedsynth.protocol import ARRAYS, METRICS, UpdateInfo
+from fedsynth.core.errors import FedsynthError
+from fedsynth.core.protocol import ARRAYS, METRICS, UpdateInfo
+from fedsynth.strategies.flower import ensure_run_identity
 from fedsynth.strategies.scaffold import CONTROL_KEY
 
 Weights = dict[str, torch.Tensor]
@@ -37,14 +38,6 @@ class Update:
     info: UpdateInfo
     weights: Weights
     control: Weights | None = None
-
-
-def ensure_run_identity() -> None:
-    """Give Flower's ``Message`` a fixed run identity when none is set (outside a Flower run)."""
-    from flwr.supercore.task_identity import TaskIdentity  # Flower internal: used here only
-
-    if TaskIdentity._run_id is None:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 0, 0, 0
 
 
 def as_message(update: Update, keys: list[str], node: int) -> Message:

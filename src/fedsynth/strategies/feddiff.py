@@ -55,9 +55,9 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from torch import nn
 
 from fedsynth.config import FedDiffConfig, keys_under, module_list
-from fedsynth.errors import ConfigError
-from fedsynth.protocol import ARRAYS
-from fedsynth.seeding import torch_generator
+from fedsynth.core.errors import ConfigError
+from fedsynth.core.protocol import ARRAYS
+from fedsynth.core.seeding import torch_generator
 from fedsynth.strategies.state import Stateful
 
 Weights = dict[str, torch.Tensor]

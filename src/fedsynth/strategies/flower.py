@@ -7,6 +7,11 @@ FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021), FedProx (Li et al. 2020; the
 proximal term is applied by the client), FedTrimmedAvg (Yin et al. 2018),
 Krum / MultiKrum (Blanchard et al. 2017; the lowest-score updates are kept),
 Bulyan (El Mhamdi et al. 2018).
+
+This is the one module that touches Flower's internals: the attributes in which Flower's
+classes keep their optimizer state (``momentum_vector``, ``m_t``, ``v_t``, ``current_arrays``),
+named per class in ``state_attrs`` for :class:`~fedsynth.strategies.state.Stateful`, and the run
+identity Flower's ``Message`` needs outside a Flower run (:func:`ensure_run_identity`).
 """
 
 from __future__ import annotations
@@ -71,3 +76,11 @@ class FedYogi(_FedOptState, fl.FedYogi):
 
 class FedAdagrad(_FedOptState, fl.FedAdagrad):
     pass
+
+
+def ensure_run_identity() -> None:
+    """Give Flower's ``Message`` a fixed run identity when none is set (outside a Flower run)."""
+    from flwr.supercore.task_identity import TaskIdentity  # Flower internal: used here only
+
+    if TaskIdentity._run_id is None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 0, 0, 0

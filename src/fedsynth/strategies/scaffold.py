@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
-from fedsynth.records import numpy_record
+from fedsynth.core.records import numpy_record
 from fedsynth.strategies.state import Stateful
 
 Arrays = dict[str, np.ndarray]

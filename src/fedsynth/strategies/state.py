@@ -1,9 +1,10 @@
 """Explicit, saveable server-strategy state on top of Flower's strategy classes.
 
-Flower keeps optimizer state in attributes (FedAvgM ``momentum_vector``; FedOpt
-``m_t``/``v_t``). :class:`Stateful` names them per class, exports them as plain
-tensors (``state_dict``) and restores them loudly (``load_state_dict``), so a resumed
-run continues with the same momenta and moments. ``begin_round`` hands the strategy
+A strategy keeps its optimizer state in attributes; a subclass names them in
+``state_attrs`` (Flower's own classes: :mod:`fedsynth.strategies.flower`, the one module that
+knows Flower's attribute names). :class:`Stateful` exports them as plain tensors
+(``state_dict``) and restores them loudly (``load_state_dict``), so a resumed run continues
+with the same momenta and moments. ``begin_round`` hands the strategy
 the current global weights (what Flower's ``configure_train`` would do), because the
 fedsynth server builds its own per-node messages.
 """

@@ -6,7 +6,7 @@ aggregators self-register (``ledger/federation.py``). Per round the owner select
 trainers (seeded, as in the federated paradigm) and names the aggregators; trainers train
 and submit update CIDs; aggregators aggregate independently; the contract ends the round
 when more than half of them agree on one CID, and the owner terminates it. The owner is a
-:class:`~fedsynth.rounds.RoundDriver`, so the run directory (metrics per round with gas,
+:class:`~fedsynth.training.round_loop.RoundDriver`, so the run directory (metrics per round with gas,
 transactions, bytes moved and per-phase seconds; checkpoints; the final model) is written
 by the same loop as the other paradigms.
 
@@ -27,18 +27,26 @@ from typing import Any
 
 import torch
 
-from fedsynth.checkpoint import Checkpoint
 from fedsynth.config import Config
+from fedsynth.core.protocol import UpdateInfo, config_text
+from fedsynth.core.rundir import RunDir
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema, resolve_device
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.ledger.federation import Counters, DecentralizedError, Federation, after_deadline, federation
 from fedsynth.ledger.nodes import AggregatorNode
-from fedsynth.node import default_executor, train_update
-from fedsynth.prepare import Prepared
-from fedsynth.protocol import UpdateInfo, config_text
-from fedsynth.rounds import Dropped, Model, RoundRecord, ServerEma, Tick, run_rounds, select_clients
-from fedsynth.rundir import RunDir
+from fedsynth.runtime.ledger_node import default_executor, train_update
+from fedsynth.stages.checkpoint import Checkpoint
+from fedsynth.stages.prepare import Prepared
+from fedsynth.training.round_loop import (
+    Dropped,
+    Model,
+    RoundRecord,
+    ServerEma,
+    Tick,
+    run_rounds,
+    select_clients,
+)
 
 # ----------------------------------------------------------------- the owner
 

@@ -2,7 +2,7 @@
 simulation mode (free local ports, its own ``FLWR_HOME``) and ``flwr run`` of the fedsynth
 app on it, with one simulated SuperNode per client.
 
-Every stage then runs in Flower's ``flwr-simulation`` process (:mod:`fedsynth.serverapp`).
+Every stage then runs in Flower's ``flwr-simulation`` process (:mod:`fedsynth.runtime.serverapp`).
 This process relays that process's output (progress bars, the summary) without Flower's
 own log lines, turns a failure into one line (the raw log is kept and named), and stops
 the SuperLink and everything under it when the run ends or is interrupted.
@@ -11,12 +11,10 @@ the SuperLink and everything under it when the run ends or is interrupted.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,9 +26,10 @@ from pathlib import Path
 from typing import TextIO
 
 from fedsynth.config import Config
-from fedsynth.errors import FedsynthError
+from fedsynth.core.errors import FedsynthError
+from fedsynth.runtime.processes import free_port, silenced, start_group, start_watchdog, stop, stop_all
 
-# the app's own failure line, printed by fedsynth.serverapp and turned back into an error here
+# the app's own failure line, printed by fedsynth.runtime.serverapp and turned back into an error here
 ERROR_MARK = "fedsynth-error: "
 CRASH_MARK = "fedsynth-crash: "
 REPORT_MARK = "report: "  # the app's last line: every stage finished
@@ -47,7 +46,6 @@ _TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
 # lines of the `flwr run` client about its own bookkeeping, and the app's report line
 # (`fedsynth run` prints it after the summary)
 _PREAMBLE = ("Using SuperLink", "Successfully started run", "Successfully installed ", REPORT_MARK)
-# messages about choices fedsynth made for the user (as in fedsynth.simulation)
 _SILENCED = (
     "fraction_evaluate is set to 0.0",
     "default simulated SuperNodes changed",
@@ -71,7 +69,7 @@ dependencies = []
 publisher = "fedsynth"
 
 [tool.flwr.app.components]
-serverapp = "fedsynth.serverapp:app"
+serverapp = "fedsynth.runtime.serverapp:app"
 clientapp = "fedsynth.client.app:app"
 
 [tool.flwr.app.config]
@@ -80,8 +78,6 @@ out = ""
 resume = false
 overrides = ""
 """
-
-_RUNNING: list[subprocess.Popen] = []  # process groups to stop if this process is interrupted
 
 
 @dataclass
@@ -125,7 +121,7 @@ class Relay:
         self._blank = ""
 
     def dropped(self, body: str) -> bool:
-        if any(text in body for text in _SILENCED):
+        if silenced(body):
             self._skip_next = "Warning:" in body
             return True
         if _TIMESTAMPED.match(body) or body.startswith(_PREAMBLE):
@@ -159,12 +155,6 @@ def _first_end(text: str) -> int:
     return min(ends) if ends else -1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def flower_env(home: Path, live: bool = False) -> dict[str, str]:
     """The environment of Flower's commands: this ``FLWR_HOME``, this environment's binaries,
     no telemetry or update check; with ``live``, the app's progress bars drawn for this terminal."""
@@ -176,110 +166,17 @@ def flower_env(home: Path, live: bool = False) -> dict[str, str]:
     return env
 
 
-def _start(cmd: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
-    """A child in its own process group (Ctrl-C reaches this process only; stop() ends it all)."""
-    proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), start_new_session=True, **kwargs)
-    _RUNNING.append(proc)
-    return proc
-
-
-def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to the process groups under ``proc`` (the SuperLink starts its executor, the
-    simulation and Ray in groups of their own), SIGKILL to what is left after ``grace`` s."""
-    groups = _groups_under(proc.pid)
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for group in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, sig)
-        if _gone(proc, groups, wait):
-            break
-    if proc in _RUNNING:
-        _RUNNING.remove(proc)
-
-
-def _groups_under(pid: int) -> list[int]:
-    """Process groups of ``pid`` and its descendants (read from Linux's /proc; elsewhere
-    ``pid``'s own group)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    groups, own = [], os.getpgrp()
-    for member in tree:
-        with contextlib.suppress(ProcessLookupError):
-            if (group := os.getpgid(member)) not in groups and group != own:
-                groups.append(group)
-    return groups or [pid]
-
-
-def _gone(proc: subprocess.Popen, groups: list[int], wait: float) -> bool:
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader: a zombie still counts as a member of its group
-        if not any(_alive(group) for group in groups):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # there, but not ours to signal
-        pass
-    return True
-
-
-def watch_parent(parent: int, home: str, every: float = 0.5) -> None:
-    """Run in a process of its own session: while this process's parent (``parent``, the CLI)
-    lives, note the process groups under it; once it is gone — even killed by SIGKILL, which
-    no handler sees — end those groups (the SuperLink, its executor, the simulation, Ray) and
-    remove ``home``, so nothing finishes the run unattended or writes beside a resumed one."""
-    own = {os.getpgrp(), os.getpgid(parent)}
-    groups: list[int] = []
-    while os.getppid() == parent:  # a dead parent's children are handed to another process
-        groups = [g for g in _groups_under(parent) if g not in own]
-        time.sleep(every)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for group in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, sig)
-        deadline = time.monotonic() + 5.0
-        while any(_alive(g) for g in groups) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    shutil.rmtree(home, ignore_errors=True)
-
-
-def start_watchdog(home: Path) -> subprocess.Popen:
-    """:func:`watch_parent` for this process, in a session of its own."""
-    code = f"from fedsynth.superlink import watch_parent; watch_parent({os.getpid()}, {str(home)!r})"
-    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-
-
-def stop_all() -> None:
-    """Stop every SuperLink this process started (the CLI's interrupt handler calls this)."""
-    for proc in list(_RUNNING):
-        stop(proc, grace=3.0)
-
-
 def start_superlink(home: Path, env: dict[str, str]) -> subprocess.Popen:
     """A simulation-mode SuperLink on free 127.0.0.1 ports, named ``local`` in
     ``home/config.toml``; returns once it listens (:func:`stop` ends it and all under it)."""
-    port, control = _free_port(), _free_port()
+    port, control = free_port(), free_port()
     connection = f'[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n{connection}')
     cmd = [str(_BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
     cmd += ["--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--control-api-address", f"127.0.0.1:{control}", "--database", str(home / "state.db")]
     with (home / "superlink.log").open("w") as log:
-        proc = _start(cmd, env, stdout=log, stderr=subprocess.STDOUT)
+        proc = start_group(cmd, env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         with socket.socket() as s:
@@ -306,7 +203,7 @@ def federation_config(cfg: Config) -> str:
 
 
 def run_config(config: Path, out: Path, overrides: list[str], resume: bool) -> str:
-    """The app's run config as TOML (read by :mod:`fedsynth.serverapp`)."""
+    """The app's run config as TOML (read by :mod:`fedsynth.runtime.serverapp`)."""
     if any(";" in item for item in overrides):
         raise FedsynthError(
             'a --set value containing ";" cannot cross to the SuperLink; use federation.engine = "in-process"'
@@ -364,7 +261,7 @@ def _app_home(prefix: str, run_config_text: str) -> Path:
 def _relay(cmd: list[str], env: dict[str, str], log: Path) -> tuple[Relay, int]:
     """Run ``cmd``, relaying its output (raw copy in ``log``); the relay and the exit code."""
     relay = Relay(sys.stdout)
-    client = _start(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client = start_group(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     with log.open("w") as raw:
         for line in split_lines(_decoded(client.stdout)):
             raw.write(line)

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fedsynth.errors import FedsynthError
-from fedsynth.rundir import write_bytes_atomic
+from fedsynth.core.errors import FedsynthError
+from fedsynth.core.rundir import write_bytes_atomic
 
 PRIVATE = 0o600
 

@@ -18,13 +18,13 @@ from pathlib import Path
 from fedsynth.client.app import client_data, set_threads, update_info
 from fedsynth.client.local import local_train
 from fedsynth.config import Config
-from fedsynth.errors import ConfigError
+from fedsynth.core.errors import ConfigError
+from fedsynth.core.protocol import DATA_PATH, PARTITION_ID, config_text, parse_config
 from fedsynth.exchange.groups import frozen_keys
 from fedsynth.ledger.chain import RoundsContract
 from fedsynth.ledger.federation import open_chain
 from fedsynth.ledger.nodes import AggregatorNode, EventFeed, TrainerNode, TrainResult
 from fedsynth.ledger.store import open_store
-from fedsynth.protocol import DATA_PATH, PARTITION_ID, config_text, parse_config
 
 
 def train_update(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsynth.config import Config, config_toml
-from fedsynth.errors import RunDirError
+from fedsynth.core.errors import RunDirError
 
 CHECKPOINT_RE = re.compile(r"^round-(\d{4,})$")
 LOCK_NAME = ".lock"

@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 
 from fedsynth.config import Config, ConfigError, flat_items
-from fedsynth.rundir import RunDir, read_json, write_json_atomic
-from fedsynth.synthesize import SampleSpec, sample_images, write_grid
+from fedsynth.core.rundir import RunDir, read_json, write_json_atomic
+from fedsynth.stages.synthesize import SampleSpec, sample_images, write_grid
 
 MLFLOW_RUN = "mlflow.json"  # RUN/mlflow.json: the MLflow run this fedsynth run logs to
 

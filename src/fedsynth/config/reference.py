@@ -1,7 +1,7 @@
 """The configuration reference page, generated from the config dataclasses (their defaults,
-choices and bounds) and :data:`fedsynth.config_help.HELP`.
+choices and bounds) and :data:`fedsynth.config.help.HELP`.
 
-    python -m fedsynth.config_reference docs/configuration.md
+    python -m fedsynth.config.reference docs/configuration.md
 """
 
 from __future__ import annotations
@@ -11,18 +11,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedsynth.config import Config
-from fedsynth.config_help import HELP
+from fedsynth.config.help import HELP
+from fedsynth.config.schema import Config
 
 INTRO = """\
 # Configuration reference
 
 A run is configured by one TOML file (`configs/*.toml` are examples) plus `--set section.key=value`
-overrides, parsed once into frozen dataclasses (`src/fedsynth/config.py`): an unknown key, a value
+overrides, parsed once into frozen dataclasses (`src/fedsynth/config/`): an unknown key, a value
 out of range or an unsupported combination is a one-line error before anything runs. `--resume`
 may change only how a run goes on (rounds, timeouts, devices, sampling, evaluation, tracking).
 
-This page is generated from the code (`python -m fedsynth.config_reference docs/configuration.md`);
+This page is generated from the code (`python -m fedsynth.config.reference docs/configuration.md`);
 a test fails when the two disagree.
 """
 
@@ -56,7 +56,7 @@ def _rows(section: type, prefix: str) -> list[str]:
             continue
         key = f"{prefix}{f.name}"
         if key not in HELP:
-            raise KeyError(f"{key} has no help text in fedsynth.config_help.HELP")
+            raise KeyError(f"{key} has no help text in fedsynth.config.help.HELP")
         default = f"`{_literal(_default(f))}`"
         rows.append(f"| `{key}` | {default} | {_valid(f)} | {HELP[key]} |")
     return rows
@@ -75,7 +75,7 @@ def render() -> str:
 
 def unused_help() -> list[str]:
     """Help texts naming no setting (a renamed or removed key)."""
-    from fedsynth.config import flat_items
+    from fedsynth.config.parsing import flat_items
 
     return sorted(set(HELP) - set(flat_items(Config())))
 

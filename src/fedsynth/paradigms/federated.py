@@ -1,6 +1,6 @@
 """Stage 2 (federated paradigm): train over Flower's simulation engine, or over a
 given Grid (a real SuperLink). One round is ``server/driver.py``; the loop around the
-rounds is :func:`fedsynth.rounds.run_rounds`; with ``federation.finetune_steps`` one more
+rounds is :func:`fedsynth.training.round_loop.run_rounds`; with ``federation.finetune_steps`` one more
 round (:func:`fedsynth.server.oneshot.finetune_round`) has every client fine-tune the result."""
 
 from __future__ import annotations
@@ -9,16 +9,16 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from fedsynth.config import Config
+from fedsynth.core.rundir import RunDir
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema, resolve_device
-from fedsynth.prepare import Prepared
-from fedsynth.rounds import Model, run_rounds
-from fedsynth.rundir import RunDir
+from fedsynth.runtime.simulation import on_grid
 from fedsynth.server.calibration import server_train
 from fedsynth.server.driver import FederatedDriver
 from fedsynth.server.oneshot import finetune_round
-from fedsynth.simulation import on_grid
-from fedsynth.tasks import seeded_model
+from fedsynth.stages.prepare import Prepared
+from fedsynth.training.round_loop import Model, run_rounds
+from fedsynth.training.tasks import seeded_model
 
 
 def train_federated(

@@ -17,17 +17,17 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from fedsynth.checkpoint import Checkpoint
 from fedsynth.config import Config
+from fedsynth.core.rundir import RunDir
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import make_ema, make_optimizer, resolve_device, steps_for, train_steps
 from fedsynth.diffusion.unet import seeded_unet
-from fedsynth.prepare import Prepared
 from fedsynth.privacy.accounting import privacy_ledger
 from fedsynth.privacy.dpsgd import dp_train_steps
-from fedsynth.rounds import Model, RoundRecord, Tick, run_rounds
-from fedsynth.rundir import RunDir
+from fedsynth.stages.checkpoint import Checkpoint
+from fedsynth.stages.prepare import Prepared
+from fedsynth.training.round_loop import Model, RoundRecord, Tick, run_rounds
 
 
 def steps_per_round(cfg: Config, prepared: Prepared) -> int:

@@ -25,15 +25,15 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from fedsynth.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_model
 from fedsynth.config import Config
+from fedsynth.core.errors import FedsynthError
+from fedsynth.core.progress import progress_bar
+from fedsynth.core.rundir import RunDir
+from fedsynth.core.seeding import numpy_rng
 from fedsynth.diffusion.lora import has_lora
 from fedsynth.diffusion.training import make_ema
-from fedsynth.errors import FedsynthError
-from fedsynth.progress import progress_bar
-from fedsynth.rundir import RunDir
-from fedsynth.seeding import numpy_rng
-from fedsynth.tracking import active, checkpoint_grid
+from fedsynth.stages.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_model
+from fedsynth.stages.tracking import active, checkpoint_grid
 
 
 class RoundError(FedsynthError):

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedsynth.config import Config
+from fedsynth.core.errors import RunDirError
+from fedsynth.core.rundir import RunDir, read_json, write_json_atomic
 from fedsynth.data.datasets import ImageData, SplitDataset, load_dataset
 from fedsynth.data.partition import histograms, partition
 from fedsynth.data.sharing import share
-from fedsynth.errors import RunDirError
 from fedsynth.report.plots import plot_partition_heatmap
-from fedsynth.rundir import RunDir, read_json, write_json_atomic
 
 
 @dataclass(frozen=True)

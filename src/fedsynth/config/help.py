@@ -2,7 +2,7 @@
 """What every setting means: the help text of the configuration reference.
 
 ``docs/configuration.md`` is generated from these texts and the dataclasses' own defaults,
-choices and bounds (``python -m fedsynth.config_reference``); a test fails when a setting
+choices and bounds (``python -m fedsynth.config.reference``); a test fails when a setting
 has no text here or the page differs from what the code generates.
 """
 

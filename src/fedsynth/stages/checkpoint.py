@@ -23,12 +23,12 @@ from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
+from fedsynth.core.errors import RunDirError, first_line
+from fedsynth.core.rundir import RunDir, write_dir_atomic
 from fedsynth.diffusion.latent import PromptUNet, is_latent_model, load_latent, save_latent
 from fedsynth.diffusion.lora import has_lora, merged_unet, save_adapter
-from fedsynth.errors import RunDirError, first_line
-from fedsynth.rundir import RunDir, write_dir_atomic
 
-log = logging.getLogger("fedsynth.checkpoint")
+log = logging.getLogger("fedsynth.stages.checkpoint")
 SAFETENSORS = "diffusion_pytorch_model.safetensors"  # what save_pretrained writes
 
 

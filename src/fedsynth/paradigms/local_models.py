@@ -24,14 +24,14 @@ import torch
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from fedsynth.checkpoint import load_model
 from fedsynth.config import Config
+from fedsynth.core.rundir import RunDir
 from fedsynth.diffusion.training import resolve_device
-from fedsynth.prepare import Prepared
-from fedsynth.rundir import RunDir
+from fedsynth.runtime.simulation import on_grid
 from fedsynth.server.oneshot import mixture_counts, one_shot
-from fedsynth.simulation import on_grid
-from fedsynth.synthesize import SampleSpec, synthesize_mixture
+from fedsynth.stages.checkpoint import load_model
+from fedsynth.stages.prepare import Prepared
+from fedsynth.stages.synthesize import SampleSpec, synthesize_mixture
 
 
 def train_local(

@@ -3,7 +3,7 @@
 It reads ``config`` (TOML path), ``out`` (run directory), ``resume`` and ``overrides``
 (``;``-separated) from the run config (``[tool.flwr.app.config]`` in pyproject or
 ``--run-config``) and runs every stage. ``fedsynth run`` runs this app on a local SuperLink
-(:mod:`fedsynth.superlink`), which turns the failure line printed here back into one error.
+(:mod:`fedsynth.runtime.superlink`), which turns the failure line printed here back into one error.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.config import load_config
+from fedsynth.core.errors import FedsynthError, first_line
+from fedsynth.core.rundir import RunDir
 from fedsynth.diffusion.training import use_threads
-from fedsynth.errors import FedsynthError, first_line
 from fedsynth.pipeline import run_all
-from fedsynth.rundir import RunDir
-from fedsynth.superlink import CRASH_MARK, ERROR_MARK, REPORT_MARK
+from fedsynth.runtime.superlink import CRASH_MARK, ERROR_MARK, REPORT_MARK
 
 app = ServerApp()
 
@@ -27,7 +27,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         run_stages(grid, context)
-    except FedsynthError as exc:  # one line for the user: fedsynth.superlink raises it again
+    except FedsynthError as exc:  # one line for the user: fedsynth.runtime.superlink raises it again
         print(f"\n{ERROR_MARK}{first_line(exc)}", flush=True)
         raise
     except Exception as exc:

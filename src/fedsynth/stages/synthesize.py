@@ -19,16 +19,16 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from fedsynth.config import Config
+from fedsynth.core.errors import ConfigError, RunDirError
+from fedsynth.core.progress import progress_bar
+from fedsynth.core.rundir import write_dir_atomic, write_json_atomic
+from fedsynth.core.seeding import torch_generator
 from fedsynth.data.datasets import folder_name
 from fedsynth.diffusion.latent import image_shape, to_images
 from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler
 from fedsynth.diffusion.unet import null_label
-from fedsynth.errors import ConfigError, RunDirError
-from fedsynth.progress import progress_bar
 from fedsynth.report.plots import plot_sample_grid, to_uint8
-from fedsynth.rundir import write_dir_atomic, write_json_atomic
-from fedsynth.seeding import torch_generator
 
 UNLABELED = "unlabeled"
 

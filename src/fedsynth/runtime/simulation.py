@@ -4,9 +4,7 @@ simulated SuperNode per client, in this process (used by the federated and local
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -16,25 +14,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.client.app import app as default_client_app
 from fedsynth.config import Config
-
-# Framework messages about choices fedsynth made for the user, which the user cannot act on:
-# the in-process engine (bench/startup.py measures it against `flwr run` on a SuperLink)
-# and federated evaluation switched off (fedsynth evaluates the final model itself).
-_SILENCED = ("The `run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
-
-
-def _not_silenced(record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return not any(text in message for text in _SILENCED)
+from fedsynth.runtime.processes import quiet_flower
 
 
 def quiet_framework() -> None:
-    """Drop Flower's and Ray's messages listed above; every other warning still shows."""
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.setLevel(logging.WARNING)
-    if _not_silenced not in flwr_logger.filters:
-        flwr_logger.addFilter(_not_silenced)
-    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+    """Drop Flower's and Ray's messages about choices fedsynth made; every other warning shows."""
+    quiet_flower()
 
 
 def make_server_app(body: Callable[[Grid], None]) -> ServerApp:
