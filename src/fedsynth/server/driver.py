@@ -26,15 +26,14 @@ from flwr.app import ArrayRecord, MessageType
 from flwr.serverapp import Grid
 
 from fedsynth.config import Config
-from fedsynth.core.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, UpdateInfo
+from fedsynth.core.protocol import ARRAYS, CONFIG, NUM_EXAMPLES
 from fedsynth.core.rundir import RunDir
-from fedsynth.core.seeding import torch_generator
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.training import trainable_parameters
 from fedsynth.exchange.plans import UNITS, upload_groups
 from fedsynth.exchange.transfer import Layout, ServerExchange, has_personal_models
 from fedsynth.privacy.accounting import privacy_ledger
-from fedsynth.privacy.client_level import noised_mean
+from fedsynth.server.aggregation import aggregation_steps
 from fedsynth.server.hooks import (
     Calibration,
     HeldoutAccuracy,
@@ -59,8 +58,6 @@ from fedsynth.server.weight_pool import attach_weight_space
 from fedsynth.stages.checkpoint import Checkpoint, ema_unet, save_personal_model
 from fedsynth.strategies import WEIGHT_KEYS, build_strategy
 from fedsynth.strategies.adapter import Update, aggregate
-from fedsynth.strategies.class_rows import CLASS_KEY, class_rows
-from fedsynth.strategies.feddiff import FedDiff
 from fedsynth.strategies.scaffold import warn_if_adaptive
 from fedsynth.training.round_loop import Model, RoundRecord, ServerEma, Tick, select_clients
 
@@ -100,6 +97,7 @@ class FederatedDriver(ServerEma):
         tested = HeldoutAccuracy(model, test) if cfg.task == "classifier" and test is not None else None
         hooks = (self.calibration, self.filter, self.privacy, tested)
         self.hooks: list[RoundHook] = [h for h in hooks if h is not None]
+        self.steps = aggregation_steps(cfg, lambda: self.histograms)
         if cfg.strategy.name == "scaffold":
             warn_if_adaptive(cfg.train.optimizer)
         self.nodes: Nodes = {}
@@ -144,9 +142,9 @@ class FederatedDriver(ServerEma):
                 self.histograms,
                 self.base,
             )
-        for strategy in self.strategies.values():
-            if isinstance(strategy, FedDiff):
-                assert self.proxy is not None, "config validation guarantees a proxy set for feddiff"
+        if self.cfg.strategy.name == "feddiff":  # every unit's strategy is FedDiff
+            assert self.proxy is not None, "config validation guarantees a proxy set for feddiff"
+            for strategy in self.strategies.values():
                 attach_weight_space(self.cfg, self.run, self.model, self.proxy, strategy)
         yield
 
@@ -220,34 +218,20 @@ class FederatedDriver(ServerEma):
                 merged.setdefault(record_name, {}).update(record.items())
         return {name: ArrayRecord(arrays) for name, arrays in merged.items()}
 
-    def noised_mean(self, round_: int, valid: list[Update], before: Weights) -> Update:
-        """DP-FedAvg: the clipped, noised mean as the strategy's only reply (client_level.py)."""
-        p = self.cfg.privacy
-        weights = noised_mean(
-            [u.weights for u in valid],
-            {k: before[k] for k in valid[0].weights},
-            clip=p.max_grad_norm,
-            noise_multiplier=p.noise_multiplier,
-            generator=torch_generator(self.cfg.seed, "dp-fedavg", round_),
-        )
-        info = UpdateInfo(client=-1, num_examples=1, num_steps=1, train_loss=0.0, compute_s=0.0)
-        return Update(info=info, weights=weights)
-
     def aggregate_units(self, round_: int, valid: list[Update]) -> Weights:
-        """Each unit aggregated by its strategy over the clients that sent it; a unit nobody
-        sent keeps its global value."""
-        before = self.global_weights()
-        new = dict(before)
-        if self.cfg.privacy.mode == "dp-fedavg":
-            valid = [self.noised_mean(round_, valid, before)]
+        """Each unit aggregated by its strategy over the clients that sent it (a unit nobody
+        sent keeps its global value), between the aggregation steps' ``before`` and ``after``."""
+        global_w = self.global_weights()
+        replies = valid
+        for step in self.steps:
+            replies = step.before(round_, replies, global_w)
+        new = dict(global_w)
         for name, keys in self.units.items():
-            sent = [u for u in valid if keys[0] in u.weights]
+            sent = [u for u in replies if keys[0] in u.weights]
             if sent:
                 new.update(aggregate(self.strategies[name], round_, sent, keys))
-        if self.cfg.strategy.class_aware and CLASS_KEY in new:
-            rows = {u.info.client: u.weights[CLASS_KEY] for u in valid if CLASS_KEY in u.weights}
-            counts = {k: self.histograms[k] for k in rows}
-            new[CLASS_KEY] = class_rows(new[CLASS_KEY], before[CLASS_KEY], rows, counts)
+        for step in self.steps:
+            new = step.after(new, global_w, valid)
         return new
 
     # ------------------------------------------------------------------ after the last round
