@@ -61,7 +61,7 @@ class CentralDriver:
         return make_ema(unet, self.cfg.diffusion.ema_decay)
 
     def resume(self, checkpoint: Checkpoint) -> None:
-        self.model.unet, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round
+        self.model.net, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round
         self.optimizer = make_optimizer(checkpoint.unet, self.cfg.train, self.cfg.trained_modules)
         self.optimizer.load_state_dict(checkpoint.state["optimizer"])
         self.generator = torch.Generator(device=self.model.device)
@@ -80,12 +80,12 @@ class CentralDriver:
         if self.privacy is not None:
             self.privacy.check_next("central", self.units_per_round, self.round + 1)
             losses = dp_train_steps(
-                m.unet, self.optimizer, m.scheduler, self.data, privacy=cfg.privacy, ema=m.ema,
+                m.net, self.optimizer, m.scheduler, self.data, privacy=cfg.privacy, ema=m.ema,
                 on_step=lambda loss: tick(1, loss), **common,
             )  # fmt: skip
         else:
             losses = train_steps(
-                m.unet, self.optimizer, m.scheduler, self.data, ema=m.ema, on_step=lambda loss: tick(1, loss),
+                m.net, self.optimizer, m.scheduler, self.data, ema=m.ema, on_step=lambda loss: tick(1, loss),
                 **common,
             )  # fmt: skip
         self.round += 1

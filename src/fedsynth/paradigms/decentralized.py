@@ -74,10 +74,10 @@ class DecentralizedDriver(ServerEma):
         self.agreed = ""
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.model.unet.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.model.net.state_dict().items()}
 
     def resume(self, checkpoint: Checkpoint) -> None:
-        self.model.unet, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round
+        self.model.net, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round
         state = checkpoint.state
         # checkpoints written before one state layout for all paradigms kept it as "strategy"
         self.strategy_state = state["strategies"]["flat"] if "strategies" in state else state.get("strategy")
@@ -127,7 +127,7 @@ class DecentralizedDriver(ServerEma):
         aggregated = time.perf_counter()
         fed.rounds.send(fed.owner, "terminateRound")
         self.model.load_weights(fed.store.get_weights(agreed["cid"]))
-        self.model.ema.step(self.model.unet.parameters())
+        self.model.ema.step(self.model.net.parameters())
         self.round, self.agreed = round_, agreed["cid"]
         end = time.perf_counter()
         record = round_record(fed, round_, selected, agreed, end - start)

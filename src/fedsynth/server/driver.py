@@ -82,8 +82,8 @@ class FederatedDriver(ServerEma):
     ) -> None:
         self.cfg, self.run, self.model, self.grid, self.proxy = cfg, run, model, grid, proxy
         self.label = f"federated {cfg.strategy.name}"
-        self.layout = Layout.of(model.unet.state_dict(), cfg.exchange.personal, cfg.trained_modules)
-        trainable_parameters(model.unet, cfg.trained_modules)  # a bad pattern fails before any client trains
+        self.layout = Layout.of(model.net.state_dict(), cfg.exchange.personal, cfg.trained_modules)
+        trainable_parameters(model.net, cfg.trained_modules)  # a bad pattern fails before any client trains
         self.exchange = ServerExchange(cfg.exchange, self.layout)
         # one strategy per aggregation unit (groups always uploaded together)
         self.units = {"+".join(u): self.layout.keys(u) for u in UNITS[cfg.exchange.plan]}
@@ -106,7 +106,7 @@ class FederatedDriver(ServerEma):
 
     # ------------------------------------------------------------------ state
     def resume(self, checkpoint: Checkpoint) -> None:
-        self.model.unet, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round
+        self.model.net, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round
         for name, strategy in self.strategies.items():
             strategy.load_state_dict(checkpoint.state["strategies"][name])
         for hook in self.hooks:
@@ -150,7 +150,7 @@ class FederatedDriver(ServerEma):
 
     # ------------------------------------------------------------------ a round
     def global_weights(self) -> Weights:
-        return {k: v.detach().cpu() for k, v in self.model.unet.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in self.model.net.state_dict().items()}
 
     def run_round(self, tick: Tick) -> RoundRecord:
         fed, round_, start = self.cfg.federation, self.round + 1, time.perf_counter()
@@ -171,7 +171,7 @@ class FederatedDriver(ServerEma):
             extra.update(strategy.round_metrics())
         for hook in self.hooks:
             extra.update(hook.after_aggregate(round_, valid))
-        self.model.ema.step(self.model.unet.parameters())
+        self.model.ema.step(self.model.net.parameters())
         self.round = round_
         record = round_record(round_, attempts, self.weight_key, time.perf_counter() - start)
         record.extra.update(extra)
@@ -249,13 +249,13 @@ class FederatedDriver(ServerEma):
             self.grid, self.nodes, {CONFIG: self.base}, MessageType.EVALUATE, timeout
         )
         shared = {
-            k: v.detach().cpu() for k, v in ema_unet(self.model.unet, self.model.ema).state_dict().items()
+            k: v.detach().cpu() for k, v in ema_unet(self.model.net, self.model.ema).state_dict().items()
         }
         for pid, reply in sorted(replies.items()):
             local = reply.content[ARRAYS].to_torch_state_dict()
             client = self.run.client(pid).create()
             client.write_config(self.cfg)
-            save_personal_model(client, self.model.unet, {**shared, **local}, self.model.scheduler)
+            save_personal_model(client, self.model.net, {**shared, **local}, self.model.scheduler)
         for pid, reason in sorted(missing.items()):
             log.warning("client %s has no personal model: %s", pid, reason)
         info = {"clients_exported": sorted(replies), "export_missing": missing, "export_bytes": nbytes}

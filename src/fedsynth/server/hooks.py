@@ -87,7 +87,7 @@ class Calibration:
     def after_aggregate(self, round_: int, updates: list[Update]) -> dict[str, Any]:
         if self.aux is None:
             raise RuntimeError("Calibration.aux must be built (build_auxiliary) before the first round")
-        c, unet, scheduler = self.cfg.calibration, self.model.unet, self.model.scheduler
+        c, unet, scheduler = self.cfg.calibration, self.model.net, self.model.scheduler
         loss = aux_loss(unet, scheduler, self.aux, seed=self.cfg.seed)
         self.history.append(loss)
         fire = c.mode == "always" or stalled(self.history, c.window, c.min_improvement, self.last_fire)
@@ -132,7 +132,7 @@ def build_auxiliary(
     counts = auxiliary_counts(np.array([histograms[p] for p in order]), c.aux_size)
     by_client = dict(zip(order, counts, strict=True))
     aux = generate_auxiliary(
-        model.unet, model.scheduler, models, by_client, class_names, steps=c.sampler_steps, seed=cfg.seed
+        model.net, model.scheduler, models, by_client, class_names, steps=c.sampler_steps, seed=cfg.seed
     )
     save_auxiliary(path, aux, counts)
     run.update_summary(
@@ -158,7 +158,7 @@ def local_models(
     """A one-off round: every client trains a local model for ``steps`` steps from the current
     weights and uploads it within ``timeout`` seconds. (models, reports, bytes down, bytes up)."""
     config = ConfigRecord({**base, ROUND_KEY: 0, TASK_KEY: "pretrain", STEPS_KEY: steps})
-    state = {k: v.detach().cpu() for k, v in model.unet.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.net.state_dict().items()}
     sent = layout.sent  # what no one trains never travels: each client has it
     records = {ARRAYS: ArrayRecord({k: state[k] for k in sent}), CONFIG: config}
     replies, errors, down, up = broadcast(grid, nodes, records, MessageType.TRAIN, timeout)
@@ -196,7 +196,7 @@ class HeldoutAccuracy:
         self.model, self.test = model, test
 
     def after_aggregate(self, round_: int, updates: list[Update]) -> dict[str, Any]:
-        return {"test_accuracy": heldout_accuracy(self.model.unet, self.test)}
+        return {"test_accuracy": heldout_accuracy(self.model.net, self.test)}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

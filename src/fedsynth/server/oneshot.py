@@ -98,7 +98,7 @@ def finetune_round(
     per-class mixture, as in paradigm ``local``. With DP-SGD the fine-tuning steps are DP-SGD
     steps too: ``ledger`` (the rounds' privacy ledger) stops the run before they would pass
     ``privacy.target_epsilon`` and records them."""
-    start = Model(ema_unet(trained.unet, trained.ema), make_ema(trained.unet, 0.0), trained.scheduler)
+    start = Model(ema_unet(trained.net, trained.ema), make_ema(trained.net, 0.0), trained.scheduler)
     one_shot(cfg, run, prepared, grid, start=start, ledger=ledger)
 
 
@@ -114,7 +114,7 @@ def one_shot(
     weights, paradigm ``local``) and uploads its model or its samples."""
     began, round_ = time.perf_counter(), len(run.read_metrics()) + 1
     model = start or initial_model(cfg, prepared)
-    unet = model.unet
+    unet = model.net
     layout = Layout.of(unet.state_dict(), trainable=cfg.trained_modules)
     base = base_config(cfg, tuple(prepared.data.full.class_names), layout.base_digest)
     fed = cfg.federation
@@ -173,7 +173,7 @@ def collect_shares(
     and uploads only the images; ``synthetic/`` is written from them here."""
     order = sorted(nodes)
     counts = mixture_counts(np.array([histograms[p] for p in order]), cfg.sample.per_class)
-    state = model.unet.state_dict()
+    state = model.net.state_dict()
     global_w = ArrayRecord({k: state[k].detach().cpu() for k in sent})  # the frozen part never travels
     messages = {}
     for pid, row in zip(order, counts, strict=True):
@@ -186,7 +186,7 @@ def collect_shares(
     shares, infos, up = {}, {}, 0
     for reply in grid.send_and_receive(list(messages.values()), timeout=timeout):
         pid = pid_of.get(reply.metadata.src_node_id, -1)
-        share = _share(reply, counts[order.index(pid)] if pid in nodes else None, model.unet)
+        share = _share(reply, counts[order.index(pid)] if pid in nodes else None, model.net)
         if isinstance(share, str):
             log.warning("client %s: no usable samples: %s", pid, share)
             continue

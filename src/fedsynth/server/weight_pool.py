@@ -32,7 +32,7 @@ log = logging.getLogger("fedsynth.server")
 
 def proxy_scorer(cfg: Config, model: Model, proxy: ImageData) -> Scorer:
     """Weights → their proxy-set score (higher is better), on a private copy of the model."""
-    net = copy.deepcopy(model.unet)
+    net = copy.deepcopy(model.net)
 
     def score(weights: dict[str, torch.Tensor]) -> float:
         net.load_state_dict({k: v.to(model.device) for k, v in weights.items()}, strict=True)
@@ -49,7 +49,7 @@ def collect_pool(
     """(W × D subset vectors, W scores) along ``pool_runs`` training runs on the proxy set."""
     fd, vectors, scores = cfg.feddiff, [], []
     for run in range(fd.pool_runs):
-        net = copy.deepcopy(model.unet)
+        net = copy.deepcopy(model.net)
         optimizer = make_optimizer(net, cfg.train)
         generator = torch_generator(cfg.seed, "feddiff-pool", run, device=model.device)
         for _ in range(fd.pool_steps // fd.pool_every):
@@ -68,7 +68,7 @@ def attach_weight_space(cfg: Config, run: RunDir, model: Model, proxy: ImageData
         strategy.attach(None, score)
         return
     start = time.perf_counter()
-    keys = subset_keys(model.unet, cfg.feddiff.subset)
+    keys = subset_keys(model.net, cfg.feddiff.subset)
     log.info("FedDiff: collecting the weight pool on %d proxy images (%s)", len(proxy), ", ".join(keys))
     vectors, scores = collect_pool(cfg, model, proxy, keys, score)
     pool_s = time.perf_counter() - start

@@ -86,19 +86,20 @@ class RoundRecord:
 
 @dataclass
 class Model:
-    """What is trained and saved: the weights (``unet``: the denoiser, or task ``classifier``'s
-    CNN), their EMA and the training noise schedule (None for the classifier)."""
+    """What is trained and saved: the network (``net``: the denoiser — a pixel UNet, or a latent
+    one behind :mod:`fedsynth.diffusion.latent` — or task ``classifier``'s CNN), its EMA and the
+    training noise schedule (None for the classifier)."""
 
-    unet: UNet2DModel
+    net: UNet2DModel
     ema: EMAModel
     scheduler: DDPMScheduler | None
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.net.parameters()).device
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.unet.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=True)
+        self.net.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=True)
 
 
 class RoundDriver(Protocol):
@@ -154,7 +155,7 @@ def run_rounds(driver: RoundDriver, run: RunDir, cfg: Config, *, resume: bool) -
     """Run ``driver`` to ``federation.rounds`` (from the newest checkpoint when resuming)."""
     if resume:
         m = driver.model
-        template = m.unet if has_lora(m.unet) else type(m.unet)
+        template = m.net if has_lora(m.net) else type(m.net)
         checkpoint = load_latest_checkpoint(run, driver.make_ema, m.device, template)
         driver.resume(checkpoint)
         run.truncate_metrics(checkpoint.round)
@@ -170,12 +171,12 @@ def run_rounds(driver: RoundDriver, run: RunDir, cfg: Config, *, resume: bool) -
                 save_checkpoint(
                     run,
                     driver.round,
-                    m.unet,
+                    m.net,
                     m.ema,
                     m.scheduler,
                     driver.state_dict(),
                     driver.checkpoint_meta(),
                 )
-                checkpoint_grid(cfg, run, m.unet, m.scheduler, driver.round)
+                checkpoint_grid(cfg, run, m.net, m.scheduler, driver.round)
         driver.finish()
-    save_model(run, driver.model.unet, driver.model.ema, driver.model.scheduler, driver.ema_info)
+    save_model(run, driver.model.net, driver.model.ema, driver.model.scheduler, driver.ema_info)
