@@ -27,23 +27,12 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, ROOT, run_command, timed_command, write_result
+from fedsynth.config.presets import TINY as PRESET
 from fedsynth.runtime.processes import stop
 from fedsynth.runtime.superlink import flower_env, start_superlink
 
 CONFIG = "configs/digits-federated.toml"
-TINY = [
-    "model.preset=tiny",
-    "federation.rounds=2",
-    "federation.clients_per_round=2",
-    "partition.num_clients=2",
-    "train.local_steps=3",
-    "train.batch_size=16",
-    "diffusion.num_train_timesteps=50",
-    "sample.per_class=3",
-    "sample.steps=2",
-    "eval.classifier_epochs=1",
-    "eval.cas_epochs=1",
-]
+TINY = list(PRESET)  # the test suite's tiny run
 BIN = Path(sys.executable).parent
 
 
