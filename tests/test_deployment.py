@@ -1,11 +1,11 @@
-"""The same apps on a real SuperLink + two SuperNodes on 127.0.0.1 (`flwr run .`)."""
+"""The same apps on a real SuperLink + two SuperNodes on 127.0.0.1, deployed as
+docs/real-federation.md says (TLS, node authentication), through `fedsynth submit` and `flwr run .`."""
 
 import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +18,6 @@ from fedsynth.runtime.processes import free_port
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _wait_listening(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
 def _pids_using(ports: list[int]) -> list[int]:
@@ -111,84 +101,6 @@ def _check_run(out: Path, paradigm: str, stdout: str) -> None:
         assert mixture == {"0": [2] * 5 + [0] * 5, "1": [0] * 5 + [2] * 5}
 
 
-def test_a_round_of_each_paradigm_on_one_loopback_superlink(tmp_path):
-    """One SuperLink and two SuperNodes (each with its own image folder) serve a federated
-    run, then a run of paradigm local."""
-    link, nodes = free_port(), [free_port(), free_port()]
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    try:
-        subprocess.Popen(
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--database",
-                str(tmp_path / "state.db"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link),
-            ],
-            env=env,
-            stdout=(logs / "superlink.log").open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        _wait_listening(link)
-        folders = [
-            _node_folder(tmp_path / "node0", range(0, 5)),
-            _node_folder(tmp_path / "node1", range(5, 10)),
-        ]
-        for i, port in enumerate(nodes):
-            subprocess.Popen(
-                [
-                    str(BIN / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link}",
-                    "--node-config",
-                    f'partition-id={i} num-partitions=2 data-path="{folders[i]}"',
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
-                env=env,
-                stdout=(logs / f"supernode{i}.log").open("w"),
-                stderr=subprocess.STDOUT,
-            )
-        for paradigm in ("federated", "local"):
-            out = tmp_path / paradigm
-            run_config = (
-                f'config="configs/digits-federated.toml" out="{out}" overrides="{_overrides(paradigm)}"'
-            )
-            res = subprocess.run(
-                [str(BIN / "flwr"), "run", ".", "loop", "--stream", "--run-config", run_config],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=480,
-            )
-            assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-            _check_run(out, paradigm, res.stdout)
-    finally:
-        leftover = _stop([link, *nodes])
-    assert leftover == [], f"processes still running: {leftover}"
-
-
 def _documented(title: str) -> str:
     """A block of docs/real-federation.md, as a user copies it."""
     page = (ROOT / "docs" / "real-federation.md").read_text()
@@ -240,6 +152,20 @@ def test_the_documented_deployment_with_tls_and_node_authentication(tmp_path):
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + logs[-3000:]
         assert f"report: {tmp_path / 'runs/fed-1/report.md'}" in res.stdout
         _check_run(tmp_path / "runs/fed-1", "federated", res.stdout)
+        # the package's own app (pyproject's [tool.flwr.app]) on the same federation: paradigm local
+        out = tmp_path / "runs" / "local"
+        run_config = (
+            f'config="{ROOT}/configs/digits-federated.toml" out="{out}" overrides="{_overrides("local")}"'
+        )
+        local = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT), "fed", "--stream", "--run-config", run_config],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
+        assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+        _check_run(out, "local", local.stdout)
         # a node whose key was not registered is turned away
         assert _bash("fedsynth keys stranger --host 127.0.0.1 --nodes 1", env, tmp_path).returncode == 0
         stranger = [str(BIN / "flower-supernode"), "--root-certificates", "fed-keys/ca.crt"]
