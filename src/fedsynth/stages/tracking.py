@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,8 @@ class MlflowTracker(Tracker):
         import mlflow
 
         uri = cfg.mlflow.tracking_uri or (run.root / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):  # MLflow 3 keeps its file store behind this switch
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self.run_id = self._run_id(cfg, run)
         self.run = run
