@@ -42,6 +42,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, damage, caplog):
     full = _run(tmp_path, "full", 3)

@@ -150,6 +150,7 @@ def test_bad_key_is_one_line_error(tmp_path):
     assert len(lines) == 1 and "unknown config key 'train.lrr'" in lines[0]
 
 
+@pytest.mark.slow
 def test_missing_dataset_path_is_one_line_error(tmp_path):
     res = _cli(
         "run",
@@ -166,6 +167,7 @@ def test_missing_dataset_path_is_one_line_error(tmp_path):
     assert len(lines) == 1 and "image folder not found" in lines[0], res.stderr
 
 
+@pytest.mark.slow
 def test_missing_inception_weights_fail_before_training(tmp_path):
     weights = json.dumps(str(tmp_path / "inception.pth"))
     out = str(tmp_path / "r")
@@ -176,6 +178,7 @@ def test_missing_inception_weights_fail_before_training(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_is_clear(tmp_path):
     from fedsynth.core.rundir import RunDir
     from fedsynth.stages.prepare import prepare
@@ -331,6 +334,7 @@ def test_a_damaged_domain_classifier_cache_is_trained_again(tmp_path):
     assert model(data.images[:2]).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_unexpected_and_os_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     import os
 

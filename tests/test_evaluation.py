@@ -49,6 +49,7 @@ def test_classifier_training_ignores_the_global_rng():
     assert not all(torch.equal(a[k], other[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_cas_on_real_data_is_high_and_metrics_are_complete(tmp_path):
     split = load_dataset(DataConfig())
     cfg = config_from_dict({"eval": {"classifier_epochs": 10, "cas_epochs": 10, "cache_dir": str(tmp_path)}})
@@ -105,6 +106,7 @@ def _random_inception_weights(path, monkeypatch):
     return path
 
 
+@pytest.mark.slow
 def test_inception_fid_is_from_a_local_weights_file(tmp_path, monkeypatch):
     from fedsynth.evaluation.inception import inception_metrics
 

@@ -36,6 +36,7 @@ def _sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
     cfg = load_config(CENTRAL, QUICK)
     run = run_all(cfg, tmp_path / "run")
@@ -53,6 +54,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
     assert _cli("report", str(run.root)).returncode == 0  # released
 
 
+@pytest.mark.slow
 def test_a_run_that_stopped_before_its_first_checkpoint_can_start_again(tmp_path):
     cfg = load_config(CENTRAL, [*QUICK, "federation.checkpoint_every=5"])
     run = RunDir(tmp_path / "run").create()
@@ -98,6 +100,7 @@ def _folder(root: Path, seed: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_training_images_with_the_same_classes_and_counts(tmp_path):
     data = _folder(tmp_path / "images", 0)
     sets = [*QUICK, 'data.dataset="imagefolder"', f"data.path='{data}'", "federation.rounds=1"]
@@ -179,6 +182,7 @@ def _flwr_home(pid: int) -> Path | None:
     return Path(home.decode()) if home else None
 
 
+@pytest.mark.slow
 def test_a_synthetic_set_that_cannot_fit_is_refused_before_anything_is_generated(tmp_path):
     res = _cli(
         "run", str(CENTRAL), "--out", str(tmp_path / "run"), *_sets([*QUICK, "sample.per_class=100000000"])

@@ -294,6 +294,7 @@ def test_events_since_replays_history_for_a_rejoining_node(deployed):
 @pytest.mark.parametrize(
     "name", ["fedavg", "fedavgm", "fedmedian", "fedtrimmedavg", "fedyogi", "krum", "multikrum", "bulyan"]
 )
+@pytest.mark.slow
 def test_flat_aggregation_equals_per_key_aggregation(name):
     from fedsynth.strategies.flower import ensure_run_identity
 

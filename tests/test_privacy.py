@@ -342,6 +342,7 @@ def test_math_isfinite_guard():
     assert math.isfinite(epsilon([(0.8, 0.1, 50)], 1e-5))
 
 
+@pytest.mark.slow
 def test_centralized_dp_run_states_epsilon_grows_it_and_stops_before_the_budget(tmp_path):
     from fedsynth.pipeline import run_all
 
@@ -363,6 +364,7 @@ def test_centralized_dp_run_states_epsilon_grows_it_and_stops_before_the_budget(
         run_all(load_config(run.config, ["federation.rounds=4"]), tmp_path / "r", resume=True)
 
 
+@pytest.mark.slow
 def test_federated_dp_run_reports_each_clients_epsilon_fine_tuning_steps_included(tmp_path):
     """DP fine-tuning of a public model's decoder: ε per client, rounds and fine-tuning steps
     counted; only the decoder moves, and only it is ever exchanged."""
@@ -425,6 +427,7 @@ def test_membership_attack_scores_by_hand():
     assert same["mia_auc"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_membership_audit_is_in_eval_json_and_the_summary(tmp_path):
     from fedsynth.pipeline import run_all
 
@@ -473,6 +476,7 @@ def test_dp_fedavg_config_errors(sets, message):
         load_config("configs/digits-federated.toml", [*TINY_OVERRIDES, *base, *sets])
 
 
+@pytest.mark.slow
 def test_dp_fedavg_run_reports_user_level_epsilon(tmp_path):
     from fedsynth.pipeline import run_all
 

@@ -41,6 +41,7 @@ def received(finished, tmp_path) -> Path:
     return Path(shutil.copytree(finished, tmp_path / "received", symlinks=True))
 
 
+@pytest.mark.slow
 def test_a_link_in_a_received_run_is_refused_and_nothing_is_written_through_it(received, tmp_path):
     outside = tmp_path / "venv" / "site-packages"
     outside.mkdir(parents=True)
@@ -116,6 +117,7 @@ def _webapp(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_sample_never_replaces_a_folder_that_is_not_exactly_a_synthetic_set(finished, tmp_path):
     webapp = _webapp(tmp_path / "webapp")
     res = _cli("sample", str(finished), "--out", str(webapp), "--per-class", "1", "--steps", "1")
@@ -135,6 +137,7 @@ def test_sample_never_replaces_a_folder_that_is_not_exactly_a_synthetic_set(fini
     assert res.returncode == 2 and (theirs / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_sample_replaces_an_earlier_synthetic_set(finished, tmp_path):
     out = tmp_path / "set"
     for per_class in ("2", "1"):
