@@ -28,3 +28,10 @@ def test_the_readme_is_short_with_the_two_commands_first():
     assert len(readme) <= 200
     assert readme[3].startswith("make demo") and readme[4].startswith("make test")
     assert [line for line in readme if len(line) > 300] == []
+
+
+def test_the_readmes_links_lead_to_files_that_exist():
+    for readme in (ROOT / "README.md", ROOT / "bench" / "README.md"):
+        targets = re.findall(r"\]\(([^)#]+)\)", readme.read_text())
+        missing = [t for t in targets if not (readme.parent / t).exists()]
+        assert targets and missing == [], (readme, missing)
