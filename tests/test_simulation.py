@@ -3,11 +3,11 @@ import warnings
 
 from flwr.supercore.logger import warn_deprecated_feature
 
-from fedsynth.runtime.simulation import quiet_framework
+from fedsynth.runtime.processes import quiet_flower
 
 
-def test_quiet_framework_drops_only_the_messages_a_user_cannot_act_on(caplog):
-    quiet_framework()
+def test_quiet_flower_drops_only_the_messages_a_user_cannot_act_on(caplog):
+    quiet_flower()
     logger = logging.getLogger("flwr")
     with caplog.at_level(logging.WARNING, logger="flwr"):
         warn_deprecated_feature("The `run_simulation` function is deprecated and will be removed")
@@ -20,7 +20,7 @@ def test_quiet_framework_drops_only_the_messages_a_user_cannot_act_on(caplog):
     assert "something else is deprecated" in messages[1]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        quiet_framework()  # filters are installed again inside the catch_warnings scope
+        quiet_flower()  # filters are installed again inside the catch_warnings scope
         warnings.warn(
             "Tip: In future versions of Ray, Ray will no longer override", FutureWarning, stacklevel=1
         )

@@ -10,7 +10,6 @@ SuperNode, its own folder / ``.npz`` given by ``data-path`` in the node config.
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +60,7 @@ from fedsynth.training.tasks import seeded_model
 
 # Flower's simulation workers import this module before they run a client; their actors' normal
 # shutdown at the end of a run ("Manually terminating ClientAppActor") is not news to a user.
-quiet_flower(logging.getLogger("flwr").level)
+quiet_flower(level=None)
 
 
 @functools.lru_cache(maxsize=2)

@@ -41,11 +41,12 @@ def _shown(record: logging.LogRecord) -> bool:
     return not silenced(record.getMessage())
 
 
-def quiet_flower(level: int = logging.WARNING) -> None:
-    """Flower's logger in this process at ``level``, without :data:`SILENCED` messages; every
-    other warning still shows."""
+def quiet_flower(level: int | None = logging.WARNING) -> None:
+    """Flower's logger in this process at ``level`` (None: as it is), without :data:`SILENCED`
+    messages; every other warning still shows."""
     flwr_logger = logging.getLogger("flwr")
-    flwr_logger.setLevel(level)
+    if level is not None:
+        flwr_logger.setLevel(level)
     if _shown not in flwr_logger.filters:
         flwr_logger.addFilter(_shown)
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)

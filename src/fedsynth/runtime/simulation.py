@@ -17,11 +17,6 @@ from fedsynth.config import Config
 from fedsynth.runtime.processes import quiet_flower
 
 
-def quiet_framework() -> None:
-    """Drop Flower's and Ray's messages about choices fedsynth made; every other warning shows."""
-    quiet_flower()
-
-
 def make_server_app(body: Callable[[Grid], None]) -> ServerApp:
     app = ServerApp()
 
@@ -70,7 +65,7 @@ def simulate(cfg: Config, body: Callable[[Grid], None], client_app: ClientApp | 
         except BaseException as exc:  # re-raised below with its own message
             errors.append(exc)
 
-    quiet_framework()
+    quiet_flower()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     with keep_sigterm_handler():
         from flwr.simulation import run_simulation  # imports Ray: only when simulating

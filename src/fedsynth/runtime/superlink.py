@@ -155,10 +155,13 @@ def _first_end(text: str) -> int:
     return min(ends) if ends else -1
 
 
-def flower_env(home: Path, live: bool = False) -> dict[str, str]:
-    """The environment of Flower's commands: this ``FLWR_HOME``, this environment's binaries,
-    no telemetry or update check; with ``live``, the app's progress bars drawn for this terminal."""
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+def flower_env(home: Path | None, live: bool = False) -> dict[str, str]:
+    """The environment of Flower's commands: this ``FLWR_HOME`` (None: the user's own), this
+    environment's binaries, no telemetry or update check; with ``live``, the app's progress
+    bars drawn for this terminal."""
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
     env["PATH"] = f"{_BIN}{os.pathsep}{env.get('PATH', '')}"
     if live:  # the app's progress bars redraw as on this terminal, at its width
         env["FORCE_COLOR"] = "1"
@@ -239,8 +242,7 @@ def submit(federation: str, config: Path, out: Path, overrides: list[str], *, re
     absolute (the ServerApp reads them on the SuperLink's machine); a run that fails there
     raises its one line here (``flwr run`` itself exits 0). Returns the report's path."""
     home = _app_home("fedsynth-submit-", run_config(config, out, overrides, resume))
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    env["PATH"] = f"{_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env = flower_env(None)  # the federation's connection is in the user's $FLWR_HOME
     cmd = [str(_BIN / "flwr"), "run", str(home / "app"), federation, "--stream"]
     relay, code = _relay([*cmd, "--run-config", str(home / "run-config.toml")], env, home / "run.log")
     _raise_failure(relay, code, relay.report is not None, home, f"the run on SuperLink {federation!r}")

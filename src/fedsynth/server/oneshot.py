@@ -47,7 +47,7 @@ from fedsynth.server.messages import FederationError, base_config, discover_node
 from fedsynth.stages.checkpoint import ema_unet, save_personal_model
 from fedsynth.stages.prepare import Prepared
 from fedsynth.stages.synthesize import SampleSpec, mixture_labels, write_mixture
-from fedsynth.stages.tracking import active
+from fedsynth.stages.tracking import record_round
 from fedsynth.training.round_loop import Dropped, Model, RoundRecord
 
 log = logging.getLogger("fedsynth.server")
@@ -152,8 +152,7 @@ def one_shot(
     wall = time.perf_counter() - began
     loss = float((n * losses).sum() / n.sum())
     record = RoundRecord(round_, loss, wall, up, down, sorted(models), dropped, extra)
-    run.append_metrics(line := record.to_json())
-    active().round(line)
+    record_round(run, record.to_json())
     run.update_summary(**{"local_steps" if start is None else "finetune_steps": steps})
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import tempfile
@@ -90,7 +89,7 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def final(self, run: RunDir) -> None:
-        summary = json.loads(run.summary.read_text())
+        summary = read_json(run.summary)
         rounds = int(summary.get("rounds", 0))
         for key, value in numbers(summary).items():
             self.writer.add_scalar(f"final/{key}", value, rounds)
@@ -117,7 +116,7 @@ class MlflowTracker(Tracker):
     def _run_id(self, cfg: Config, run: RunDir) -> str:
         saved = run.root / MLFLOW_RUN
         if saved.is_file():  # a resumed run keeps logging to its MLflow run (in the same store)
-            known = json.loads(saved.read_text())
+            known = read_json(saved)
             if known.get("tracking_uri") == self.client.tracking_uri:
                 return str(known["run_id"])
         experiment = self.client.get_experiment_by_name(cfg.mlflow.experiment)
@@ -145,7 +144,7 @@ class MlflowTracker(Tracker):
     def final(self, run: RunDir) -> None:
         from mlflow.entities import Metric
 
-        summary = json.loads(run.summary.read_text())
+        summary = read_json(run.summary)
         found = [Metric(_key(f"final/{k}"), v, _millis(), 0) for k, v in numbers(summary).items()]
         self.client.log_batch(self.run_id, metrics=found)
         for name in ("report.md", "samples.png", "summary.json"):
@@ -184,6 +183,12 @@ BACKENDS: dict[str, type[Tracker]] = {
     "mlflow": MlflowTracker,
 }
 _ACTIVE: list[Tracker] = [Tracker()]
+
+
+def record_round(run: RunDir, line: dict[str, Any]) -> None:
+    """A round's metrics line: appended to ``metrics.jsonl``, then to the active tracker."""
+    run.append_metrics(line)
+    active().round(line)
 
 
 def active() -> Tracker:

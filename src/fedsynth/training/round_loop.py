@@ -33,7 +33,7 @@ from fedsynth.core.seeding import numpy_rng
 from fedsynth.diffusion.lora import has_lora
 from fedsynth.diffusion.training import make_ema
 from fedsynth.stages.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_model
-from fedsynth.stages.tracking import active, checkpoint_grid
+from fedsynth.stages.tracking import checkpoint_grid, record_round
 
 
 class RoundError(FedsynthError):
@@ -164,8 +164,7 @@ def run_rounds(driver: RoundDriver, run: RunDir, cfg: Config, *, resume: bool) -
         bar.advance(driver.round * driver.units_per_round)
         while driver.round < total:
             record = driver.run_round(lambda n, loss: bar.advance(n, loss))
-            run.append_metrics(line := record.to_json())
-            active().round(line)
+            record_round(run, record.to_json())
             if driver.round % every == 0 or driver.round == total:
                 m = driver.model
                 save_checkpoint(
