@@ -39,10 +39,10 @@ SCALE = 4.0
 STRATEGIES = {
     "fedavg": [],
     "fedmedian": [],
-    "fedtrimmedavg": ["strategy.trim_beta=0.25"],
-    "krum": ["strategy.num_malicious=2"],
-    "multikrum": ["strategy.num_malicious=2"],
-    "bulyan": ["strategy.num_malicious=1"],
+    "fedtrimmedavg": ["strategy.fedtrimmedavg.beta=0.25"],
+    "krum": ["strategy.krum.num_malicious_nodes=2"],
+    "multikrum": ["strategy.krum.num_malicious_nodes=2"],
+    "bulyan": ["strategy.krum.num_malicious_nodes=1"],
 }
 KEYS = ("fd", "precision", "recall", "cas_accuracy")
 

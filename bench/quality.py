@@ -44,7 +44,11 @@ METHODS = {
     "fedavgm-classaware": ['strategy.name="fedavgm"', "strategy.class_aware=true"],
     "fedexp": ['strategy.name="fedexp"'],
     "fedexp-keepopt": ['strategy.name="fedexp"', "train.keep_optimizer=true"],
-    "fedavg-lr2": ['strategy.name="fedavgm"', "strategy.momentum=0.0", "strategy.server_lr=2.0"],
+    "fedavg-lr2": [
+        'strategy.name="fedavgm"',
+        "strategy.fedavgm.server_momentum=0.0",
+        "strategy.fedavgm.server_learning_rate=2.0",
+    ],
     "scaffold-sgd": ['strategy.name="scaffold"', 'train.optimizer="sgd"', "train.lr=0.05"],
     "fedavg-sgd": ['strategy.name="fedavg"', 'train.optimizer="sgd"', "train.lr=0.05"],
     "fedprox": ['strategy.name="fedprox"'],
@@ -52,23 +56,43 @@ METHODS = {
     "fedavgm-lr1e-4": ['strategy.name="fedavgm"', "train.lr=1e-4"],
     "fedexp-lr3e-4": ['strategy.name="fedexp"', "train.lr=3e-4"],
     # a shorter client trajectory (less drift) scaled back up by the server step
-    "fedavgm-lr1e-4-slr3": ['strategy.name="fedavgm"', "train.lr=1e-4", "strategy.server_lr=3.0"],
-    "fedavgm-lr1.5e-4-slr2": ['strategy.name="fedavgm"', "train.lr=1.5e-4", "strategy.server_lr=2.0"],
+    "fedavgm-lr1e-4-slr3": [
+        'strategy.name="fedavgm"',
+        "train.lr=1e-4",
+        "strategy.fedavgm.server_learning_rate=3.0",
+    ],
+    "fedavgm-lr1.5e-4-slr2": [
+        'strategy.name="fedavgm"',
+        "train.lr=1.5e-4",
+        "strategy.fedavgm.server_learning_rate=2.0",
+    ],
     **{
-        f"fedadam-eta{eta}": ['strategy.name="fedadam"', f"strategy.eta={eta}", "strategy.tau=1e-3"]
+        f"fedadam-eta{eta}": [
+            'strategy.name="fedadam"',
+            f"strategy.fedopt.eta={eta}",
+            "strategy.fedopt.tau=1e-3",
+        ]
         for eta in ("1e-3", "3e-3", "1e-2")
     },
     **{
-        f"fedyogi-eta{eta}": ['strategy.name="fedyogi"', f"strategy.eta={eta}", "strategy.tau=1e-3"]
+        f"fedyogi-eta{eta}": [
+            'strategy.name="fedyogi"',
+            f"strategy.fedopt.eta={eta}",
+            "strategy.fedopt.tau=1e-3",
+        ]
         for eta in ("1e-3", "3e-3", "1e-2")
     },
     **{
-        f"fedadagrad-eta{eta}": ['strategy.name="fedadagrad"', f"strategy.eta={eta}", "strategy.tau=1e-3"]
+        f"fedadagrad-eta{eta}": [
+            'strategy.name="fedadagrad"',
+            f"strategy.fedopt.eta={eta}",
+            "strategy.fedopt.tau=1e-3",
+        ]
         for eta in ("1e-3", "3e-3", "1e-2")
     },
     # the FedOpt family at the demo's client lr (Reddi et al. 2021's grid, η ∈ {1e-3, 1e-2, 1e-1})
     **{
-        f"{opt}-lr3e-4-eta{eta}": [f'strategy.name="{opt}"', "train.lr=3e-4", f"strategy.eta={eta}"]
+        f"{opt}-lr3e-4-eta{eta}": [f'strategy.name="{opt}"', "train.lr=3e-4", f"strategy.fedopt.eta={eta}"]
         for opt in ("fedadam", "fedyogi", "fedadagrad")
         for eta in ("1e-3", "1e-2", "1e-1")
     },

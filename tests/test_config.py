@@ -122,3 +122,44 @@ def test_channels_other_than_gray_or_rgb_fail_before_training(channels):
         ConfigError, match=rf"data.channels = {channels} is not valid; choose 0 \(as stored\), 1 or 3"
     ):
         config_from_dict({"data": {"channels": channels}})
+
+
+def test_each_strategy_family_has_its_own_section_given_to_its_constructor(tmp_path):
+    from fedsynth.strategies import build_strategy
+
+    src = tmp_path / "c.toml"
+    src.write_text('[strategy]\nname = "fedavgm"\n[strategy.fedavgm]\nserver_learning_rate = 0.5\n')
+    cfg = load_config(src, ["strategy.fedavgm.server_momentum=0.3"])
+    assert cfg.strategy.fedavgm.server_learning_rate == 0.5 and cfg.strategy.fedavgm.server_momentum == 0.3
+    s = build_strategy(cfg)
+    assert (s.server_learning_rate, s.server_momentum) == (0.5, 0.3)
+    yogi = build_strategy(
+        config_from_dict({"strategy": {"name": "fedyogi", "fedopt": {"eta": 0.2, "tau": 0.1}}})
+    )
+    assert (yogi.eta, yogi.tau, yogi.beta_2) == (0.2, 0.1, 0.99)
+    assert "[strategy.fedopt]\n" in config_toml(cfg)  # written back as sections
+    with pytest.raises(ConfigError, match=r"unknown config key 'strategy.krum.f' in \[strategy.krum\]"):
+        config_from_dict({"strategy": {"krum": {"f": 1}}})
+    with pytest.raises(ConfigError, match=r"strategy.fedexp.eps = 0.0 is not valid; it must be > 0.0"):
+        config_from_dict({"strategy": {"fedexp": {"eps": 0.0}}})
+
+
+def test_configs_with_the_old_flat_strategy_keys_keep_loading(tmp_path):
+    src = tmp_path / "old.toml"
+    src.write_text('[strategy]\nname = "fedadam"\neta = 0.05\ntau = 0.01\nserver_lr = 2.0\nnum_keep = 3\n')
+    cfg = load_config(src)
+    assert (cfg.strategy.fedopt.eta, cfg.strategy.fedopt.tau) == (0.05, 0.01)
+    assert cfg.strategy.fedavgm.server_learning_rate == 2.0 and cfg.strategy.scaffold.server_lr == 2.0
+    assert cfg.strategy.krum.num_nodes_to_select == 3
+    # an old key as an override wins over the file, as any override does
+    assert load_config(src, ["strategy.eta=0.5"]).strategy.fedopt.eta == 0.5
+    new = tmp_path / "new.toml"
+    new.write_text(config_toml(cfg))
+    assert load_config(new, ["strategy.trim_beta=0.3"]).strategy.fedtrimmedavg.beta == 0.3
+    # the same setting written both ways with different values is refused
+    both = {"strategy": {"eta": 0.1, "fedopt": {"eta": 0.2}}}
+    with pytest.raises(
+        ConfigError, match=r"^strategy.eta and strategy.fedopt.eta disagree; keep strategy.fedopt.eta only$"
+    ):
+        config_from_dict(both)
+    assert config_from_dict({"strategy": {"eta": 0.2, "fedopt": {"eta": 0.2}}}).strategy.fedopt.eta == 0.2

@@ -112,7 +112,7 @@ def test_too_few_valid_replies_stops_with_checkpoint_intact(tmp_path):
 
 def test_resume_matches_uninterrupted_with_strategy_state(tmp_path):
     raw = tiny_federated(num_clients=4, clients_per_round=2, rounds=3)
-    raw["strategy"] = {"name": "fedyogi", "eta": 0.01}
+    raw["strategy"] = {"name": "fedyogi", "fedopt": {"eta": 0.01}}
     full = _run(tmp_path, raw, name="full")
     short = {**raw, "federation": {**raw["federation"], "rounds": 2}}
     part = _run(tmp_path, short, name="part")

@@ -40,9 +40,19 @@ def reply(values: dict, n: int = 1, control: dict | None = None) -> Message:
 FEDDIFF_TINY = {"ae_steps": 20, "ldm_steps": 20, "timesteps": 10, "t_final": 5, "encoder_steps": 2}
 
 
+FAMILY = {
+    "fedadam": "fedopt",
+    "fedyogi": "fedopt",
+    "fedadagrad": "fedopt",
+    "multikrum": "krum",
+    "bulyan": "krum",
+}
+
+
 def strategy(name: str, **params):
+    """Strategy ``name`` with ``params`` in its family's section (``[strategy.fedopt]`` …)."""
     raw = {
-        "strategy": {"name": name, **params},
+        "strategy": {"name": name, **({FAMILY.get(name, name): params} if params else {})},
         "partition": {"num_clients": 8},
         "federation": {"clients_per_round": 4},
     }
@@ -87,7 +97,7 @@ def test_fedmedian_is_coordinatewise():
 
 
 def test_fedavgm_momentum_two_rounds():
-    s = strategy("fedavgm", server_lr=1.0, momentum=0.9)
+    s = strategy("fedavgm", server_learning_rate=1.0, server_momentum=0.9)
     # round 1: Δ = x − mean = 0 − 1 = −1; v = −1; x = 0 − 1·(−1) = 1
     x1 = aggregate(s, {"a": [0.0]}, [reply({"a": [1.0]})], 1)
     assert np.allclose(x1["a"], [1.0])
@@ -120,7 +130,7 @@ def test_fedadagrad_one_step():
 
 def test_fedtrimmedavg_cuts_each_side():
     out = aggregate(
-        strategy("fedtrimmedavg", trim_beta=0.2),
+        strategy("fedtrimmedavg", beta=0.2),
         {"a": [0.0]},
         [reply({"a": [v]}) for v in (1.0, 2.0, 3.0, 4.0, 100.0)],
     )
@@ -130,7 +140,9 @@ def test_fedtrimmedavg_cuts_each_side():
 def test_krum_keeps_the_smallest_score():
     # squared distances, n − f − 2 = 2 closest: scores 0→1+4=5, 1→1+1=2, 2→5, 10→64+81=145
     out = aggregate(
-        strategy("krum", num_malicious=0), {"a": [0.0]}, [reply({"a": [v]}) for v in (0.0, 1.0, 2.0, 10.0)]
+        strategy("krum", num_malicious_nodes=0),
+        {"a": [0.0]},
+        [reply({"a": [v]}) for v in (0.0, 1.0, 2.0, 10.0)],
     )
     assert np.allclose(out["a"], [1.0])  # not 10.0 (Senden 2025's box took the largest)
 
@@ -138,7 +150,7 @@ def test_krum_keeps_the_smallest_score():
 def test_multikrum_mean_of_m_best():
     # scores: 0→1+6.25=7.25, 1→1+2.25=3.25, 2.5→8.5, 10→137.25; m = 2 → mean(1, 0)
     out = aggregate(
-        strategy("multikrum", num_malicious=0, num_keep=2),
+        strategy("multikrum", num_malicious_nodes=0, num_nodes_to_select=2),
         {"a": [0.0]},
         [reply({"a": [v]}) for v in (0.0, 1.0, 2.5, 10.0)],
     )
@@ -149,7 +161,7 @@ def test_bulyan_resists_an_outlier():
     s = build_strategy(
         config_from_dict(
             {
-                "strategy": {"name": "bulyan", "num_malicious": 1},
+                "strategy": {"name": "bulyan", "krum": {"num_malicious_nodes": 1}},
                 "partition": {"num_clients": 8},
                 "federation": {"clients_per_round": 7},
             }
@@ -158,9 +170,9 @@ def test_bulyan_resists_an_outlier():
     out = aggregate(s, {"a": [0.0]}, [reply({"a": [v]}) for v in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1000.0)])
     assert 1.0 <= out["a"][0] <= 4.0
     with pytest.raises(
-        ValueError, match=r"bulyan needs clients_per_round >= 4 \* num_malicious \+ 3 = 7, got 4"
+        ValueError, match=r"bulyan needs clients_per_round >= 4 \* num_malicious_nodes \+ 3 = 7, got 4"
     ):
-        strategy("bulyan", num_malicious=1)
+        strategy("bulyan", num_malicious_nodes=1)
 
 
 def test_fedprox_aggregates_like_fedavg():

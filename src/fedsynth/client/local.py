@@ -94,7 +94,9 @@ def local_train(
     unet.load_state_dict({k: v.to(device) for k, v in global_weights.items()}, strict=True)
     anchor = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     steps = steps or steps_for(cfg.train, len(data))
-    penalty = proximal_penalty(cfg.strategy.proximal_mu, anchor) if cfg.strategy.name == "fedprox" else None
+    penalty = (
+        proximal_penalty(cfg.strategy.fedprox.proximal_mu, anchor) if cfg.strategy.name == "fedprox" else None
+    )
     hook = None
     if control is not None:
         c = {k: v.to(device) for k, v in control.items()}

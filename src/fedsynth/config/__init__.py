@@ -1,6 +1,7 @@
 """Typed run configuration, parsed once from TOML (+ ``--set`` overrides).
 
 - :mod:`~fedsynth.config.schema`: the sections as frozen dataclasses (defaults, choices, bounds);
+- :mod:`~fedsynth.config.strategy`: the server strategy's sections (one per family of strategies);
 - :mod:`~fedsynth.config.rules`: which settings combine (one-line :class:`ConfigError` each);
 - :mod:`~fedsynth.config.parsing`: TOML and overrides into the schema, the resume policy;
 - :mod:`~fedsynth.config.matchers`: settings that name model parameters;
@@ -39,7 +40,6 @@ from fedsynth.config.schema import (
     PUBLIC_DATASETS,
     SAMPLERS,
     SCHEDULES,
-    STRATEGY_NAMES,
     TRACKERS,
     WEIGHTINGS,
     CalibrationConfig,
@@ -48,7 +48,6 @@ from fedsynth.config.schema import (
     DiffusionConfig,
     EvalConfig,
     ExchangeConfig,
-    FedDiffConfig,
     FederationConfig,
     LedgerConfig,
     LocalConfig,
@@ -59,8 +58,19 @@ from fedsynth.config.schema import (
     PhoenixConfig,
     PrivacyConfig,
     SampleConfig,
-    StrategyConfig,
     TrainConfig,
+)
+from fedsynth.config.strategy import (
+    STRATEGY_NAMES,
+    FedAvgMConfig,
+    FedDiffConfig,
+    FedExPConfig,
+    FedOptConfig,
+    FedProxConfig,
+    FedTrimmedAvgConfig,
+    KrumConfig,
+    ScaffoldConfig,
+    StrategyConfig,
 )
 from fedsynth.core.errors import ConfigError
 
@@ -92,8 +102,14 @@ __all__ = [
     "DiffusionConfig",
     "EvalConfig",
     "ExchangeConfig",
+    "FedAvgMConfig",
     "FedDiffConfig",
+    "FedExPConfig",
+    "FedOptConfig",
+    "FedProxConfig",
+    "FedTrimmedAvgConfig",
     "FederationConfig",
+    "KrumConfig",
     "LedgerConfig",
     "LocalConfig",
     "LoraConfig",
@@ -103,6 +119,7 @@ __all__ = [
     "PhoenixConfig",
     "PrivacyConfig",
     "SampleConfig",
+    "ScaffoldConfig",
     "StrategyConfig",
     "TrainConfig",
     "apply_overrides",

@@ -67,6 +67,43 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# Strategy settings that once sat directly in [strategy]: old key -> where each lives now.
+# Configs and run directories written with the old keys keep loading.
+MOVED: dict[str, tuple[str, ...]] = {
+    "server_lr": ("fedavgm.server_learning_rate", "scaffold.server_lr"),
+    "momentum": ("fedavgm.server_momentum",),
+    "eta": ("fedopt.eta",),
+    "eta_l": ("fedopt.eta_l",),
+    "beta_1": ("fedopt.beta_1",),
+    "beta_2": ("fedopt.beta_2",),
+    "tau": ("fedopt.tau",),
+    "proximal_mu": ("fedprox.proximal_mu",),
+    "trim_beta": ("fedtrimmedavg.beta",),
+    "num_malicious": ("krum.num_malicious_nodes",),
+    "num_keep": ("krum.num_nodes_to_select",),
+    "fedexp_eps": ("fedexp.eps",),
+}
+
+
+def _moved_strategy_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with ``[strategy]``'s old flat keys moved into their sections; one key set both
+    ways with different values is a one-line error."""
+    strategy = raw.get("strategy")
+    if not isinstance(strategy, dict) or not set(strategy) & set(MOVED):
+        return raw
+    strategy = _deep_copy(strategy)
+    for old in set(strategy) & set(MOVED):
+        value = strategy.pop(old)
+        for new in MOVED[old]:
+            section, key = new.split(".")
+            table = strategy.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"strategy.{section} must be a table [strategy.{section}], got {table!r}")
+            if table.setdefault(key, value) != value:
+                raise ConfigError(f"strategy.{old} and strategy.{new} disagree; keep strategy.{new} only")
+    return {**raw, "strategy": strategy}
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``section.key=value``; the value is read as TOML, else as a plain string."""
     if "=" not in text:
@@ -82,16 +119,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return keys, value
 
 
+def _override_paths(keys: list[str]) -> list[list[str]]:
+    """Where an override lands: an old strategy key names its new places."""
+    if len(keys) == 2 and keys[0] == "strategy" and keys[1] in MOVED:
+        return [["strategy", *new.split(".")] for new in MOVED[keys[1]]]
+    return [keys]
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     merged = _deep_copy(raw)
     for text in overrides:
         keys, value = parse_override(text)
-        node = merged
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: {key!r} is not a section")
-        node[keys[-1]] = value
+        for path in _override_paths(keys):
+            node = merged
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {text!r}: {key!r} is not a section")
+            node[path[-1]] = value
     return merged
 
 
@@ -103,7 +148,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     data = raw.get("data", {})
     if isinstance(data, dict) and "image_size" not in data and data.get("dataset") in NATIVE_SIZE:
         raw = {**raw, "data": {**data, "image_size": NATIVE_SIZE[data["dataset"]]}}
-    return _build(Config, raw, "")
+    return _build(Config, _moved_strategy_keys(raw), "")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -119,7 +164,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return config_from_dict(apply_overrides(raw, overrides or []))
+    return config_from_dict(apply_overrides(_moved_strategy_keys(raw), overrides or []))
 
 
 # Keys a resumed run may change: how long it runs and how it is run, sampled and judged —
@@ -148,13 +193,17 @@ RESUMABLE = (
 
 
 def flat_items(cfg: Config) -> dict[str, Any]:
-    """``section.key`` → value for every setting."""
+    """``section.key`` (``section.sub.key`` in nested sections) → value for every setting."""
+    return _flat(config_to_dict(cfg), "")
+
+
+def _flat(table: dict[str, Any], prefix: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, value in config_to_dict(cfg).items():
+    for key, value in table.items():
         if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
+            out.update(_flat(value, f"{prefix}{key}."))
         else:
-            out[key] = value
+            out[f"{prefix}{key}"] = value
     return out
 
 

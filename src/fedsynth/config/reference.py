@@ -21,6 +21,8 @@ A run is configured by one TOML file (`configs/*.toml` are examples) plus `--set
 overrides, parsed once into frozen dataclasses (`src/fedsynth/config/`): an unknown key, a value
 out of range or an unsupported combination is a one-line error before anything runs. `--resume`
 may change only how a run goes on (rounds, timeouts, devices, sampling, evaluation, tracking).
+Strategy settings written directly under `[strategy]` by earlier versions (`strategy.eta`,
+`strategy.server_lr`, …) are still read into their sections below.
 
 This page is generated from the code (`python -m fedsynth.config.reference docs/configuration.md`);
 a test fails when the two disagree.
@@ -62,15 +64,24 @@ def _rows(section: type, prefix: str) -> list[str]:
     return rows
 
 
+HEAD = "| key | default | valid | meaning |\n| --- | --- | --- | --- |"
+
+
+def _sections(section: type, prefix: str, level: int) -> list[str]:
+    """A table per section below ``section``, each followed by its own subsections."""
+    parts: list[str] = []
+    for f in dataclasses.fields(section):
+        sub = _default(f)
+        if dataclasses.is_dataclass(sub):
+            name = f"{prefix}{f.name}"
+            parts += [f"{'#' * level} `[{name}]`\n", HEAD, *_rows(type(sub), f"{name}."), ""]
+            parts += _sections(type(sub), f"{name}.", level + 1)
+    return parts
+
+
 def render() -> str:
     """The page's markdown."""
-    head = "| key | default | valid | meaning |\n| --- | --- | --- | --- |"
-    parts = [INTRO, "## Top level\n", head, *_rows(Config, ""), ""]
-    for f in dataclasses.fields(Config):
-        section = _default(f)
-        if dataclasses.is_dataclass(section):
-            parts += [f"## `[{f.name}]`\n", head, *_rows(type(section), f"{f.name}."), ""]
-    return "\n".join(parts)
+    return "\n".join([INTRO, "## Top level\n", HEAD, *_rows(Config, ""), "", *_sections(Config, "", 2)])
 
 
 def unused_help() -> list[str]:

@@ -7,16 +7,10 @@ defaults; :mod:`fedsynth.config.rules` checks combinations when a :class:`Config
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-
-def _choice(default: str, choices: tuple[str, ...]) -> Any:
-    return field(default=default, metadata={"choices": choices})
-
-
-def _at_least(default: float | int, low: float | int, *, exclusive: bool = False) -> Any:
-    return field(default=default, metadata={"min": low, "exclusive": exclusive})
-
+from fedsynth.config.fields import at_least as _at_least
+from fedsynth.config.fields import choice as _choice
+from fedsynth.config.strategy import FedDiffConfig, StrategyConfig
 
 PARADIGMS = ("centralized", "federated", "decentralized", "local")
 DATASETS = ("digits", "imagefolder", "npz", "fashion-mnist", "idx")
@@ -36,22 +30,6 @@ TRACKERS = (
     "mlflow",
 )  # where per-round metrics also go (src/fedsynth/stages/tracking.py)
 ENGINES = ("superlink", "in-process")  # how `fedsynth run` simulates a federation
-STRATEGY_NAMES = (
-    "fedavg",
-    "fedmedian",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedprox",
-    "fedtrimmedavg",
-    "krum",
-    "multikrum",
-    "bulyan",
-    "scaffold",
-    "fedexp",
-    "feddiff",
-)
 EXCHANGE_PLANS = ("full", "usplit", "udec", "ulatdec")
 CODECS = ("fp32", "fp16", "bf16", "int8", "topk")
 
@@ -141,24 +119,6 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
-class StrategyConfig:
-    name: str = _choice("fedavg", STRATEGY_NAMES)
-    server_lr: float = _at_least(1.0, 0.0, exclusive=True)  # FedAvgM η
-    momentum: float = _at_least(0.9, 0.0)  # FedAvgM β
-    eta: float = _at_least(1e-2, 0.0, exclusive=True)  # FedOpt server lr η
-    eta_l: float = _at_least(1e-2, 0.0, exclusive=True)  # FedOpt client lr (v0 init)
-    beta_1: float = _at_least(0.9, 0.0)
-    beta_2: float = _at_least(0.99, 0.0)
-    tau: float = _at_least(1e-3, 0.0, exclusive=True)
-    proximal_mu: float = _at_least(0.01, 0.0)  # FedProx μ
-    trim_beta: float = _at_least(0.2, 0.0)  # FedTrimmedAvg β (fraction cut per side)
-    num_malicious: int = _at_least(0, 0)  # Krum/MultiKrum/Bulyan f
-    num_keep: int = _at_least(0, 0)  # MultiKrum m (0: n - f)
-    fedexp_eps: float = _at_least(1e-3, 0.0, exclusive=True)  # FedExP ε
-    class_aware: bool = False  # class-embedding rows averaged over the selected clients holding each class
-
-
-@dataclass(frozen=True)
 class ExchangeConfig:
     plan: str = _choice("full", EXCHANGE_PLANS)
     codec: str = _choice("fp32", CODECS)
@@ -191,35 +151,6 @@ class CalibrationConfig:
     window: int = _at_least(3, 1)  # FedDDPM+: rounds over which progress is measured
     min_improvement: float = _at_least(0.02, 0.0)  # FedDDPM+: relative aux-loss drop below which it fires
     sampler_steps: int = _at_least(20, 1)  # DPM-Solver steps to generate the auxiliary set
-
-
-@dataclass(frozen=True)
-class FedDiffConfig:
-    """FedDiff (Li & Ping; ``strategy.name = "feddiff"``): a subset of the parameters is
-    consolidated by a weight-space latent diffusion model pre-trained on the proxy set
-    (Phoenix's shared set G: ``phoenix.beta`` > 0); ``strategies/feddiff.py``."""
-
-    # every parameter first; server-side strategies only (SCAFFOLD and FedProx need their clients)
-    base: str = _choice(
-        "fedavg", tuple(n for n in STRATEGY_NAMES if n not in ("feddiff", "scaffold", "fedprox"))
-    )
-    subset: str = ""  # comma-separated parameter-name prefixes; "" = the model's last normalisation layer
-    pool_runs: int = _at_least(4, 1)  # training runs on the proxy set, from the initial model
-    pool_steps: int = _at_least(200, 1)  # optimizer steps per run
-    pool_every: int = _at_least(10, 1)  # a pool entry every k steps
-    ae_steps: int = _at_least(2000, 1)  # autoencoder pre-training (eq. 6)
-    ldm_steps: int = _at_least(2000, 1)  # latent DDPM pre-training (eq. 7)
-    lr: float = _at_least(1e-3, 0.0, exclusive=True)  # of both pre-trainings
-    latent_channels: int = _at_least(4, 1)
-    timesteps: int = _at_least(200, 1)  # T of the latent DDPM
-    t_final: int = _at_least(20, 1)  # LDM steps in the last round (t_r ∝ r); the paper's reading: timesteps
-    renoise: bool = False  # diffuse Z_s to step t_r before denoising (SDEdit) instead of starting at it
-    encoder_steps: int = _at_least(10, 0)  # encoder fine-tuning per round (eqs. 9–11)
-    encoder_lr: float = _at_least(1e-4, 0.0, exclusive=True)
-    kl_weight: float = _at_least(1e-2, 0.0)  # α of eq. 9
-    contrastive_weight: float = _at_least(0.1, 0.0)  # β of eq. 11
-    input_noise: float = _at_least(0.01, 0.0)  # ξ_V
-    latent_noise: float = _at_least(0.1, 0.0, exclusive=True)  # ξ_Z, also σ_i of eq. 8
 
 
 @dataclass(frozen=True)

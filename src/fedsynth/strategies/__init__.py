@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -14,57 +15,66 @@ from fedsynth.strategies.scaffold import Scaffold
 from fedsynth.strategies.state import Stateful
 
 WEIGHT_KEYS = {"examples": "num-examples", "steps": "num-steps"}
+Builder = Callable[[Config, dict], Stateful]
 
 
-def _fedopt(cls: type) -> Callable[[Config, dict], Stateful]:
+def _fedopt(cls: type, keys: tuple[str, ...] = ("eta", "eta_l", "beta_1", "beta_2", "tau")) -> Builder:
     def build(cfg: Config, common: dict) -> Stateful:
-        s = cfg.strategy
-        return cls(eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau, **common)
+        section = dataclasses.asdict(cfg.strategy.fedopt)
+        return cls(**{k: section[k] for k in keys}, **common)
 
     return build
 
 
 def _bulyan(cfg: Config, common: dict) -> Stateful:
-    f, n = cfg.strategy.num_malicious, cfg.federation.clients_per_round
+    f, n = cfg.strategy.krum.num_malicious_nodes, cfg.federation.clients_per_round
     if n < 4 * f + 3:
-        raise ConfigError(f"bulyan needs clients_per_round >= 4 * num_malicious + 3 = {4 * f + 3}, got {n}")
+        raise ConfigError(
+            f"bulyan needs clients_per_round >= 4 * num_malicious_nodes + 3 = {4 * f + 3}, got {n}"
+        )
     return flower.Bulyan(num_malicious_nodes=f, **common)
 
 
 def _multikrum(cfg: Config, common: dict) -> Stateful:
-    s, n = cfg.strategy, cfg.federation.clients_per_round
-    keep = s.num_keep or n - s.num_malicious
+    s, n = cfg.strategy.krum, cfg.federation.clients_per_round
+    keep = s.num_nodes_to_select or n - s.num_malicious_nodes
     if not 1 <= keep <= n:
-        raise ConfigError(f"strategy.num_keep = {keep} must be between 1 and clients_per_round = {n}")
-    return flower.MultiKrum(num_malicious_nodes=s.num_malicious, num_nodes_to_select=keep, **common)
+        raise ConfigError(
+            f"strategy.krum.num_nodes_to_select = {keep} must be between 1 and clients_per_round = {n}"
+        )
+    return flower.MultiKrum(num_malicious_nodes=s.num_malicious_nodes, num_nodes_to_select=keep, **common)
 
 
 def _trimmed(cfg: Config, common: dict) -> Stateful:
-    if not 0.0 <= cfg.strategy.trim_beta < 0.5:
-        raise ConfigError(f"strategy.trim_beta = {cfg.strategy.trim_beta} must be in [0, 0.5)")
-    return flower.FedTrimmedAvg(beta=cfg.strategy.trim_beta, **common)
+    beta = cfg.strategy.fedtrimmedavg.beta
+    if not 0.0 <= beta < 0.5:
+        raise ConfigError(f"strategy.fedtrimmedavg.beta = {beta} must be in [0, 0.5)")
+    return flower.FedTrimmedAvg(beta=beta, **common)
 
 
-STRATEGIES: dict[str, Callable[[Config, dict], Stateful]] = {
+def _section(cls: type, name: str) -> Builder:
+    """``cls`` built from ``[strategy.<name>]``: the section's keys are its keywords."""
+    return lambda cfg, common: cls(**dataclasses.asdict(getattr(cfg.strategy, name)), **common)
+
+
+STRATEGIES: dict[str, Builder] = {
     "fedavg": lambda cfg, common: flower.FedAvg(**common),
     "fedmedian": lambda cfg, common: flower.FedMedian(**common),
-    "fedavgm": lambda cfg, common: flower.FedAvgM(
-        server_learning_rate=cfg.strategy.server_lr, server_momentum=cfg.strategy.momentum, **common
-    ),
+    "fedavgm": _section(flower.FedAvgM, "fedavgm"),
     "fedadam": _fedopt(flower.FedAdam),
     "fedyogi": _fedopt(flower.FedYogi),
-    "fedadagrad": lambda cfg, common: flower.FedAdagrad(
-        eta=cfg.strategy.eta, eta_l=cfg.strategy.eta_l, tau=cfg.strategy.tau, **common
-    ),
-    "fedprox": lambda cfg, common: flower.FedProx(proximal_mu=cfg.strategy.proximal_mu, **common),
+    "fedadagrad": _fedopt(flower.FedAdagrad, ("eta", "eta_l", "tau")),
+    "fedprox": _section(flower.FedProx, "fedprox"),
     "fedtrimmedavg": _trimmed,
-    "krum": lambda cfg, common: flower.Krum(num_malicious_nodes=cfg.strategy.num_malicious, **common),
+    "krum": lambda cfg, common: flower.Krum(
+        num_malicious_nodes=cfg.strategy.krum.num_malicious_nodes, **common
+    ),
     "multikrum": _multikrum,
     "bulyan": _bulyan,
     "scaffold": lambda cfg, common: Scaffold(
-        num_clients=cfg.partition.num_clients, server_lr=cfg.strategy.server_lr, **common
+        num_clients=cfg.partition.num_clients, server_lr=cfg.strategy.scaffold.server_lr, **common
     ),
-    "fedexp": lambda cfg, common: FedExP(eps=cfg.strategy.fedexp_eps, **common),
+    "fedexp": _section(FedExP, "fedexp"),
     "feddiff": lambda cfg, common: FedDiff(
         STRATEGIES[cfg.feddiff.base](cfg, common), cfg.feddiff, rounds=cfg.federation.rounds, seed=cfg.seed
     ),
@@ -73,7 +83,7 @@ assert tuple(STRATEGIES) == STRATEGY_NAMES, "registry and config choices must ag
 
 
 def build_strategy(cfg: Config) -> Any:
-    """The strategy named by ``cfg.strategy.name``, configured from ``cfg.strategy``."""
+    """The strategy named by ``cfg.strategy.name``, configured from its ``[strategy.<family>]``."""
     name = cfg.strategy.name
     if name not in STRATEGIES:
         raise ConfigError(f"strategy.name = {name!r} is not valid; choose one of: {', '.join(STRATEGIES)}")
