@@ -65,9 +65,22 @@ def machine() -> dict:
     }
 
 
+def result_file(name: str, suffix: str) -> Path:
+    """``bench/results/<bench>/<name><suffix>``: every result of a bench in its folder, named
+    after the script (the longest ``bench/*.py`` stem ``name`` starts with, ``-`` read as ``_``:
+    ``server-ema-seed1`` → ``server_ema/``, ``dp_overhead_b512`` → ``dp_overhead/``)."""
+    flat = name.replace("-", "_")
+    benches = sorted((p.stem for p in Path(__file__).parent.glob("[!_]*.py")), key=len, reverse=True)
+    bench = next((b for b in benches if flat == b or flat.startswith(b + "_")), None)
+    if bench is None:
+        raise ValueError(f"result {name!r} names no bench script: it must start with one's name")
+    path = RESULTS / bench / f"{name}{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = result_file(name, ".json")
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
     print(f"wrote {path}")
@@ -75,7 +88,7 @@ def write_result(name: str, payload: dict) -> Path:
 
 
 def load_rows(name: str) -> list[dict]:
-    path = RESULTS / f"{name}.json"
+    path = result_file(name, ".json")
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
@@ -89,7 +102,7 @@ def run_missing(
     payload: Callable[[list[dict]], dict] = lambda rows: {},
     rerun: bool = False,
 ) -> list[dict]:
-    """``run(*key)`` for every key without a row in ``RESULTS/name.json`` yet (every key with
+    """``run(*key)`` for every key without a row in ``name.json`` (:func:`result_file`) yet (every key with
     ``rerun``, replacing its row); after each, ``name.json`` (``payload(rows)`` + rows) and
     ``name.md`` (``render(rows)``) are rewritten, so an interrupted benchmark goes on where
     it stopped and loses nothing it finished."""
@@ -100,7 +113,7 @@ def run_missing(
             continue
         rows = [r for r in rows if r not in done] + [run(*key)]
         write_result(name, {**payload(rows), "rows": rows})
-        (RESULTS / f"{name}.md").write_text(render(rows))
+        result_file(name, ".md").write_text(render(rows))
     return rows
 
 

@@ -7,7 +7,7 @@ send, every round, instead of their trained weights w (global weights g):
 FedAvg vs FedMedian, FedTrimmedAvg (β = 0.25: 2 of 8 cut per side), Krum and MultiKrum
 (f = 2) and Bulyan (f = 1: Flower's Bulyan needs n ≥ 4f + 3, so f = 2 would need 11 clients
 per round), each also run clean. The attack lives in this benchmark's ClientApp, not in
-fedsynth. Results: bench/results/byzantine.{json,md}.
+fedsynth. Results: bench/results/byzantine/byzantine.{json,md}.
 
     .venv/bin/python bench/byzantine.py [--rounds 20] [--local-steps 20] [--preset tiny]
         [--per-class 50] [--only fedavg,krum] [--attacks clean,sign-flip,noise] [--seed 0]
@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from _common import RESULTS, ROOT, write_result
+from _common import ROOT, result_file, write_result
 from fedsynth.client.app import handle_export, handle_query, handle_train
 from fedsynth.config import load_config
 from fedsynth.core.protocol import ARRAYS, CONFIG, PARTITION_ID, TASK_KEY
@@ -146,7 +146,7 @@ def main() -> None:
             write_result(
                 args.result, {"setting": setting, "attackers": ATTACKERS, "scale": SCALE, "rows": rows}
             )
-            (RESULTS / f"{args.result}.md").write_text(
+            (result_file(args.result, ".md")).write_text(
                 f"Byzantine clients 0 and 1 of 8 (IID digits, all 8 per round, {args.rounds} rounds × "
                 f"{args.local_steps} local steps, {args.preset} UNet, seed {args.seed}; "
                 f"attack scale {SCALE})\n\n" + table(rows)

@@ -6,7 +6,7 @@ samples a new set with the run's own sampler settings (``fedsynth sample``), jud
 of the run directory (``fedsynth evaluate``) and records CAS next to ``cas_real_accuracy`` —
 the same classifier, epochs and seed trained on real training images with the synthetic set's
 class counts. CAS below that is the generator's gap; that below the full-data classifier is the
-set size's. Rows are kept as they finish. Results: bench/results/cas_size.{json,md}.
+set size's. Rows are kept as they finish. Results: bench/results/cas_size/cas_size.{json,md}.
 
     .venv/bin/python bench/cas_size.py [--runs runs/bench-fashion/centralized-s0,...] [--per-class 100,600]
         [--guidance 1,2] [--steps 10]

@@ -6,7 +6,7 @@ the demo's 8 class-disjoint clients, 4 per round, rounds × local steps = 600 se
 steps) and records the global model's test accuracy every round. The markdown table sets
 each setting's best and last accuracy beside the CAS (a classifier trained only on synthetic
 data, judged on the same real test split) of the generative rows in
-``bench/results/quality.json`` for the same setting. Rows are keyed (setting, strategy,
+``bench/results/quality/quality.json`` for the same setting. Rows are keyed (setting, strategy,
 rounds, seed) and kept when already present.
 
     .venv/bin/python bench/classifier.py --settings disjoint,dirichlet --strategies fedavgm,fedavg \
@@ -21,7 +21,7 @@ import json
 import shutil
 from pathlib import Path
 
-from _common import RESULTS, run_missing, timed_fedsynth_run
+from _common import result_file, run_missing, timed_fedsynth_run
 
 CONFIG = "configs/digits-classifier.toml"
 SEQUENTIAL_STEPS = 600
@@ -60,7 +60,7 @@ def run_row(setting: str, strategy: str, rounds: int, seed: int, runs: Path) -> 
 
 
 def generative_rows(setting: str) -> list[dict]:
-    path = RESULTS / "quality.json"
+    path = result_file("quality", ".json")
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     return [r for r in rows if r["setting"] == setting and not r["method"].startswith("centralized")]
 
@@ -93,7 +93,7 @@ HEADER = (
     "# Federated classifier vs classifier on federated synthetic data (`bench/classifier.py`)\n\n"
     "Task `classifier` (`configs/digits-classifier.toml`: the domain-classifier CNN, AdamW lr 1e-3, "
     "600 sequential steps = rounds × local steps, 4 clients per round, server EMA off) against the "
-    "three best generative rows of `bench/results/quality.json` in the same setting (their CAS: a "
+    "three best generative rows of `bench/results/quality/quality.json` in the same setting (their CAS: a "
     "classifier of the same architecture trained only on 1,000 synthetic images). Both are judged "
     "on the same held-out real test split. `disjoint`: 8 class-disjoint clients; `dirichlet`: 10 "
     "clients, α = 0.1.\n\n"

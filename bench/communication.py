@@ -3,7 +3,7 @@
 
 For each run: total bytes up / down (serialized messages, initial broadcast included),
 the reduction against ``full`` + ``fp32``, FD and CAS (mean over clients for the plans
-that leave personal models). Results: bench/results/communication.{json,md}.
+that leave personal models). Results: bench/results/communication/communication.{json,md}.
 
     .venv/bin/python bench/communication.py [--rounds 15] [--local-steps 12] [--per-class 50]
         [--only full/fp32,udec/int8] [--runs-dir runs/bench-communication]
@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from _common import RESULTS, ROOT, fedsynth_run, write_result
+from _common import ROOT, fedsynth_run, result_file, write_result
 
 RUNS = (
     "full/fp32",
@@ -118,7 +118,7 @@ def main() -> None:
         "sampler": "dpm-20",
     }
     if args.merge:
-        rows = {**json.loads((RESULTS / "communication.json").read_text())["rows"], **rows}
+        rows = {**json.loads((result_file("communication", ".json")).read_text())["rows"], **rows}
     write_result("communication", {"settings": settings, "rows": rows})
     render(settings, rows)
 
@@ -172,7 +172,7 @@ def render(settings: dict, rows: dict[str, dict]) -> None:
         f"--rounds {settings['rounds']} --local-steps {settings['local_steps']} "
         f"--per-class {settings['per_class']} --topk-ratio {settings['topk_ratio']}`.",
     ]
-    (RESULTS / "communication.md").write_text("\n".join(md) + "\n")
+    (result_file("communication", ".md")).write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

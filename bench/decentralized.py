@@ -6,7 +6,7 @@ moved, gas and transactions per round for the decentralized paradigm.
 Settings follow Senden 2025: 8 trainers holding class-disjoint digits, 4 trainers per round,
 every aggregator aggregates every round (8 by default). Steady state = median over the
 rounds after the first (the first pays for worker start-up). Results:
-bench/results/decentralized.{json,md}.
+bench/results/decentralized/decentralized.{json,md}.
 
     .venv/bin/python bench/decentralized.py [--rounds 6] [--local-steps 20] [--aggregators 8]
         [--presets tiny,small,base]
@@ -20,7 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import RESULTS, timed_fedsynth_run, write_result
+from _common import result_file, timed_fedsynth_run, write_result
 
 PARADIGMS = ("centralized", "federated", "decentralized")
 
@@ -127,7 +127,7 @@ def main() -> None:
         "≤ 1.5× centralized FL per round. Reproduce: `.venv/bin/python bench/decentralized.py "
         f"--rounds {args.rounds} --local-steps {args.local_steps} --aggregators {args.aggregators}`.\n"
     )
-    (RESULTS / "decentralized.md").write_text(text)
+    (result_file("decentralized", ".md")).write_text(text)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ One fixed setting, chosen before looking at the test split and not tuned on it (
 warning): batch 256 with Poisson sampling, 40 epochs (240 steps), Adam lr 3e-3, C = 1, σ
 calibrated by fedsynth's own accountant (``privacy.accounting.calibrate``, RDP, δ = 1/(10 N));
 Opacus computes the per-example gradients and reports the ε it spent as a cross-check. ε = ∞
-is the same training without clipping or noise. Results: bench/results/dp_classifier.{json,md}.
+is the same training without clipping or noise. Results: bench/results/dp_classifier/dp_classifier.{json,md}.
 
     .venv/bin/python bench/dp_classifier.py [--epsilons inf,10,1] [--seeds 0,1]
 """
@@ -24,7 +24,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _common import RESULTS, write_result
+from _common import result_file, write_result
 from fedsynth.config import DataConfig
 from fedsynth.data.datasets import ImageData, load_dataset
 from fedsynth.evaluation.classifier import SmallCNN, predict
@@ -86,7 +86,7 @@ def table(rows: list[dict]) -> str:
 
 HEADER = (
     "# A classifier trained with DP-SGD on the real digits (`bench/dp_classifier.py`)\n\n"
-    "The task-specific anchor of `bench/results/privacy.md` (DPDM's comparison): `SmallCNN`, the CAS "
+    "The task-specific anchor of `bench/results/privacy/privacy.md` (DPDM's comparison): `SmallCNN`, the CAS "
     "classifier, trained on the 1,438 real training digits (16×16) with DP-SGD and tested on the "
     "real test split that CAS uses. One fixed setting, not tuned on the test split: Poisson batches "
     f"(Opacus' loader built on batches of {BATCH}: q = 1/6, 240 images on average), {EPOCHS} epochs, "
@@ -116,7 +116,7 @@ def main() -> None:
     write_result(
         "dp_classifier", {"rows": rows, "setting": {"batch": BATCH, "epochs": EPOCHS, "lr": LR, "clip": CLIP}}
     )
-    (RESULTS / "dp_classifier.md").write_text(HEADER + table(rows))
+    (result_file("dp_classifier", ".md")).write_text(HEADER + table(rows))
 
 
 if __name__ == "__main__":

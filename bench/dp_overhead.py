@@ -3,7 +3,7 @@ the centralized digits model (``small`` preset, batch 64) without DP, with fedsy
 (per-example gradients by ``torch.func.vmap`` over the whole UNet), and with the per-example
 gradients Opacus' ``GradSampleModule`` computes in its correct ``functorch`` mode, alternating
 ``--repeats`` times; and fedsynth's DP-SGD with every row of a batch in one vmapped pass (its
-``ROWS_PER_PASS`` chunking undone). Results: bench/results/dp_overhead.{json,md} (batch 64) or
+``ROWS_PER_PASS`` chunking undone). Results: bench/results/dp_overhead/dp_overhead.{json,md} (batch 64) or
 dp_overhead_b{B}.{json,md}.
 
     .venv/bin/python bench/dp_overhead.py [--steps 20] [--repeats 3] [--batch-size 64]
@@ -19,7 +19,7 @@ import warnings
 import torch
 from opacus import GradSampleModule
 
-from _common import RESULTS, ROOT, write_result
+from _common import ROOT, result_file, write_result
 from fedsynth.config import load_config
 from fedsynth.data.datasets import load_dataset
 from fedsynth.diffusion.objective import noisy_inputs
@@ -110,7 +110,7 @@ def main() -> None:
             for m in modes
         ),
     ]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (result_file(name, ".md")).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

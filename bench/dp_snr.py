@@ -8,7 +8,7 @@ is the step's signal-to-noise ratio, over all parameters and over parts of the m
 the class embedding, the only class-specific weights, and the residual blocks' projections
 of the time-and-class embedding, through which it acts), with the whole gradient clipped at C and with
 ``privacy.clip_groups`` (default: the class embedding clipped at 0.005 with a fifth of the
-noise budget). Results: bench/results/dp_snr.{json,md}, one section per run (other runs'
+noise budget). Results: bench/results/dp_snr/dp_snr.{json,md}, one section per run (other runs'
 rows are kept).
 
     .venv/bin/python bench/dp_snr.py [--run runs/bench-privacy/fashion-centralized-eps10-s0-b256]
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, load_rows, write_result
+from _common import load_rows, result_file, write_result
 from fedsynth.config import load_config, under_module
 from fedsynth.core.rundir import RunDir
 from fedsynth.diffusion.unet import seeded_unet
@@ -102,7 +102,7 @@ def main() -> None:
     others = [r for r in load_rows("dp_snr") if "run" in r and r["run"] != str(run)]
     rows = [*others, *({**this, **row} for row in rows)]
     write_result("dp_snr", {"rows": rows})
-    (RESULTS / "dp_snr.md").write_text(render(rows))
+    (result_file("dp_snr", ".md")).write_text(render(rows))
 
 
 def render(rows: list[dict]) -> str:

@@ -9,7 +9,7 @@ at C = 0.005) that lies in V_k's span, the median share of one example's, the sh
 contrasts (each class's mean unit gradient minus the overall one: what tells the classes apart),
 and the noise norm ratio √(P/k) that projecting onto V_k buys. The same shares for the digits'
 own top-k directions (not private: a bound on what any k-dimensional subspace could hold).
-Results: bench/results/dp_subspace.{json,md}.
+Results: bench/results/dp_subspace/dp_subspace.{json,md}.
 
     .venv/bin/python bench/dp_subspace.py [--examples 1024] [--ks 16,64,256,1024]
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
-from _common import RESULTS, write_result
+from _common import result_file, write_result
 from fedsynth.config import DataConfig, DiffusionConfig, PrivacyConfig, TrainConfig
 from fedsynth.data.datasets import ImageData, load_dataset
 from fedsynth.diffusion.schedule import build_train_scheduler
@@ -122,7 +122,7 @@ def main() -> None:
             for r in rows
         ),
     ]
-    (RESULTS / "dp_subspace.md").write_text("\n".join(lines) + "\n")
+    (result_file("dp_subspace", ".md")).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ tree (the simulation's Ray workers included) sampled every second.
 Configs: ``configs/fashion-centralized.toml`` and ``configs/fashion-federated.toml``
 (Dirichlet α = 0.3, 10 clients, 5 per round); a method's overrides go on top of the
 federated one. Needs the dataset (``make install`` puts it in .venv/data/fashion-mnist).
-Results: bench/results/fashion.{json,md}; rows are kept as they finish.
+Results: bench/results/fashion/fashion.{json,md}; rows are kept as they finish.
 
     .venv/bin/python bench/fashion.py [--methods centralized,fedavgm,fedavg] [--seeds 0]
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import tomli_w
 
-from _common import FEDSYNTH, RESULTS, ROOT, load_rows, run_command, run_missing, write_result
+from _common import FEDSYNTH, ROOT, load_rows, result_file, run_command, run_missing, write_result
 from fedsynth.config import load_config
 
 METHODS = {
@@ -38,7 +38,7 @@ METHODS = {
     "fedavgm": ("configs/fashion-federated.toml", []),
     "fedavg": ("configs/fashion-federated.toml", ['strategy.name="fedavg"']),
     "fedexp": ("configs/fashion-federated.toml", ['strategy.name="fedexp"']),
-    # the digits remedies (bench/results/quality.md): client lr 3e-4; federated pre-training then
+    # the digits remedies (bench/results/quality/quality.md): client lr 3e-4; federated pre-training then
     # 50 local fine-tuning steps per client (10 × 50 of the 2,000 steps: 30 rounds × 5 × 10)
     "fedavgm-lr3e-4": ("configs/fashion-federated.toml", ["train.lr=3e-4"]),
     "fedavgm-lr3e-4-ft50": (
@@ -237,7 +237,7 @@ def main() -> None:
         write_result(
             "fashion", {"methods": {m: METHODS[m] for m in {r["method"] for r in rows}}, "rows": rows}
         )
-        (RESULTS / "fashion.md").write_text(render(rows))
+        (result_file("fashion", ".md")).write_text(render(rows))
         return
     keys = itertools.product(args.methods.split(","), map(int, args.seeds.split(",")))
     run_missing(

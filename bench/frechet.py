@@ -1,6 +1,6 @@
 """Fréchet distance: fedsynth's eigenvalue form vs the matrix-square-root form (scipy's sqrtm,
 as pytorch-fid computes it), on Inception-sized features, interleaved in one process.
-Results: bench/results/frechet.json.
+Results: bench/results/frechet/frechet.json.
 
     .venv/bin/python bench/frechet.py [--dims 2048] [--samples 8,3000] [--repeats 3]
 """

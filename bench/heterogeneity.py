@@ -1,7 +1,7 @@
 """Phoenix's setting at our scale: digits, 2 classes per client, 10 clients (5 per round),
 FedAvg; default non-IID FedAvg vs Phoenix data sharing (β, α), personal layers +
 threshold filtering, FedDDPM and FedDDPM+, plus IID federated and centralized with the
-same optimizer steps. Results: bench/results/heterogeneity.{json,md}.
+same optimizer steps. Results: bench/results/heterogeneity/heterogeneity.{json,md}.
 
     .venv/bin/python bench/heterogeneity.py [--rounds 10] [--local-steps 12] [--per-class 30]
         [--pretrain-steps 100] [--only fedavg,fedddpm] [--runs-dir runs/bench-heterogeneity]
@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from _common import RESULTS, ROOT, fedsynth_run, write_result
+from _common import ROOT, fedsynth_run, result_file, write_result
 
 
 def _share(beta: int, alpha: int) -> list[str]:
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--runs-dir", default="runs/bench-heterogeneity")
     ap.add_argument("--collect", default="", help="rebuild the results from existing run directories")
-    ap.add_argument("--result", default="heterogeneity", help="bench/results/RESULT.{json,md}")
+    ap.add_argument("--result", default="heterogeneity", help="bench/results/heterogeneity/RESULT.{json,md}")
     ap.add_argument("--merge", action="store_true", help="add these rows to RESULT's (same settings)")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n] or list(RUNS)
@@ -140,7 +140,7 @@ def main() -> None:
         "fedddpm_pretrain_steps": args.pretrain_steps,
     }
     if args.merge:
-        old = json.loads((RESULTS / f"{args.result}.json").read_text())
+        old = json.loads((result_file(args.result, ".json")).read_text())
         if old["settings"] != settings:
             raise SystemExit(
                 f"--merge: {args.result}.json was measured with other settings: {old['settings']}"
@@ -186,7 +186,7 @@ def render(settings: dict, rows: dict[str, dict], result: str) -> None:
         + ("" if result == "heterogeneity" else f" --result {result}")
         + "` (add `--only NAME,...` for a subset of rows).",
     ]
-    (RESULTS / f"{result}.md").write_text("\n".join(md) + "\n")
+    (result_file(result, ".md")).write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

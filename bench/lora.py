@@ -18,7 +18,7 @@ in what trains and so travels:
 - ``dp-lora4``: centralized DP-SGD at ε = 10 from the base with rank-4 LoRA + class embedding,
   bench/privacy.py's best recipe otherwise (batch 512 × 260 steps, lr 3e-3, C = 0.005).
 
-Rows are keyed (row, seed) and written as each finishes (bench/results/lora.{json,md}).
+Rows are keyed (row, seed) and written as each finishes (bench/results/lora/lora.{json,md}).
 
     .venv/bin/python bench/lora.py --rows scratch,full-ft,lora4-fedavg,lora4-ffa --seeds 0
 """

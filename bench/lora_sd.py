@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, ROOT, write_result
+from _common import ROOT, result_file, write_result
 
 sys.path.insert(0, str(ROOT / "tests"))
 from fedsynth.config import DiffusionConfig, LoraConfig, ModelConfig, TrainConfig
@@ -107,7 +107,7 @@ def main() -> None:
             measure(pipe, r, agg, args.steps, args.batch) for r in (1, 4, 16) for agg in ("fedavg", "ffa")
         ]
     write_result("lora_sd", {"steps": args.steps, "batch": args.batch, "threads": args.threads, "rows": rows})
-    (RESULTS / "lora_sd.md").write_text(table(rows))
+    (result_file("lora_sd", ".md")).write_text(table(rows))
 
 
 if __name__ == "__main__":

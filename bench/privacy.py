@@ -9,7 +9,7 @@ its own, on its own data; on Fashion-MNIST ``configs/fashion-federated.toml``, 4
 row: CAS, FD, label fidelity, precision/recall, the membership-inference audit (AUC, TPR at 1%
 FPR), the ε reached, σ and the training wall time (DP-SGD's overhead = its time / the ε = ∞ row's).
 Rows are kept as they finish (an interrupted run goes on where it stopped).
-Results: bench/results/privacy.{json,md}.
+Results: bench/results/privacy/privacy.{json,md}.
 
     .venv/bin/python bench/privacy.py [--paradigms centralized,federated] [--epsilons inf,10,1]
         [--dataset digits|fashion] [--variant NAME]  (NAME: a key of VARIANTS below)
@@ -79,14 +79,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {  # name: (centralized batch × st
         [*B512, 'privacy.clip_groups="class_embedding=0.005:0.2"'],
     ),
     # ... and the path the class acts through: the time-and-class embedding MLP and every residual
-    # block's projection of it, each clipped near its per-example norm (bench/results/dp_snr.md)
+    # block's projection of it, each clipped near its per-example norm (bench/results/dp_snr/dp_snr.md)
     "pub-b512-path": (
         "512 × 260, from public Fashion-MNIST, class embedding and its projections clipped apart",
         [*B512, f'privacy.clip_groups="{CONDITIONING}"'],
     ),
     # parameter-efficient DP fine-tuning (DP-LDM, Lyu et al. 2023: only some modules of a public
     # model train): only the conditioning path trains (75.8k of 652k parameters: the noise norm
-    # √P 2.9× smaller), clipped near its per-example norm (~0.09, bench/results/dp_snr.md)
+    # √P 2.9× smaller), clipped near its per-example norm (~0.09, bench/results/dp_snr/dp_snr.md)
     "pub-b512-ft-path": fine_tune(ONLY_PATH, PATH, lr="1e-3", clip="0.1"),
     # ... at 3× the learning rate: the noise-dominated steps drift along the signal by a fraction
     # of the non-private step, so at lr 1e-3 260 steps cover a fraction of its path
@@ -343,12 +343,12 @@ HEADER = (
     "share a 2-core machine with other work; the ratio compares rows of one paradigm.\n\n"
     "The centralized ε = 10 row was trained with Opacus' per-example gradients (the engine before "
     "`torch.func`) while the test suite ran beside it: its time ratio is not DP-SGD's overhead, "
-    "which `bench/results/dp_overhead.md` measures side by side.\n\n"
+    "which `bench/results/dp_overhead/dp_overhead.md` measures side by side.\n\n"
     "Variants: `tiny model` is the 165k-parameter preset (the noise norm grows as √P); `from public "
     "Fashion-MNIST` starts DP-SGD from a model trained without DP on Fashion-MNIST at 16×16 "
     "(`model.init`; public pretraining as in Ghalebikesabi et al. 2023), whose data ε does not cover; "
     "`clipped apart` is group-wise clipping (`privacy.clip_groups`, the groups in the variant's "
-    "overrides: `bench/results/privacy.json` → `variants`); `only … trained` is parameter-efficient "
+    "overrides: `bench/results/privacy/privacy.json` → `variants`); `only … trained` is parameter-efficient "
     "DP fine-tuning (`train.trainable`: the other parameters keep the public model's weights; "
     "DP-LDM, Lyu et al. 2023), with its learning rate and clipping norm C where they differ from "
     "lr 1e-3 and C = 0.1; `K = n` is DPDM's noise multiplicity (`privacy.noise_multiplicity`); "
@@ -361,7 +361,7 @@ HEADER = (
     "digits set has 1,438 training images, so the same ε costs far more noise per step. Comparable "
     "(same data, split, δ and accountant): the CAS classifier trained with DP-SGD on the real "
     "digits themselves, one untuned setting, reaches 79.9% / 82.5% at ε = 10 and 47.6% / 30.9% at "
-    "ε = 1 (two seeds; 96.7% / 98.6% without DP): `bench/results/dp_classifier.md`.\n\n"
+    "ε = 1 (two seeds; 96.7% / 98.6% without DP): `bench/results/dp_classifier/dp_classifier.md`.\n\n"
 )
 
 

@@ -11,7 +11,7 @@ get the rest of the 2,400 steps (8 clients × 100 fine-tuning steps → 20 round
 
 Rows are keyed (setting, method, rounds, seed); a row already in the results is kept, so an
 interrupted benchmark goes on where it stopped and new methods add rows. Results:
-bench/results/quality.{json,md} and quality.png (CAS and label fidelity against MB sent).
+bench/results/quality/quality.{json,md} and quality.png (CAS and label fidelity against MB sent).
 
     .venv/bin/python bench/quality.py --settings disjoint --methods fedavgm,fedexp \
         --rounds 30 --seeds 0 [--runs-dir runs/bench-quality] [--rerun]
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import RESULTS, run_missing, timed_fedsynth_run
+from _common import result_file, run_missing, timed_fedsynth_run
 
 CONFIG = "configs/digits-federated.toml"
 CLIENT_STEPS = 2400
@@ -240,7 +240,7 @@ def plot(rows: list[dict]) -> None:
         ax.grid(alpha=0.3)
     fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "quality.png", dpi=120, bbox_inches="tight")
+    fig.savefig(result_file("quality", ".png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -4,7 +4,7 @@ rebuilds the EMA from the per-round global weights, samples and evaluates it. A 
 a fixed decay (round 1 copied, then exactly d every round, no warm-up); ``warmup-D`` is the
 server's EMA (``make_ema``: d_n = min(D, (1 + n) / (10 + n))); ``legacy`` is ``warmup-0.999``,
 the EMA before ``federation.server_ema_decay`` existed. At 30 rounds every ``warmup-D`` with
-D ≥ 0.77 is the same EMA (the cap never binds). Results: bench/results/server-ema.{json,md}.
+D ≥ 0.77 is the same EMA (the cap never binds). Results: bench/results/server_ema/server-ema.{json,md}.
 
     .venv/bin/python bench/server_ema.py [--decays 0,0.5,0.8,0.9,0.95,legacy] [--seed 0]
         [--runs-dir runs/bench-server-ema] [--result server-ema]
@@ -20,7 +20,7 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from _common import RESULTS, ROOT, timed_fedsynth_run, write_result
+from _common import ROOT, result_file, timed_fedsynth_run, write_result
 from fedsynth.config import load_config
 from fedsynth.core.rundir import RunDir, read_json
 from fedsynth.data.datasets import load_dataset
@@ -97,7 +97,7 @@ def main() -> None:
         rows.append(judge(trained, decay, args.runs_dir / f"seed{args.seed}"))
         print(rows[-1], flush=True)
         write_result(args.result, {"config": CONFIG, "seed": args.seed, "rows": rows})
-        (RESULTS / f"{args.result}.md").write_text(
+        (result_file(args.result, ".md")).write_text(
             f"Server EMA decay on the demo (`{CONFIG}`, seed {args.seed}, one training run, "
             "EMA rebuilt from every round's global weights)\n\n" + table(rows)
         )

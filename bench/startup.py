@@ -11,7 +11,7 @@ The by-hand SuperLink is started with :func:`fedsynth.runtime.superlink.start_su
 ``fedsynth run`` uses: ``--disable-runtime-dependency-installation``, so nothing is
 downloaded; by default ``flwr run`` on a fresh machine creates a runtime environment with
 ``uv sync``) on private ports and a private ``FLWR_HOME``, and stopped at the end.
-Results: bench/results/startup.{json,md}.
+Results: bench/results/startup/startup.{json,md}.
 
     .venv/bin/python bench/startup.py [--repeats 2]
 """
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, ROOT, run_command, timed_command, write_result
+from _common import ROOT, result_file, run_command, timed_command, write_result
 from fedsynth.config.presets import TINY as PRESET
 from fedsynth.runtime.processes import stop
 from fedsynth.runtime.superlink import flower_env, start_superlink
@@ -102,7 +102,7 @@ def main() -> None:
             for r in rows
         ),
     ]
-    (RESULTS / "startup.md").write_text("\n".join(lines) + "\n")
+    (result_file("startup", ".md")).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

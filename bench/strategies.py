@@ -2,7 +2,7 @@
 4 per round, equal compute, plus the centralized baseline doing the same optimizer steps.
 
 Each run is a separate ``fedsynth run`` (train → sample → evaluate) in RUNS_DIR/<name>;
-results go to bench/results/strategies.json and bench/results/strategies.md.
+results go to bench/results/strategies/strategies.json and bench/results/strategies/strategies.md.
 
     .venv/bin/python bench/strategies.py [--rounds 10] [--local-steps 20] [--per-class 50]
         [--only fedavg,fedyogi] [--runs-dir runs/bench-strategies]
@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from _common import RESULTS, ROOT, fedsynth_run, write_result
+from _common import ROOT, fedsynth_run, result_file, write_result
 from fedsynth.config import STRATEGY_NAMES
 from fedsynth.evaluation.evaluate import SUMMARY_KEYS
 from fedsynth.report.compare import comparison_table
@@ -64,7 +64,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.render:
-        saved = json.loads((RESULTS / f"{args.result}.json").read_text())
+        saved = json.loads((result_file(args.result, ".json")).read_text())
         render(saved["settings"], saved["rows"], args.result)
         return
     names = [n for n in args.only.split(",") if n] or list(STRATEGY_NAMES)
@@ -132,7 +132,7 @@ def render(settings: dict, rows: dict[str, dict], result: str = "strategies") ->
         + "".join(f" --set {value}" for value in settings.get("overrides", []))
         + (f" --result {result}`." if result != "strategies" else "`."),
     ]
-    (RESULTS / f"{result}.md").write_text("\n".join(md) + "\n")
+    (result_file(result, ".md")).write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

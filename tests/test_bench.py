@@ -23,3 +23,15 @@ def test_bench_script_imports_and_parses_its_arguments(script, monkeypatch, caps
 def test_the_bench_index_lists_every_script():
     index = (BENCH / "README.md").read_text()
     assert [p.name for p in SCRIPTS if f"`{p.name}`" not in index] == []
+
+
+def test_every_result_sits_in_its_benchs_folder_where_the_bench_writes_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _common import RESULTS, result_file
+
+    files = sorted(p for p in RESULTS.rglob("*") if p.is_file())
+    assert files and all(p.parent.parent == RESULTS for p in files), "a result outside a bench folder"
+    assert {p.parent.name for p in files} <= {p.stem for p in SCRIPTS}
+    assert [p for p in files if result_file(p.stem, p.suffix) != p] == []
+    with pytest.raises(ValueError, match="names no bench script"):
+        result_file("unknown-bench", ".json")

@@ -10,7 +10,7 @@ from the training scheduler's config so they share its β's:
 - ``dpm``: DPM-Solver++ (2M), with x̂0 clipped to the data range (``thresholding`` with
   ``sample_max_value = 1``, i.e. a plain clip, as DDPM/DDIM do by default) and trailing
   spacing. A trial on an earlier small model found unclipped DPM-Solver far worse; on the
-  demo model of bench/results/sampling.json the clip made no measurable difference.
+  demo model of bench/results/sampling/sampling.json the clip made no measurable difference.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ clipped gradient in the unit ball (Σ_G s_G ≤ 1), where N(0, σ² I) is the Ga
 it counts; the noise above is that noise scaled back. What it is for: a group whose
 per-example gradients are far smaller than C (on digits the class-conditioning path: the class
 embedding ~0.01, every block's ``time_emb_proj`` together ~0.08, against whole gradients of
-~0.9; bench/results/dp_snr.md) is noised at its own scale, not at C's.
+~0.9; bench/results/dp_snr/dp_snr.md) is noised at its own scale, not at C's.
 
 ``train.grad_clip`` does not apply (step 3 is the clipping); label dropout for guidance
 is drawn per example as in non-private training.
