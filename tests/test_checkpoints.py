@@ -70,3 +70,37 @@ def test_checkpoint_lists_its_files_with_sizes_and_hashes(tmp_path):
     size = (run.checkpoint_dir(1) / "state.pt").stat().st_size
     assert meta["files"]["state.pt"]["bytes"] == size and len(meta["files"]["state.pt"]["sha256"]) == 64
     assert torch.load(run.checkpoint_dir(1) / "state.pt", weights_only=True)["round"] == 1
+
+
+def test_a_partly_frozen_model_checkpoints_only_what_trains_and_comes_back_whole(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from fedsynth.diffusion.training import make_ema
+    from fedsynth.diffusion.unet import seeded_unet
+    from fedsynth.stages.checkpoint import changing_keys, load_checkpoint, save_checkpoint
+
+    cfg = load_config(CENTRAL, TINY_OVERRIDES)
+    start = seeded_unet(cfg.model, 0, 16, 1, 10)
+    trained = seeded_unet(cfg.model, 0, 16, 1, 10)
+    keep = changing_keys(trained, ["class_embedding.weight", "conv_out.bias"])
+    ema = make_ema(trained, 0.5)
+    with torch.no_grad():
+        trained.class_embedding.weight.add_(1.0)
+        trained.conv_out.bias.sub_(2.0)
+    ema.step(trained.parameters())  # the trained tensors move their average; the frozen ones keep theirs
+    run = RunDir(tmp_path / "r").create()
+    path = save_checkpoint(run, 1, trained, ema, DDPMScheduler(), {"x": torch.ones(1)}, keep=keep)
+    assert sorted(p.name for p in (path / "unet").iterdir()) == ["trained.safetensors"]
+    back = load_checkpoint(path, lambda m: make_ema(m, 0.5), torch.device("cpu"), start)
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in back.unet.state_dict().items())
+    names = [n for n, _ in trained.named_parameters()]
+    for name, mine, theirs in zip(names, back.ema.shadow_params, ema.shadow_params, strict=True):
+        assert torch.equal(mine, theirs), name
+    assert back.ema.optimization_step == ema.optimization_step and torch.equal(back.state["x"], torch.ones(1))
+    with pytest.raises(RunDirError, match="holds only the trained tensors"):
+        load_checkpoint(path, lambda m: make_ema(m, 0.5), torch.device("cpu"), type(start))
+    other = seeded_unet(
+        load_config(CENTRAL, [*TINY_OVERRIDES, "model.conditional=false"]).model, 0, 16, 1, 10
+    )
+    with pytest.raises(RunDirError, match=r"class_embedding.weight is not a tensor of this run's model"):
+        load_checkpoint(path, lambda m: make_ema(m, 0.5), torch.device("cpu"), other)

@@ -120,6 +120,8 @@ def test_federated_lora_from_a_pipeline_sends_only_the_adapter_samples_evaluates
         embeds = unet.prompt_embeds[10:11]
         theirs = pipe.unet(z, t, encoder_hidden_states=embeds).sample
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    checkpoint = load_file(run.root / "checkpoints" / "round-0002" / "unet" / "trained.safetensors")
+    assert set(checkpoint) == set(adapter)  # not the base: a checkpoint of SD-1.5 is the adapter's size
     resumed = run_all(
         load_config(FEDERATED, _settings(pipeline, *lora, "federation.rounds=3")), run.root, resume=True
     )
@@ -161,3 +163,22 @@ def test_a_decentralized_trainer_uploads_only_the_adapter_of_a_latent_denoiser(p
     result = train_update(config_text(cfg), "", str(tmp_path), 0, 1, store.put_weights(weights))
     uploaded = store.get_weights(result.cid)
     assert sorted(uploaded) == sorted(k for k in weights if ".lora_" in k)
+
+
+@pytest.mark.slow
+def test_a_latent_adapter_with_trainable_modules_saves_and_reloads_both(pipeline, tmp_path):
+    from fedsynth.diffusion.training import make_ema
+    from fedsynth.stages.checkpoint import ema_unet, load_checkpoint
+
+    more = ["lora.rank=2", "train.trainable='conv_in'", "sample.per_class=0", "eval.enabled=false"]
+    run = run_all(load_config(CENTRAL, _settings(pipeline, *more)), tmp_path / "r")
+    whole = load_file(run.model / "trained_modules.safetensors")
+    assert sorted(whole) == ["conv_in.bias", "conv_in.weight"]
+    assert json.loads((run.model / "base.json").read_text())["trained_modules"] == sorted(whole)
+    loaded, _ = load_model(RunDir(run.root), torch.device("cpu"))
+    start = _latent(pipeline, more)
+    assert not torch.equal(loaded.state_dict()["conv_in.weight"], start.state_dict()["conv_in.weight"])
+    # model/ gives back exactly the last checkpoint's EMA model: adapter and conv_in alike
+    last = load_checkpoint(run.latest_checkpoint(), lambda m: make_ema(m, 0.999), torch.device("cpu"), start)
+    expected = ema_unet(last.unet, last.ema).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())

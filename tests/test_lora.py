@@ -201,6 +201,12 @@ def test_centralized_lora_with_dp_sgd_trains_only_the_adapter_and_resumes_exactl
     three = load_config(CENTRAL, [*overrides, *dp, "federation.rounds=3"])
     straight = run_all(three, tmp_path / "straight")
     run_all(load_config(CENTRAL, [*overrides, *dp, "federation.rounds=2"]), tmp_path / "resumed")
+    # the checkpoints hold what trains, nothing of the frozen start
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "round-0002"
+    saved = load_file(checkpoint / "unet" / "trained.safetensors")
+    assert saved and all(".lora_" in k or k.startswith("class_embedding.") for k in saved)
+    assert sorted(p.name for p in (checkpoint / "unet").iterdir()) == ["trained.safetensors"]
+    assert not (checkpoint / "ema").exists()
     resumed = run_all(three, tmp_path / "resumed", resume=True)
     a = UNet2DModel.from_pretrained(straight.model, subfolder="unet").state_dict()
     b = UNet2DModel.from_pretrained(resumed.model, subfolder="unet").state_dict()

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from peft.utils import set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fedsynth.config import LoraConfig as LoraSettings
 from fedsynth.config import is_pipeline_folder
@@ -210,13 +210,17 @@ def build_latent(
 # ----------------------------------------------------------------------------- model/
 
 BASE_JSON = "base.json"
+TRAINED_MODULES = "trained_modules.safetensors"  # beside an adapter: the fully trained modules
 
 
-def save_latent(folder: Path, model: PromptUNet) -> None:
+def save_latent(folder: Path, model: PromptUNet, trained: list[str] | None = None) -> None:
     """A latent run's ``model/``: ``base.json`` (the pipeline's path and SHA-256, prompts, image
-    size), then the adapter in diffusers' LoRA file (``pipe.load_lora_weights(folder)``) or,
-    without adapters, the fine-tuned UNet (``unet/``). The base's weights are not copied."""
+    size), then the adapter in diffusers' LoRA file (``pipe.load_lora_weights(folder)``) plus
+    the modules ``train.trainable`` trained whole (``trained``'s keys outside the adapter) in
+    ``trained_modules.safetensors``, or, without adapters, the fine-tuned UNet (``unet/``). The
+    base's weights are not copied."""
     lora = model.peft_config["default"] if has_lora(model) else None  # rank, α, targets
+    whole = sorted(k for k in trained or () if ".lora_" not in k) if lora is not None else []
     info = {
         "path": model.frozen.path,
         "sha256": model.frozen.digest,
@@ -227,13 +231,17 @@ def save_latent(folder: Path, model: PromptUNet) -> None:
         "lora": None
         if lora is None
         else {"rank": lora.r, "alpha": lora.lora_alpha, "targets": sorted(lora.target_modules)},
+        "trained_modules": whole,
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / BASE_JSON).write_text(json.dumps(info, indent=2) + "\n")
     if lora is None:
         model.save_pretrained(folder / "unet")
-    else:
-        save_adapter(folder, model)
+        return
+    save_adapter(folder, model)
+    if whole:
+        state = model.state_dict()
+        save_file({k: state[k].contiguous() for k in whole}, folder / TRAINED_MODULES)
 
 
 def is_latent_model(folder: Path) -> bool:
@@ -266,6 +274,12 @@ def load_latent(folder: Path) -> PromptUNet:
         raise ConfigError(
             f"{folder / LORA_WEIGHTS}: {result.unexpected_keys[0]} fits no adapter of the model"
         )
+    if info.get("trained_modules"):
+        whole = load_file(folder / TRAINED_MODULES)
+        unknown = sorted(set(whole) - set(unet.state_dict()))
+        if unknown:
+            raise ConfigError(f"{folder / TRAINED_MODULES}: {unknown[0]} is no tensor of the model")
+        unet.load_state_dict(whole, strict=False)
     return unet
 
 

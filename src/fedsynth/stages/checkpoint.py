@@ -2,8 +2,11 @@
 
 ``checkpoints/round-NNNN/``: ``unet/`` (current weights), ``ema/`` (EMA weights as a
 loadable UNet), ``scheduler/``, ``state.pt`` (optimizer / strategy state, RNG states,
-round) and ``meta.json`` (written last). ``model/``: ``unet/`` holds the EMA weights
-(what sampling uses) and ``scheduler/`` the training noise schedule.
+round) and ``meta.json`` (written last). A partly frozen model (LoRA adapters,
+``train.trainable``) keeps only what trains: ``unet/trained.safetensors`` and the EMA's trained
+tensors in ``state.pt`` — the frozen rest is the starting model's, rebuilt on resume, so a
+Stable Diffusion checkpoint is megabytes, not twice its UNet. ``model/``: ``unet/`` holds the
+EMA weights (what sampling uses) and ``scheduler/`` the training noise schedule.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fedsynth.core.errors import RunDirError, first_line
 from fedsynth.core.rundir import RunDir, write_dir_atomic
@@ -30,6 +33,7 @@ from fedsynth.diffusion.lora import has_lora, merged_unet, save_adapter
 
 log = logging.getLogger("fedsynth.stages.checkpoint")
 SAFETENSORS = "diffusion_pytorch_model.safetensors"  # what save_pretrained writes
+TRAINED = "trained.safetensors"  # a partly frozen model's checkpoint: the tensors that change
 
 
 def ema_unet(unet: ModelMixin, ema: EMAModel) -> ModelMixin:
@@ -47,6 +51,21 @@ class Checkpoint:
     state: dict[str, Any]
 
 
+def changing_keys(model: torch.nn.Module, trained: list[str] | None) -> frozenset[str] | None:
+    """What a checkpoint of ``model`` must hold: ``trained`` (the keys that train; None = all)
+    and every buffer (running statistics change without an optimizer)."""
+    if trained is None:
+        return None
+    return frozenset(trained) | {name for name, _ in model.named_buffers()}
+
+
+def _trained_ema(model: torch.nn.Module, ema: EMAModel, keep: frozenset[str]) -> dict[str, Any]:
+    """``ema``'s state with its shadow weights named and cut to ``keep``."""
+    names = [name for name, _ in model.named_parameters()]
+    shadow = {n: w for n, w in zip(names, ema.shadow_params, strict=True) if n in keep}
+    return {k: v for k, v in ema.state_dict().items() if k != "shadow_params"} | {"shadow_trained": shadow}
+
+
 def save_checkpoint(
     run: RunDir,
     round_: int,
@@ -55,15 +74,25 @@ def save_checkpoint(
     scheduler: DDPMScheduler | None,
     state: dict[str, Any],
     meta: dict[str, Any] | None = None,
+    keep: frozenset[str] | None = None,
 ) -> Path:
+    """Checkpoint ``round_``; ``keep`` (:func:`changing_keys`): the tensors that change, the
+    only ones written (None: the whole model, loadable on its own)."""
     target = run.checkpoint_dir(round_)
 
     def fill(tmp: Path) -> None:
-        unet.save_pretrained(tmp / "unet")
-        ema_unet(unet, ema).save_pretrained(tmp / "ema")
+        if keep is None:
+            unet.save_pretrained(tmp / "unet")
+            ema_unet(unet, ema).save_pretrained(tmp / "ema")
+            ema_state = ema.state_dict()
+        else:
+            (tmp / "unet").mkdir()
+            weights = {k: v.contiguous() for k, v in unet.state_dict().items() if k in keep}
+            save_file(weights, tmp / "unet" / TRAINED)
+            ema_state = _trained_ema(unet, ema, keep)
         if scheduler is not None:
             scheduler.save_pretrained(tmp / "scheduler")
-        torch.save({"round": round_, "ema": ema.state_dict(), **state}, tmp / "state.pt")
+        torch.save({"round": round_, "ema": ema_state, **state}, tmp / "state.pt")
         files = {str(f.relative_to(tmp)): _digest(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / "meta.json").write_text(
             json.dumps({"round": round_, **(meta or {}), "files": files}, indent=2)
@@ -87,6 +116,19 @@ def _load_trained(path: Path, template: ModelMixin | type[ModelMixin], device: t
     return model
 
 
+def _load_changed(file: Path, template: ModelMixin | type[ModelMixin], device: torch.device) -> ModelMixin:
+    """A copy of the starting model ``template`` with the changed tensors of ``file``."""
+    if isinstance(template, type):
+        raise RunDirError(f"{file} holds only the trained tensors; the run's starting model is needed")
+    model = copy.deepcopy(template).to(device)
+    changed = load_file(file, device=str(device))
+    unknown = sorted(set(changed) - set(model.state_dict()))
+    if unknown:
+        raise RunDirError(f"{file}: {unknown[0]} is not a tensor of this run's model")
+    model.load_state_dict(changed, strict=False)
+    return model
+
+
 def load_checkpoint(
     path: Path,
     make_ema: EmaFactory,
@@ -99,11 +141,18 @@ def load_checkpoint(
     (with LoRA adapters) to copy."""
     if not (path / "meta.json").is_file():
         raise RunDirError(f"incomplete checkpoint (no meta.json): {path}")
-    unet = _load_trained(path / "unet", model_class, device)
+    if (path / "unet" / TRAINED).is_file():
+        unet = _load_changed(path / "unet" / TRAINED, model_class, device)
+    else:
+        unet = _load_trained(path / "unet", model_class, device)
     state = torch.load(path / "state.pt", map_location=device, weights_only=True)
     ema = make_ema(unet)
     schedule = {"decay": ema.decay, "min_decay": ema.min_decay}
-    ema.load_state_dict({**state.pop("ema"), **schedule})
+    saved = state.pop("ema")
+    if "shadow_trained" in saved:  # the frozen rest's average is its constant value
+        trained = saved.pop("shadow_trained")
+        saved["shadow_params"] = [trained.get(n, w.detach().clone()) for n, w in unet.named_parameters()]
+    ema.load_state_dict({**saved, **schedule})
     ema.to(device)
     return Checkpoint(round=int(state.pop("round")), unet=unet, ema=ema, state=state)
 
@@ -166,15 +215,17 @@ def save_model(
     ema: EMAModel,
     scheduler: DDPMScheduler | None,
     ema_info: dict | None = None,
+    trained: list[str] | None = None,
 ) -> Path:
     """``model/``: the EMA weights and the noise schedule (none for task ``classifier``);
     ``model/ema.json`` says which EMA. With LoRA adapters, ``model/unet`` holds the merged
-    weights (a plain model) and ``model/pytorch_lora_weights.safetensors`` the adapter alone."""
+    weights (a plain model) and ``model/pytorch_lora_weights.safetensors`` the adapter alone;
+    a latent denoiser keeps its base in its own folder (``trained``: the keys that trained)."""
 
     def fill(tmp: Path) -> None:
         shadow = ema_unet(unet, ema)
-        if isinstance(shadow, PromptUNet):  # a latent denoiser: its base stays in its own folder
-            save_latent(tmp, shadow)
+        if isinstance(shadow, PromptUNet):
+            save_latent(tmp, shadow, trained)
         else:
             merged_unet(shadow).save_pretrained(tmp / "unet")
             if has_lora(shadow):

@@ -25,14 +25,20 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from fedsynth.config import Config
+from fedsynth.config import Config, trained_keys
 from fedsynth.core.errors import FedsynthError
 from fedsynth.core.progress import progress_bar
 from fedsynth.core.rundir import RunDir
 from fedsynth.core.seeding import numpy_rng
 from fedsynth.diffusion.lora import has_lora
 from fedsynth.diffusion.training import make_ema
-from fedsynth.stages.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint, save_model
+from fedsynth.stages.checkpoint import (
+    Checkpoint,
+    changing_keys,
+    load_latest_checkpoint,
+    save_checkpoint,
+    save_model,
+)
 from fedsynth.stages.tracking import checkpoint_grid, record_round
 
 
@@ -153,9 +159,11 @@ def select_clients(
 
 def run_rounds(driver: RoundDriver, run: RunDir, cfg: Config, *, resume: bool) -> None:
     """Run ``driver`` to ``federation.rounds`` (from the newest checkpoint when resuming)."""
+    m = driver.model
+    trained = trained_keys(cfg.trained_modules, m.net.state_dict()) if cfg.trained_modules else None
+    keep = changing_keys(m.net, trained)  # the rest stays the starting model's: not checkpointed
     if resume:
-        m = driver.model
-        template = m.net if has_lora(m.net) else type(m.net)
+        template = m.net if has_lora(m.net) or keep is not None else type(m.net)
         checkpoint = load_latest_checkpoint(run, driver.make_ema, m.device, template)
         driver.resume(checkpoint)
         run.truncate_metrics(checkpoint.round)
@@ -175,7 +183,9 @@ def run_rounds(driver: RoundDriver, run: RunDir, cfg: Config, *, resume: bool) -
                     m.scheduler,
                     driver.state_dict(),
                     driver.checkpoint_meta(),
+                    keep,
                 )
                 checkpoint_grid(cfg, run, m.net, m.scheduler, driver.round)
         driver.finish()
-    save_model(run, driver.model.net, driver.model.ema, driver.model.scheduler, driver.ema_info)
+    m = driver.model
+    save_model(run, m.net, m.ema, m.scheduler, driver.ema_info, trained)
