@@ -2,6 +2,7 @@
 folder takes, on a tiny random pipeline built offline (``sd_tiny.py``)."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -182,3 +183,53 @@ def test_a_latent_adapter_with_trainable_modules_saves_and_reloads_both(pipeline
     last = load_checkpoint(run.latest_checkpoint(), lambda m: make_ema(m, 0.999), torch.device("cpu"), start)
     expected = ema_unet(last.unet, last.ema).state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_half_precision_base_keeps_adapters_in_float32_and_predicts_like_the_full_one(pipeline):
+    full = _latent(pipeline, ["lora.rank=2"])
+    z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 9])
+    with torch.no_grad():
+        reference = full(z, t, class_labels=torch.tensor([1, 10])).sample
+    for dtype in ("bfloat16", "float16"):
+        half = _latent(pipeline, ["lora.rank=2", f"model.base_dtype='{dtype}'"])
+        kinds = {n: p.dtype for n, p in half.named_parameters()}
+        assert {d for n, d in kinds.items() if ".lora_" in n} == {torch.float32}
+        assert {d for n, d in kinds.items() if ".lora_" not in n} == {getattr(torch, dtype)}
+        pred = half(z, t, class_labels=torch.tensor([1, 10])).sample
+        assert pred.dtype == torch.float32
+        torch.testing.assert_close(pred.detach(), reference, atol=0.05, rtol=0.05)
+        pred.pow(2).mean().backward()  # gradients reach the float32 adapters
+        assert all(p.grad is not None for n, p in half.named_parameters() if ".lora_B" in n)
+
+
+@pytest.mark.parametrize(
+    ("more", "message"),
+    [
+        ([], "needs lora.rank > 0 and no train.trainable"),
+        (["lora.rank=2", "train.trainable='conv_in'"], "needs lora.rank > 0 and no train.trainable"),
+        (
+            ["lora.rank=2", 'privacy.mode="dp-sgd"', "privacy.noise_multiplier=1.0"],
+            "not available with privacy",
+        ),
+    ],
+)
+def test_a_half_precision_base_is_refused_where_it_cannot_hold(pipeline, more, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CENTRAL, _settings(pipeline, "model.base_dtype='bfloat16'", *more))
+    with pytest.raises(
+        ConfigError, match=r"model.base_dtype = 'float16' needs a pipeline folder in model.init"
+    ):
+        load_config(CENTRAL, [*TINY_OVERRIDES, "model.base_dtype='float16'", "lora.rank=2"])
+
+
+@pytest.mark.slow
+def test_a_bfloat16_base_trains_its_adapter_saves_and_reloads(pipeline, tmp_path):
+    more = ["lora.rank=2", "model.base_dtype='bfloat16'", "sample.per_class=1", "eval.enabled=false"]
+    run = run_all(load_config(CENTRAL, _settings(pipeline, *more)), tmp_path / "r")
+    assert all(math.isfinite(m["train_loss"]) for m in run.read_metrics())
+    assert json.loads((run.model / "base.json").read_text())["base_dtype"] == "bfloat16"
+    loaded, _ = load_model(RunDir(run.root), torch.device("cpu"))
+    assert loaded.autocast == torch.bfloat16 and loaded.conv_in.weight.dtype == torch.bfloat16
+    saved = load_file(run.model / "pytorch_lora_weights.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    assert len(list(run.synthetic.glob("*/*.png"))) == 10

@@ -25,6 +25,7 @@ from fedsynth.config.parsing import (
 )
 from fedsynth.config.rules import CLIENT_LEVEL_STRATEGIES, is_pipeline_folder
 from fedsynth.config.schema import (
+    BASE_DTYPES,
     CODECS,
     DATASETS,
     DEVICES,
@@ -75,6 +76,7 @@ from fedsynth.config.strategy import (
 from fedsynth.core.errors import ConfigError
 
 __all__ = [
+    "BASE_DTYPES",
     "CLIENT_LEVEL_STRATEGIES",
     "CODECS",
     "DATASETS",

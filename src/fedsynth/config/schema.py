@@ -18,6 +18,7 @@ PUBLIC_DATASETS = ("digits", "fashion-mnist")  # installed with the package: pri
 NATIVE_SIZE = {"fashion-mnist": 28, "idx": 28}  # data.image_size when not set (else 16)
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "class_disjoint", "quantity")
 MODEL_PRESETS = ("tiny", "small", "base", "large")
+BASE_DTYPES = ("float32", "bfloat16", "float16")  # model.base_dtype
 SCHEDULES = ("linear", "cosine", "scaled_linear")
 LOSSES = ("mse", "huber")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -59,6 +60,9 @@ class ModelConfig:
     conditional: bool = True
     init: str = ""  # start from a fedsynth run, a UNet folder or a Stable-Diffusion pipeline folder
     prompt: str = "a photo of a {label}"  # a pipeline's class prompts ({label}: the class name)
+    base_dtype: str = _choice(
+        "float32", BASE_DTYPES
+    )  # a pipeline's frozen UNet weights; adapters stay float32
 
 
 LORA_AGGREGATIONS = ("fedavg", "ffa")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
@@ -108,6 +109,7 @@ class PromptUNet(UNet2DConditionModel):
     the UNet's own; the embeddings and the frozen parts are not weights."""
 
     null_index: int
+    autocast: torch.dtype | None = None  # a half-precision base: forward under torch.autocast
     frozen: FrozenParts
     data_channels: int
     class_names: tuple[str, ...]
@@ -129,7 +131,19 @@ class PromptUNet(UNet2DConditionModel):
             if class_labels is None:
                 class_labels = torch.full((sample.shape[0],), self.null_index, device=sample.device)
             encoder_hidden_states = self.prompt_embeds[class_labels]
-        return super().forward(sample, timestep, encoder_hidden_states, **kwargs)
+        if self.autocast is None:
+            return super().forward(sample, timestep, encoder_hidden_states, **kwargs)
+        with torch.autocast(sample.device.type, dtype=self.autocast):
+            out = super().forward(sample, timestep, encoder_hidden_states, **kwargs)
+        return UNet2DConditionOutput(sample=out.sample.float())
+
+    def hold_in(self, dtype: str) -> PromptUNet:
+        """The (frozen) weights in ``dtype`` ("float32": as they are); forward under autocast."""
+        if dtype != "float32":
+            self.autocast = getattr(torch, dtype)
+            for p in self.parameters():
+                p.data = p.data.to(self.autocast)
+        return self
 
 
 def _folder_digest(path: Path) -> str:
@@ -192,9 +206,15 @@ def class_prompts(template: str, class_names: tuple[str, ...]) -> list[str]:
 
 
 def build_latent(
-    path: str, image_size: int, channels: int, class_names: tuple[str, ...], template: str
+    path: str,
+    image_size: int,
+    channels: int,
+    class_names: tuple[str, ...],
+    template: str,
+    dtype: str = "float32",
 ) -> PromptUNet:
-    """The base's UNet as a :class:`PromptUNet` for ``class_names`` at ``image_size`` pixels."""
+    """The base's UNet as a :class:`PromptUNet` for ``class_names`` at ``image_size`` pixels,
+    its weights held in ``dtype`` (``model.base_dtype``)."""
     base = load_base(str(Path(path).resolve()))
     if image_size % base.frozen.factor:
         raise ConfigError(
@@ -204,7 +224,7 @@ def build_latent(
     config = {k: v for k, v in base.unet_config.items() if not k.startswith("_")}
     unet = PromptUNet.from_config({**config, "sample_size": image_size // base.frozen.factor})
     unet.load_state_dict(base.unet_weights, strict=True)
-    return unet.condition_on(base, class_names, template, channels)
+    return unet.condition_on(base, class_names, template, channels).hold_in(dtype)
 
 
 # ----------------------------------------------------------------------------- model/
@@ -232,6 +252,7 @@ def save_latent(folder: Path, model: PromptUNet, trained: list[str] | None = Non
         if lora is None
         else {"rank": lora.r, "alpha": lora.lora_alpha, "targets": sorted(lora.target_modules)},
         "trained_modules": whole,
+        "base_dtype": str(model.autocast or torch.float32).removeprefix("torch."),
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / BASE_JSON).write_text(json.dumps(info, indent=2) + "\n")
@@ -255,7 +276,8 @@ def load_latent(folder: Path) -> PromptUNet:
     if not is_pipeline_folder(info["path"]):
         raise ConfigError(f"{folder / BASE_JSON}: the base pipeline {info['path']!r} is not there")
     names = tuple(info["class_names"])
-    unet = build_latent(info["path"], info["image_size"], info["channels"], names, info["prompt"])
+    dtype = info.get("base_dtype", "float32")
+    unet = build_latent(info["path"], info["image_size"], info["channels"], names, info["prompt"], dtype)
     if unet.frozen.digest != info["sha256"]:
         raise ConfigError(
             f"the base at {info['path']!r} has SHA-256 {unet.frozen.digest}; this model was trained "

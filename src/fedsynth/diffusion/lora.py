@@ -65,8 +65,10 @@ def add_lora(model: UNet2DModel, lora: LoraConfig, seed: int) -> UNet2DModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inject_adapter_in_model(spec, model)
-    for p in model.parameters():  # which parameters train is train.trainable's and lora's rule
+    for name, p in model.named_parameters():  # which parameters train is train.trainable's and lora's rule
         p.requires_grad_(True)
+        if ".lora_" in name:  # adapters train in float32 on a half-precision base too
+            p.data = p.data.float()
     return model
 
 

@@ -109,7 +109,7 @@ def seeded_unet(
     prompts); then ``lora``'s adapters, A drawn from ``seed`` too."""
     if is_pipeline_folder(cfg.init):
         names = tuple(class_names) or tuple(str(i) for i in range(num_classes))
-        unet = build_latent(cfg.init, image_size, channels, names, cfg.prompt)
+        unet = build_latent(cfg.init, image_size, channels, names, cfg.prompt, cfg.base_dtype)
         return add_lora(unet, lora, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
