@@ -409,6 +409,7 @@ def test_report_says_frozen_weights_are_not_uploaded(tmp_path):
     cfg = load_config(ROOT / "configs" / "digits-centralized.toml", FROZEN)
     run.config.write_text(config_text(cfg))
     assert (
-        "every other parameter kept its initial weights; trainers uploaded only the trained ones and the "
-        "aggregators kept the round model's values for the rest" in "\n".join(privacy_facts(run, {}))
+        "every other parameter kept its initial weights; they never travelled: the ledger's round models "
+        "and the trainers' updates held only the trained ones, every node built the rest itself"
+        in "\n".join(privacy_facts(run, {}))
     )

@@ -250,3 +250,21 @@ def test_ffa_keeps_a_at_its_shared_start_in_a_trained_client(tmp_path):
     assert all(not torch.equal(update.weights[k], start[k]) for k in b_keys)
     others = [k for k in start if ".lora_" not in k]
     assert all(torch.equal(update.weights[k], start[k]) for k in others)
+
+
+@pytest.mark.slow
+def test_a_decentralized_lora_run_moves_only_the_adapter_through_the_ledger(tmp_path):
+    over = [*TINY_OVERRIDES, *LORA, 'paradigm="decentralized"', "ledger.aggregators=2"]
+    over += ["ledger.trainer_workers=2", "sample.per_class=0", "eval.enabled=false"]
+    cfg = load_config(CENTRAL, over)
+    run = run_all(cfg, tmp_path / "run")
+    start = seeded_unet(cfg.model, cfg.seed, 16, 1, 10, cfg.lora).state_dict()
+    whole = sum(v.numel() * 4 for v in start.values())
+    adapter = sum(v.numel() * 4 for k, v in start.items() if ".lora_" in k)
+    for record in run.read_metrics():
+        # per round: 2 trainers and 2 aggregators fetch the round model, the aggregators the
+        # 2 updates, the owner the agreed model — 9 adapter-sized downloads, no whole model
+        assert 9 * adapter <= record["bytes_down"] < min(whole, 9 * (adapter + 64 * 1024))
+    checkpoint = load_file(run.latest_checkpoint() / "unet" / "trained.safetensors")
+    assert sorted(checkpoint) == sorted(k for k in start if ".lora_" in k)
+    assert any(not torch.equal(checkpoint[k], start[k]) for k in checkpoint if ".lora_B." in k)

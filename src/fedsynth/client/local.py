@@ -15,7 +15,7 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from fedsynth.config import Config
+from fedsynth.config import Config, trained_keys
 from fedsynth.core.seeding import torch_generator
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.schedule import build_train_scheduler
@@ -70,6 +70,20 @@ def build_client_model(cfg: Config, data: ImageData, device: torch.device) -> to
     return build_model(cfg, data.shape[1], data.shape[0], data.num_classes, data.class_names).to(device)
 
 
+def _load_start(unet: torch.nn.Module, cfg: Config, weights: Weights) -> None:
+    """``weights`` into the freshly built ``unet``: every tensor, or at least every one that
+    trains (a ledger's round model holds only those; the frozen rest is this starting model's)."""
+    state = unet.state_dict()
+    absent = set(state) - set(weights)
+    trained = set(trained_keys(cfg.trained_modules, state)) if cfg.trained_modules else set(state)
+    if absent & trained:
+        raise ValueError(f"the round's model lacks {sorted(absent & trained)[0]}, which trains")
+    device = next(iter(state.values())).device
+    result = unet.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"the round's model holds {result.unexpected_keys[0]}, which this model has not")
+
+
 def local_train(
     cfg: Config,
     data: ImageData,
@@ -91,7 +105,7 @@ def local_train(
     start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     unet = build_client_model(cfg, data, device)
-    unet.load_state_dict({k: v.to(device) for k, v in global_weights.items()}, strict=True)
+    _load_start(unet, cfg, global_weights)
     anchor = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     steps = steps or steps_for(cfg.train, len(data))
     penalty = (

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fedsynth.config import Config
+from fedsynth.config import Config, trained_keys
 from fedsynth.core.protocol import UpdateInfo, config_text
 from fedsynth.core.rundir import RunDir
 from fedsynth.diffusion.schedule import build_train_scheduler
@@ -74,7 +74,12 @@ class DecentralizedDriver(ServerEma):
         self.agreed = ""
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.model.net.state_dict().items()}
+        """What a round model on the ledger holds: the tensors that train (all, or
+        ``train.trainable``'s and the LoRA adapters); every node has the frozen rest from its
+        own starting model, so neither a download nor an upload carries it."""
+        state = self.model.net.state_dict()
+        keys = trained_keys(self.cfg.trained_modules, state) if self.cfg.trained_modules else list(state)
+        return {k: state[k].detach().cpu().clone() for k in keys}
 
     def resume(self, checkpoint: Checkpoint) -> None:
         self.model.net, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round
@@ -126,7 +131,7 @@ class DecentralizedDriver(ServerEma):
         agreed, closed = self._start_and_wait(fed, round_, selected)
         aggregated = time.perf_counter()
         fed.rounds.send(fed.owner, "terminateRound")
-        self.model.load_weights(fed.store.get_weights(agreed["cid"]))
+        self.model.load_weights({**self.model.net.state_dict(), **fed.store.get_weights(agreed["cid"])})
         self.model.ema.step(self.model.net.parameters())
         self.round, self.agreed = round_, agreed["cid"]
         end = time.perf_counter()

@@ -290,8 +290,8 @@ def privacy_facts(run: RunDir, summary: dict) -> list[str]:
         sent = {
             "federated": "; they never travelled: every client built them itself (from the seed or "
             "model.init), checked against the server's SHA-256",
-            "decentralized": "; trainers uploaded only the trained ones and the aggregators kept the "
-            "round model's values for the rest",
+            "decentralized": "; they never travelled: the ledger's round models and the trainers' "
+            "updates held only the trained ones, every node built the rest itself",
         }.get(cfg.paradigm, "")
         lines.append(
             f"- Only {code(cfg.train.trainable)} trained (`train.trainable`); every other parameter kept its "
