@@ -17,7 +17,12 @@ class RunDirError(FedsynthError):
     """A run directory that is missing a stage's inputs or cannot be resumed."""
 
 
+def one_line(text: str, default: str) -> str:
+    """The first non-blank line of ``text``, or ``default`` when it has none."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else default
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none)."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    return one_line(str(err), type(err).__name__)

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsynth.config import Config
-from fedsynth.core.errors import FedsynthError
+from fedsynth.core.errors import FedsynthError, one_line
 from fedsynth.core.protocol import (
     ARRAYS,
     BASE_KEY,
@@ -107,9 +107,7 @@ def _node_error(reason: str) -> str:
     """A node's error as one line: a SuperNode reports its ClientApp's exception as
     ``<class 'pkg.Type'>:<'message'>``."""
     found = re.search(r"(\w+)'>:<'(.*)'>\s*$", reason, re.S)
-    text = f"{found.group(1)}: {found.group(2)}" if found else reason
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else "failed without a message"
+    return one_line(f"{found.group(1)}: {found.group(2)}" if found else reason, "failed without a message")
 
 
 def _to_all(nodes, records: dict, kind: str) -> list[Message]:
