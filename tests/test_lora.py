@@ -4,6 +4,7 @@ travelling, and every paradigm, DP-SGD, resume and the saved model."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -268,3 +269,35 @@ def test_a_decentralized_lora_run_moves_only_the_adapter_through_the_ledger(tmp_
     checkpoint = load_file(run.latest_checkpoint() / "unet" / "trained.safetensors")
     assert sorted(checkpoint) == sorted(k for k in start if ".lora_" in k)
     assert any(not torch.equal(checkpoint[k], start[k]) for k in checkpoint if ".lora_B." in k)
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8", "topk"])
+def test_every_codec_carries_the_adapter_and_nothing_of_the_base(codec):
+    from fedsynth.config import ExchangeConfig as Exchange
+    from fedsynth.exchange.groups import GROUPS
+    from fedsynth.exchange.transfer import client_reply
+
+    cfg = config_from_dict({"lora": {"rank": 2}})
+    server_w = _tiny(cfg.lora).state_dict()
+    layout = Layout.of(server_w, trainable=cfg.trained_modules)
+    adapter = {k for k in server_w if ".lora_" in k}
+    numel, whole = (sum(server_w[k].numel() for k in keys) for keys in (adapter, server_w))
+    ex = Exchange(codec=codec, topk_ratio=1.0)  # top-k keeping every entry: exact but for its own rounding
+    server, state = ServerExchange(ex, layout), {}
+    base = {k: v for k, v in _tiny(cfg.lora).state_dict().items() if k in layout.frozen}
+    for round_ in range(2):
+        arrays, mode, _ = server.download(0, server_w)
+        if mode == WEIGHTS:
+            assert set(arrays) <= adapter  # the base never travels, whatever the codec
+        else:  # a codec's packed delta (values, indices or scales): the adapter's size, not the model's
+            assert sum(np.asarray(v).size for v in arrays.values()) <= 2 * numel + 64 < whole
+        start = client_start(ex, layout, arrays, mode, state, base)
+        for k in adapter:  # the client starts from the server's adapter, to the codec's precision
+            torch.testing.assert_close(start[k].float(), server_w[k].float(), atol=0.02, rtol=0.02)
+        new = {k: v + 0.01 * (round_ + 1) if k in adapter else v for k, v in start.items()}
+        reply = client_reply(ex, layout, start, new, GROUPS, state)
+        back = server.upload(reply, layout.keys(GROUPS), server_w)
+        assert set(back) == adapter
+        for k in adapter:
+            torch.testing.assert_close(back[k].float(), new[k].float(), atol=0.02, rtol=0.02)
+        server_w = {**server_w, **back}
