@@ -75,7 +75,7 @@ def _load_start(unet: torch.nn.Module, cfg: Config, weights: Weights) -> None:
     trains (a ledger's round model holds only those; the frozen rest is this starting model's)."""
     state = unet.state_dict()
     absent = set(state) - set(weights)
-    trained = set(trained_keys(cfg.trained_modules, state)) if cfg.trained_modules else set(state)
+    trained = set(trained_keys(cfg.trained_modules, state))
     if absent & trained:
         raise ValueError(f"the round's model lacks {sorted(absent & trained)[0]}, which trains")
     device = next(iter(state.values())).device

@@ -30,22 +30,13 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"data.path is required for data.dataset = {cfg.data.dataset!r}")
     if cfg.phoenix.beta > 100 or cfg.phoenix.alpha > 100:
         raise ConfigError("phoenix.beta and phoenix.alpha are percentages in [0, 100]")
-    init = cfg.model.init  # a folder not there yet is reported when the model is built
-    if (
-        cfg.model.base_dtype != "float32"
-        and not is_pipeline_folder(init)
-        and (not init or Path(init).exists())
-    ):
-        raise ConfigError(
-            f"model.base_dtype = {cfg.model.base_dtype!r} needs a pipeline folder in model.init "
-            "(the frozen base it holds)"
-        )
     problem = (
         _privacy_problem(cfg)
         or _classifier_problem(cfg)
         or _feddiff_problem(cfg)
         or _lora_problem(cfg)
         or _latent_problem(cfg)
+        or _base_dtype_problem(cfg)
     )
     if problem:
         raise ConfigError(problem)
@@ -198,14 +189,20 @@ def _latent_problem(cfg: Config) -> str | None:
             return f"{key} = {value!r} is not available with a pipeline in model.init (use {supported!r})"
     if "{label}" not in cfg.model.prompt:
         return f"model.prompt = {cfg.model.prompt!r} must hold {{label}} (where the class name goes)"
-    return _base_dtype_problem(cfg)
+    return None
 
 
 def _base_dtype_problem(cfg: Config) -> str | None:
     """A half-precision base holds only frozen weights: LoRA trains, nothing else does."""
-    dtype = cfg.model.base_dtype
+    dtype, init = cfg.model.base_dtype, cfg.model.init
     if dtype == "float32":
         return None
+    if not is_pipeline_folder(init):  # a folder not there yet is reported when the model is built
+        if init and not Path(init).exists():
+            return None
+        return (
+            f"model.base_dtype = {dtype!r} needs a pipeline folder in model.init (the frozen base it holds)"
+        )
     if cfg.lora.rank == 0 or cfg.train.trainable:
         return (
             f"model.base_dtype = {dtype!r} needs lora.rank > 0 and no train.trainable (only adapters train)"

@@ -60,9 +60,8 @@ class ModelConfig:
     conditional: bool = True
     init: str = ""  # start from a fedsynth run, a UNet folder or a Stable-Diffusion pipeline folder
     prompt: str = "a photo of a {label}"  # a pipeline's class prompts ({label}: the class name)
-    base_dtype: str = _choice(
-        "float32", BASE_DTYPES
-    )  # a pipeline's frozen UNet weights; adapters stay float32
+    # a pipeline's frozen UNet weights; adapters stay float32
+    base_dtype: str = _choice("float32", BASE_DTYPES)
 
 
 LORA_AGGREGATIONS = ("fedavg", "ffa")

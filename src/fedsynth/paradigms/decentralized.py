@@ -78,8 +78,7 @@ class DecentralizedDriver(ServerEma):
         ``train.trainable``'s and the LoRA adapters); every node has the frozen rest from its
         own starting model, so neither a download nor an upload carries it."""
         state = self.model.net.state_dict()
-        keys = trained_keys(self.cfg.trained_modules, state) if self.cfg.trained_modules else list(state)
-        return {k: state[k].detach().cpu().clone() for k in keys}
+        return {k: state[k].detach().cpu().clone() for k in trained_keys(self.cfg.trained_modules, state)}
 
     def resume(self, checkpoint: Checkpoint) -> None:
         self.model.net, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round
