@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fedsynth.config import DataConfig, DiffusionConfig, ModelConfig, config_from_dict
 from fedsynth.data.datasets import load_dataset, load_images
@@ -162,6 +163,36 @@ def test_inception_weights_that_are_a_code_pickle_are_refused_without_running_it
 
     save_file(torch.load(weights, weights_only=True), tmp_path / "good.safetensors")
     assert load_inception(tmp_path / "good.safetensors", torch.device("cpu")) is not None
+
+
+def test_a_set_is_generated_and_written_batch_by_batch_whatever_its_size(tmp_path, monkeypatch):
+    """Generating and writing alternate, so a set takes the memory of one batch: a set larger
+    than the memory available is written (png and npz alike). Only a set to be loaded whole
+    (a run's evaluation) is refused for memory, and any set that cannot fit on disk."""
+    from fedsynth.core.errors import ConfigError, RunDirError
+    from fedsynth.stages import synthesize as synth
+    from fedsynth.stages import synthetic_set
+
+    unet = seeded_unet(ModelConfig(preset="tiny"), 0, 8, 1, 3).eval()
+    sched = build_train_scheduler(DiffusionConfig(num_train_timesteps=20))
+    events: list = []
+    generate, add = synth.generate, synthetic_set.SetWriter.add
+    monkeypatch.setattr(synth, "generate", lambda *a, **k: events.append("generate") or generate(*a, **k))
+    monkeypatch.setattr(synthetic_set.SetWriter, "add", lambda w, x, y: events.append(len(x)) or add(w, x, y))
+    monkeypatch.setattr(synthetic_set, "_memory_available", lambda: 1000)  # bytes; the set is 12 x 64 px
+    spec = SampleSpec(per_class=4, sampler="ddim", steps=2, batch_size=5)
+    for fmt in ("png", "npz"):
+        events.clear()
+        manifest = synthesize(unet, sched, ["a", "b", "c"], spec, tmp_path / fmt, fmt=fmt)
+        assert events == ["generate", 5, "generate", 5, "generate", 2] and manifest["total"] == 12
+    arr = np.load(tmp_path / "npz" / "synthetic.npz")
+    assert arr["images"].shape == (12, 8, 8) and arr["labels"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    pngs = sorted((tmp_path / "png").rglob("*.png"))
+    assert [np.asarray(Image.open(p)).tolist() for p in pngs] == arr["images"].tolist()
+    with pytest.raises(ConfigError, match=r"12 images of \(1, 8, 8\) need ~0.0 GB of memory to be evaluated"):
+        synthetic_set.check_fits(12, (1, 8, 8), tmp_path, loaded=True)
+    with pytest.raises(RunDirError, match=r"1,000,000,000,000 images need up to 320000\.0 GB on disk"):
+        synthetic_set.check_fits(10**12, (1, 8, 8), tmp_path)
 
 
 def test_sampling_again_replaces_the_set_and_never_writes_into_a_foreign_folder(tmp_path):

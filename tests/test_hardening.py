@@ -184,12 +184,12 @@ def _flwr_home(pid: int) -> Path | None:
 
 @pytest.mark.slow
 def test_a_synthetic_set_that_cannot_fit_is_refused_before_anything_is_generated(tmp_path):
-    res = _cli(
-        "run", str(CENTRAL), "--out", str(tmp_path / "run"), *_sets([*QUICK, "sample.per_class=100000000"])
-    )
+    """A run evaluates its set in memory: one that cannot be held is refused before training."""
+    huge = [*QUICK, "sample.per_class=100000000", "eval.enabled=true"]
+    res = _cli("run", str(CENTRAL), "--out", str(tmp_path / "run"), *_sets(huge))
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
-    assert "1,000,000,000 images of (1, 16, 16) need ~1280.0 GB of memory" in lines[0]
+    assert "1,000,000,000 images of (1, 16, 16) need ~1280.0 GB of memory to be evaluated" in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
 
 

@@ -178,7 +178,8 @@ def sample(
     from fedsynth.core.rundir import RunDir, read_json
     from fedsynth.diffusion.training import resolve_device
     from fedsynth.stages.checkpoint import load_model
-    from fedsynth.stages.synthesize import SampleSpec, check_output, synthesize
+    from fedsynth.stages.synthesize import SampleSpec, synthesize
+    from fedsynth.stages.synthetic_set import check_output
 
     check_output(out, fmt)  # before loading anything
     rd = RunDir(run_dir).check_links()

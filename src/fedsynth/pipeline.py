@@ -28,7 +28,8 @@ from fedsynth.privacy.accounting import default_delta, resolve_noise
 from fedsynth.report.markdown import write_report
 from fedsynth.stages.checkpoint import load_model
 from fedsynth.stages.prepare import Prepared, check_partitions, prepare
-from fedsynth.stages.synthesize import SampleSpec, check_fits, synthesize
+from fedsynth.stages.synthesize import SampleSpec, synthesize
+from fedsynth.stages.synthetic_set import check_fits
 from fedsynth.stages.tracking import tracking
 
 
@@ -166,7 +167,9 @@ def _run_all(cfg: Config, out: Path, *, resume: bool, grid, client_app) -> RunDi
         run.write_config(cfg)
     check_eval_sizes(cfg, prepared)  # before hours of training, not after
     full = prepared.data.full
-    check_fits(cfg.sample.per_class * full.num_classes, tuple(full.shape), run.synthetic)
+    check_fits(
+        cfg.sample.per_class * full.num_classes, tuple(full.shape), run.synthetic, loaded=cfg.eval.enabled
+    )
     with tracking(cfg, run) as tracker:
         _stages(cfg, run, prepared, start, resume=resume, grid=grid, client_app=client_app)
         tracker.final(run)

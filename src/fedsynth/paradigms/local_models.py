@@ -57,14 +57,13 @@ def sample_mixture(cfg: Config, run: RunDir, class_names: list[str]) -> dict:
     scheduler = load_model(run.client(min(hist)), device)[1]
     counts = mixture_counts(np.array([hist[p] for p in sorted(hist)]), cfg.sample.per_class)
     s = cfg.sample
-    spec = SampleSpec(s.per_class, s.sampler, s.steps, s.guidance, s.batch_size, cfg.seed)
     with torch.no_grad():
         return synthesize_mixture(
             models,
             scheduler,
             counts,
             class_names,
-            spec,
+            SampleSpec.of(cfg),
             run.synthetic,
             grid=run.root / "samples.png",
             grid_per_row=s.grid_per_class,
