@@ -35,3 +35,17 @@ def test_the_readmes_links_lead_to_files_that_exist():
         targets = re.findall(r"\]\(([^)#]+)\)", readme.read_text())
         missing = [t for t in targets if not (readme.parent / t).exists()]
         assert targets and missing == [], (readme, missing)
+
+
+def test_the_sites_home_page_is_the_readme_with_links_made_site_relative():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hooks", ROOT / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    home = hooks.home_page()
+    readme = (ROOT / "README.md").read_text()
+    assert home.splitlines()[:5] == readme.splitlines()[:5]
+    assert "](docs/" in readme and "](docs/" not in home and "(security.md)" in home
+    assert "[`bench/README.md`](bench/README.md)" in readme
+    assert "; `bench/README.md` lists" in home  # outside the site: its path, no link
