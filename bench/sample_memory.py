@@ -61,7 +61,8 @@ def render(rows: list[dict]) -> str:
         "# Memory of `fedsynth sample` against the set's size (`bench/sample_memory.py`)",
         "",
         "Tiny digits model (16 px), DDIM-2, batch 250; peak resident memory of the sampling process "
-        "(sampled every 0.2 s from /proc); wall time includes starting the process and its imports (about 5 s).",
+        "(sampled every 0.2 s from /proc); wall time includes starting the process and its imports "
+        "(about 5 s).",
         "",
         "| format | images | peak RSS MB | wall s | output MB |",
         "|---|---|---|---|---|",

@@ -104,3 +104,48 @@ def test_a_partly_frozen_model_checkpoints_only_what_trains_and_comes_back_whole
     )
     with pytest.raises(RunDirError, match=r"class_embedding.weight is not a tensor of this run's model"):
         load_checkpoint(path, lambda m: make_ema(m, 0.5), torch.device("cpu"), other)
+
+
+def test_the_ema_holds_and_steps_only_what_trains_and_its_checkpoints_come_back(tmp_path):
+    """An EMA over what trains (``ModelEMA``): it holds only those parameters (a LoRA model's:
+    the adapters), its averages equal those of an EMA over every parameter, and checkpoints,
+    trained-only or whole, come back to it by name."""
+    import copy
+
+    from diffusers import DDPMScheduler
+
+    from fedsynth.diffusion.training import make_ema
+    from fedsynth.diffusion.unet import seeded_unet
+    from fedsynth.stages.checkpoint import changing_keys, load_checkpoint, save_checkpoint
+
+    cfg = load_config(CENTRAL, [*TINY_OVERRIDES, "lora.rank=2"])
+    lora_net = seeded_unet(cfg.model, 0, 16, 1, 10, cfg.lora)
+    lora_ema = make_ema(lora_net, 0.5, cfg.trained_modules)
+    assert lora_ema.names and all(".lora_" in n for n in lora_ema.names)
+    assert len(lora_ema.names) == sum(".lora_" in n for n, _ in lora_net.named_parameters())
+
+    spec = "class_embedding,conv_out"
+    net = seeded_unet(load_config(CENTRAL, TINY_OVERRIDES).model, 0, 16, 1, 10)
+    every, part = make_ema(net, 0.5), make_ema(net, 0.5, spec)
+    under = [n for n, _ in net.named_parameters() if n.startswith(("class_embedding.", "conv_out."))]
+    assert part.names == under
+    for shift in (1.0, -3.0):
+        with torch.no_grad():
+            net.class_embedding.weight.add_(shift)
+            net.conv_out.bias.add_(shift)
+        every.step_with(net)
+        part.step_with(net)
+    assert all(torch.equal(w, every.named_shadow()[n]) for n, w in part.named_shadow().items())
+    mine, theirs = copy.deepcopy(net), copy.deepcopy(net)
+    part.copy_into(mine)
+    every.copy_into(theirs)
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in mine.state_dict().items())
+
+    start = seeded_unet(load_config(CENTRAL, TINY_OVERRIDES).model, 0, 16, 1, 10)
+    run = RunDir(tmp_path / "r").create()
+    keep = changing_keys(net, part.names)
+    for round_, ema, kept in ((1, part, keep), (2, every, None)):  # trained-only; whole, every parameter's
+        path = save_checkpoint(run, round_, net, ema, DDPMScheduler(), {}, keep=kept)
+        back = load_checkpoint(path, lambda m: make_ema(m, 0.5, spec), torch.device("cpu"), start)
+        assert back.ema.names == part.names and back.ema.optimization_step == 2
+        assert all(torch.equal(w, part.named_shadow()[n]) for n, w in back.ema.named_shadow().items())

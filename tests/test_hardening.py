@@ -71,14 +71,14 @@ def test_a_run_that_stopped_before_its_first_checkpoint_can_start_again(tmp_path
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
 
     from fedsynth.config import ModelConfig
+    from fedsynth.diffusion.training import make_ema
     from fedsynth.diffusion.unet import build_unet
 
     run = RunDir(tmp_path / "run").create()
     unet = build_unet(ModelConfig(preset="tiny"), 8, 1, 2)
-    ema = EMAModel(unet.parameters())
+    ema = make_ema(unet, 0.9999)
     first = save_checkpoint(run, 1, unet, ema, DDPMScheduler(), {})
     before = sorted(p.name for p in first.rglob("*"))
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import UNet2DModel
-from diffusers.training_utils import EMAModel
 
 from fedsynth.config import Config, trained_keys
 from fedsynth.core.seeding import torch_generator
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.schedule import build_train_scheduler
 from fedsynth.diffusion.training import (
+    ModelEMA,
     load_optimizer_tensors,
     make_optimizer,
     optimizer_tensors,
@@ -122,7 +122,7 @@ def local_train(
         load_optimizer_tensors(optimizer, unet, state["optimizer"])
     generator = round_generator(cfg.seed, round_, client_id, device)
     scheduler = build_train_scheduler(cfg.diffusion) if cfg.task == "diffusion" else None
-    ema = EMAModel(unet.parameters(), decay=ema_decay, min_decay=ema_decay) if ema_decay > 0 else None
+    ema = ModelEMA(unet, cfg.trained_modules, decay=ema_decay, min_decay=ema_decay) if ema_decay > 0 else None
     if cfg.privacy.mode == "dp-sgd":
         losses = dp_train_steps(
             unet, optimizer, scheduler, data, steps=steps, train=cfg.train, diffusion=cfg.diffusion,
@@ -134,7 +134,7 @@ def local_train(
             penalty=penalty, after_backward=hook, ema=ema,
         )  # fmt: skip
     if ema is not None:
-        ema.copy_to(unet.parameters())
+        ema.copy_into(unet)
     weights = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
     if cfg.train.keep_optimizer:
         state["optimizer"] = optimizer_tensors(optimizer, unet)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -67,13 +68,41 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, unet: UNet2DModel, 
             optimizer.state[p] = {k: v.to(p.device) for k, v in entries.items()}
 
 
-def make_ema(unet: UNet2DModel, decay: float) -> EMAModel:
+class ModelEMA(EMAModel):
+    """diffusers' EMAModel over the parameters of a model that train, found by name:
+    ``trainable`` (a module list for :func:`trained_keys`, the run's ``trained_modules``; ""
+    = every parameter). A frozen parameter's average is its own constant value, so it is
+    neither held nor stepped: with LoRA on a Stable Diffusion UNet the EMA holds the adapter
+    (megabytes), not a second copy of the base (gigabytes)."""
+
+    def __init__(self, model: torch.nn.Module, trainable: str = "", **kwargs: Any) -> None:
+        names = [name for name, _ in model.named_parameters()]
+        self.names = trained_keys(trainable, names) if trainable else names
+        super().__init__(self.parameters_of(model), **kwargs)
+
+    def parameters_of(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        named = dict(model.named_parameters())
+        return [named[name] for name in self.names]
+
+    def step_with(self, model: torch.nn.Module) -> None:
+        """One EMA step towards ``model``'s current weights."""
+        self.step(self.parameters_of(model))
+
+    def copy_into(self, model: torch.nn.Module) -> None:
+        """The averages into ``model``'s parameters (its frozen ones are left as they are)."""
+        self.copy_to(self.parameters_of(model))
+
+    def named_shadow(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow_params, strict=True))
+
+
+def make_ema(unet: torch.nn.Module, decay: float, trainable: str = "") -> ModelEMA:
     """EMA with diffusers' warm-up: its n-th step uses d_n = min(decay, (1 + n) / (10 + n))
-    (the first step copies), w_ema ← d_n·w_ema + (1 − d_n)·w. Stepped after every optimizer
-    step centrally (``diffusion.ema_decay``), once per round over the global model in the
-    federated and decentralized paradigms (``federation.server_ema_decay``); decay 0 keeps
-    the latest weights."""
-    return EMAModel(unet.parameters(), decay=decay)
+    (the first step copies), w_ema ← d_n·w_ema + (1 − d_n)·w, over the parameters that train
+    (``trainable``, :class:`ModelEMA`). Stepped after every optimizer step centrally
+    (``diffusion.ema_decay``), once per round over the global model in the federated and
+    decentralized paradigms (``federation.server_ema_decay``); decay 0 keeps the latest weights."""
+    return ModelEMA(unet, trainable, decay=decay)
 
 
 def steps_for(cfg: TrainConfig, num_samples: int) -> int:
@@ -119,7 +148,7 @@ def train_steps(
     train: TrainConfig,
     diffusion: DiffusionConfig,
     generator: torch.Generator,
-    ema: EMAModel | None = None,
+    ema: ModelEMA | None = None,
     penalty: Callable[[UNet2DModel], torch.Tensor] | None = None,
     after_backward: Callable[[UNet2DModel], None] | None = None,
     on_step: Callable[[float], None] | None = None,
@@ -147,7 +176,7 @@ def optimizer_steps(
     train: TrainConfig,
     generator: torch.Generator,
     objective: Objective,
-    ema: EMAModel | None = None,
+    ema: ModelEMA | None = None,
     penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
     after_backward: Callable[[torch.nn.Module], None] | None = None,
     on_step: Callable[[float], None] | None = None,
@@ -175,7 +204,7 @@ def optimizer_steps(
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
         if ema is not None:
-            ema.step(model.parameters())
+            ema.step_with(model)
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(losses[-1])

@@ -15,13 +15,19 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import UNet2DModel
-from diffusers.training_utils import EMAModel
 
 from fedsynth.config import Config
 from fedsynth.core.rundir import RunDir
 from fedsynth.data.datasets import ImageData
 from fedsynth.diffusion.schedule import build_train_scheduler
-from fedsynth.diffusion.training import make_ema, make_optimizer, resolve_device, steps_for, train_steps
+from fedsynth.diffusion.training import (
+    ModelEMA,
+    make_ema,
+    make_optimizer,
+    resolve_device,
+    steps_for,
+    train_steps,
+)
 from fedsynth.diffusion.unet import seeded_unet
 from fedsynth.privacy.accounting import privacy_ledger
 from fedsynth.privacy.dpsgd import dp_train_steps
@@ -57,8 +63,8 @@ class CentralDriver:
         self.privacy = privacy_ledger(cfg)
         self.round = 0
 
-    def make_ema(self, unet: UNet2DModel) -> EMAModel:
-        return make_ema(unet, self.cfg.diffusion.ema_decay)
+    def make_ema(self, unet: UNet2DModel) -> ModelEMA:
+        return make_ema(unet, self.cfg.diffusion.ema_decay, self.cfg.trained_modules)
 
     def resume(self, checkpoint: Checkpoint) -> None:
         self.model.net, self.model.ema, self.round = checkpoint.unet, checkpoint.ema, checkpoint.round

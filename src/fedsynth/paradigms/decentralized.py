@@ -131,7 +131,7 @@ class DecentralizedDriver(ServerEma):
         aggregated = time.perf_counter()
         fed.rounds.send(fed.owner, "terminateRound")
         self.model.load_weights({**self.model.net.state_dict(), **fed.store.get_weights(agreed["cid"])})
-        self.model.ema.step(self.model.net.parameters())
+        self.model.ema.step_with(self.model.net)
         self.round, self.agreed = round_, agreed["cid"]
         end = time.perf_counter()
         record = round_record(fed, round_, selected, agreed, end - start)
@@ -266,7 +266,11 @@ def train_decentralized(
         cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes, cfg.lora, full.class_names
     )
     unet = unet.to(resolve_device(cfg.train.device))
-    model = Model(unet, make_ema(unet, cfg.federation.server_ema_decay), build_train_scheduler(cfg.diffusion))
+    model = Model(
+        unet,
+        make_ema(unet, cfg.federation.server_ema_decay, cfg.trained_modules),
+        build_train_scheduler(cfg.diffusion),
+    )
     pool = executor or default_executor(cfg)
     work = partial(pool.submit, train_update, config_text(cfg), cfg.ledger.store, str(run.root / "store"))
     try:

@@ -36,7 +36,7 @@ def train_federated(
     scheduler = build_train_scheduler(cfg.diffusion) if cfg.task == "diffusion" else None
     if not resume and cfg.phoenix.warmup_steps > 0:
         warm_up(cfg, run, unet, scheduler, prepared)
-    model = Model(unet, make_ema(unet, cfg.federation.server_ema_decay), scheduler)
+    model = Model(unet, make_ema(unet, cfg.federation.server_ema_decay, cfg.trained_modules), scheduler)
 
     def body(g: Grid) -> None:
         names, test, proxy = tuple(full.class_names), prepared.data.test, prepared.shared_data()

@@ -49,7 +49,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedsynth.config import (
@@ -64,6 +63,7 @@ from fedsynth.core.errors import ConfigError
 from fedsynth.data.datasets import ImageData, load_dataset
 from fedsynth.diffusion.latent import model_space
 from fedsynth.diffusion.objective import drop_labels, noisy_inputs
+from fedsynth.diffusion.training import ModelEMA
 from fedsynth.diffusion.unet import null_label
 
 PER_EXAMPLE = {
@@ -281,7 +281,7 @@ def dp_train_steps(
     diffusion: DiffusionConfig,
     privacy: PrivacyConfig,
     generator: torch.Generator,
-    ema: EMAModel | None = None,
+    ema: ModelEMA | None = None,
     on_step: Callable[[float], None] | None = None,
 ) -> list[float]:
     """``steps`` DP-SGD steps (module docstring); the mean objective of each non-empty batch."""
@@ -294,7 +294,7 @@ def dp_train_steps(
         loss = private.step()
         optimizer.step()
         if ema is not None:
-            ema.step(unet.parameters())
+            ema.step_with(unet)
         if loss is not None:
             losses.append(loss)
         if on_step is not None:

@@ -171,7 +171,7 @@ class FederatedDriver(ServerEma):
             extra.update(strategy.round_metrics())
         for hook in self.hooks:
             extra.update(hook.after_aggregate(round_, valid))
-        self.model.ema.step(self.model.net.parameters())
+        self.model.ema.step_with(self.model.net)
         self.round = round_
         record = round_record(round_, attempts, self.weight_key, time.perf_counter() - start)
         record.extra.update(extra)

@@ -81,7 +81,7 @@ def initial_model(cfg: Config, prepared: Prepared) -> Model:
         cfg.model, cfg.seed, full.shape[1], full.shape[0], full.num_classes, cfg.lora, full.class_names
     )
     unet = unet.to(resolve_device(cfg.train.device))
-    return Model(unet, make_ema(unet, 0.0), build_train_scheduler(cfg.diffusion))
+    return Model(unet, make_ema(unet, 0.0, cfg.trained_modules), build_train_scheduler(cfg.diffusion))
 
 
 def finetune_round(
@@ -98,7 +98,9 @@ def finetune_round(
     per-class mixture, as in paradigm ``local``. With DP-SGD the fine-tuning steps are DP-SGD
     steps too: ``ledger`` (the rounds' privacy ledger) stops the run before they would pass
     ``privacy.target_epsilon`` and records them."""
-    start = Model(ema_unet(trained.net, trained.ema), make_ema(trained.net, 0.0), trained.scheduler)
+    start = Model(
+        ema_unet(trained.net, trained.ema), make_ema(trained.net, 0.0, cfg.trained_modules), trained.scheduler
+    )
     one_shot(cfg, run, prepared, grid, start=start, ledger=ledger)
 
 

@@ -23,23 +23,23 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
-from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from fedsynth.core.errors import RunDirError, first_line
 from fedsynth.core.rundir import RunDir, write_dir_atomic
 from fedsynth.diffusion.latent import PromptUNet, is_latent_model, load_latent, save_latent
 from fedsynth.diffusion.lora import has_lora, merged_unet, save_adapter
+from fedsynth.diffusion.training import ModelEMA
 
 log = logging.getLogger("fedsynth.stages.checkpoint")
 SAFETENSORS = "diffusion_pytorch_model.safetensors"  # what save_pretrained writes
 TRAINED = "trained.safetensors"  # a partly frozen model's checkpoint: the tensors that change
 
 
-def ema_unet(unet: ModelMixin, ema: EMAModel) -> ModelMixin:
+def ema_unet(unet: ModelMixin, ema: ModelEMA) -> ModelMixin:
     """A copy of ``unet`` carrying the EMA weights."""
     shadow = copy.deepcopy(unet)
-    ema.copy_to(shadow.parameters())
+    ema.copy_into(shadow)
     return shadow
 
 
@@ -47,7 +47,7 @@ def ema_unet(unet: ModelMixin, ema: EMAModel) -> ModelMixin:
 class Checkpoint:
     round: int
     unet: UNet2DModel
-    ema: EMAModel
+    ema: ModelEMA
     state: dict[str, Any]
 
 
@@ -59,10 +59,9 @@ def changing_keys(model: torch.nn.Module, trained: list[str] | None) -> frozense
     return frozenset(trained) | {name for name, _ in model.named_buffers()}
 
 
-def _trained_ema(model: torch.nn.Module, ema: EMAModel, keep: frozenset[str]) -> dict[str, Any]:
+def _trained_ema(ema: ModelEMA, keep: frozenset[str]) -> dict[str, Any]:
     """``ema``'s state with its shadow weights named and cut to ``keep``."""
-    names = [name for name, _ in model.named_parameters()]
-    shadow = {n: w for n, w in zip(names, ema.shadow_params, strict=True) if n in keep}
+    shadow = {n: w for n, w in ema.named_shadow().items() if n in keep}
     return {k: v for k, v in ema.state_dict().items() if k != "shadow_params"} | {"shadow_trained": shadow}
 
 
@@ -70,7 +69,7 @@ def save_checkpoint(
     run: RunDir,
     round_: int,
     unet: ModelMixin,
-    ema: EMAModel,
+    ema: ModelEMA,
     scheduler: DDPMScheduler | None,
     state: dict[str, Any],
     meta: dict[str, Any] | None = None,
@@ -89,7 +88,7 @@ def save_checkpoint(
             (tmp / "unet").mkdir()
             weights = {k: v.contiguous() for k, v in unet.state_dict().items() if k in keep}
             save_file(weights, tmp / "unet" / TRAINED)
-            ema_state = _trained_ema(unet, ema, keep)
+            ema_state = _trained_ema(ema, keep)
         if scheduler is not None:
             scheduler.save_pretrained(tmp / "scheduler")
         torch.save({"round": round_, "ema": ema_state, **state}, tmp / "state.pt")
@@ -102,7 +101,7 @@ def save_checkpoint(
     return target
 
 
-EmaFactory = Callable[[ModelMixin], EMAModel]
+EmaFactory = Callable[[ModelMixin], ModelEMA]
 
 
 def _load_trained(path: Path, template: ModelMixin | type[ModelMixin], device: torch.device) -> ModelMixin:
@@ -149,12 +148,24 @@ def load_checkpoint(
     ema = make_ema(unet)
     schedule = {"decay": ema.decay, "min_decay": ema.min_decay}
     saved = state.pop("ema")
-    if "shadow_trained" in saved:  # the frozen rest's average is its constant value
-        trained = saved.pop("shadow_trained")
-        saved["shadow_params"] = [trained.get(n, w.detach().clone()) for n, w in unet.named_parameters()]
+    saved["shadow_params"] = _saved_shadow(saved, unet, ema)
     ema.load_state_dict({**saved, **schedule})
     ema.to(device)
     return Checkpoint(round=int(state.pop("round")), unet=unet, ema=ema, state=state)
+
+
+def _saved_shadow(saved: dict[str, Any], unet: torch.nn.Module, ema: ModelEMA) -> list[torch.Tensor]:
+    """The saved averages of ``ema``'s parameters, in its order: a trained-only checkpoint names
+    them (``shadow_trained``); a whole one lists every parameter's, or, from an EMA over what
+    trains, those. A parameter saved without one (frozen) averages to its own value."""
+    if "shadow_trained" in saved:
+        named = saved.pop("shadow_trained")
+    else:
+        listed = saved.pop("shadow_params")
+        every = [name for name, _ in unet.named_parameters()]
+        named = dict(zip(every if len(listed) == len(every) else ema.names, listed, strict=True))
+    params = dict(unet.named_parameters())
+    return [named[n] if n in named else params[n].detach().clone() for n in ema.names]
 
 
 def _digest(path: Path) -> dict[str, Any]:
@@ -212,7 +223,7 @@ def load_latest_checkpoint(
 def save_model(
     run: RunDir,
     unet: ModelMixin,
-    ema: EMAModel,
+    ema: ModelEMA,
     scheduler: DDPMScheduler | None,
     ema_info: dict | None = None,
     trained: list[str] | None = None,

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 
 from fedsynth.config import Config, trained_keys
 from fedsynth.core.errors import FedsynthError
@@ -31,7 +30,7 @@ from fedsynth.core.progress import progress_bar
 from fedsynth.core.rundir import RunDir
 from fedsynth.core.seeding import numpy_rng
 from fedsynth.diffusion.lora import has_lora
-from fedsynth.diffusion.training import make_ema
+from fedsynth.diffusion.training import ModelEMA, make_ema
 from fedsynth.stages.checkpoint import (
     Checkpoint,
     changing_keys,
@@ -97,7 +96,7 @@ class Model:
     training noise schedule (None for the classifier)."""
 
     net: UNet2DModel
-    ema: EMAModel
+    ema: ModelEMA
     scheduler: DDPMScheduler | None
 
     @property
@@ -115,7 +114,7 @@ class RoundDriver(Protocol):
     model: Model
     ema_info: dict[str, Any]  # which EMA the saved model holds (model/ema.json)
 
-    def make_ema(self, unet: UNet2DModel) -> EMAModel: ...
+    def make_ema(self, unet: UNet2DModel) -> ModelEMA: ...
 
     def resume(self, checkpoint: Checkpoint) -> None: ...
 
@@ -135,8 +134,8 @@ class ServerEma:
 
     cfg: Config
 
-    def make_ema(self, unet: UNet2DModel) -> EMAModel:
-        return make_ema(unet, self.cfg.federation.server_ema_decay)
+    def make_ema(self, unet: UNet2DModel) -> ModelEMA:
+        return make_ema(unet, self.cfg.federation.server_ema_decay, self.cfg.trained_modules)
 
     @property
     def ema_info(self) -> dict[str, Any]:
