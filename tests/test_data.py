@@ -140,14 +140,15 @@ def test_npz_class_names_and_labels_are_checked_up_front(tmp_path, names, labels
 def test_class_names_become_safe_folders_inside_the_output(tmp_path):
     from fedsynth.data.datasets import folder_name
     from fedsynth.evaluation.evaluate import load_synthetic
-    from fedsynth.stages.synthetic_set import SetWriter
+    from fedsynth.stages.synthetic_set import SetLayout, SetWriter
 
     names = ["../escape", "/abs/olute", "T-shirt/top", ".hidden", "ok"]
     assert [folder_name(n) for n in names] == ["_escape", "_abs_olute", "T-shirt_top", "hidden", "ok"]
     real = load_images(_npz(tmp_path / "d.npz", [0, 1, 2, 3, 4], np.array(names)))
     out = tmp_path / "run" / "synthetic"
     out.mkdir(parents=True)
-    writer = SetWriter(out, "png", list(real.class_names), len(real.images), tuple(real.images.shape[1:]))
+    layout = SetLayout(list(real.class_names), len(real.images), tuple(real.images.shape[1:]))
+    writer = SetWriter(out, layout)
     writer.add(real.images, real.labels)
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
     assert all(p.parts[:2] == ("run", "synthetic") and len(p.parts) == 4 for p in written), written

@@ -76,8 +76,7 @@ class ModelEMA(EMAModel):
     (megabytes), not a second copy of the base (gigabytes)."""
 
     def __init__(self, model: torch.nn.Module, trainable: str = "", **kwargs: Any) -> None:
-        names = [name for name, _ in model.named_parameters()]
-        self.names = trained_keys(trainable, names) if trainable else names
+        self.names = trained_keys(trainable, (name for name, _ in model.named_parameters()))
         super().__init__(self.parameters_of(model), **kwargs)
 
     def parameters_of(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -24,7 +24,7 @@ from fedsynth.diffusion.sampling import generate
 from fedsynth.diffusion.schedule import build_sampler
 from fedsynth.diffusion.unet import null_label
 from fedsynth.report.plots import plot_sample_grid
-from fedsynth.stages.synthetic_set import SetWriter, check_fits, check_output
+from fedsynth.stages.synthetic_set import SetLayout, SetWriter, check_fits, check_output
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]  # (images in [-1, 1], labels or None)
 
@@ -130,10 +130,9 @@ def synthesize(
     """Generate and write the dataset and its manifest batch by batch (and a sample grid PNG
     when ``grid`` is given, drawn from the same images); return the manifest."""
     check_output(out, fmt)
-    total = len(class_names) * spec.per_class
-    check_fits(total, image_shape(unet), out)
+    layout = SetLayout(class_names, len(class_names) * spec.per_class, image_shape(unet), fmt)
+    check_fits(layout.total, layout.image_shape, out)
     batches = balanced_batches(unet, train_scheduler, len(class_names), spec)
-    layout = SetLayout(class_names, total, image_shape(unet), fmt)
     extra = {"model_round": model_round}
     return write_synthetic(batches, layout, spec, out, extra, SampleGrid(grid, grid_per_row, grid_title))
 
@@ -179,13 +178,13 @@ def synthesize_mixture(
     Each class's images come in model order."""
     check_output(out, "png")
     order = sorted(models)
-    check_fits(int(counts.sum()), image_shape(models[order[0]]), out)
+    layout = SetLayout(class_names, int(counts.sum()), image_shape(models[order[0]]), "png")
+    check_fits(layout.total, layout.image_shape, out)
     batches = (
         batch
         for pid, row in zip(order, counts, strict=True)
         for batch in share_batches(models[pid], train_scheduler, row, spec, pid)
     )
-    layout = SetLayout(class_names, int(counts.sum()), image_shape(models[order[0]]), "png")
     extra = {"mixture": _mixture_counts(order, counts)}
     return write_synthetic(batches, layout, spec, out, extra, SampleGrid(grid, grid_per_row, grid_title))
 
@@ -216,16 +215,6 @@ def _mixture_counts(order: list[int], counts: np.ndarray) -> dict[str, list[int]
 
 
 @dataclass(frozen=True)
-class SetLayout:
-    """What a synthetic set will hold: its classes, size, image shape (C, H, W) and format."""
-
-    class_names: list[str]
-    total: int
-    image_shape: tuple[int, ...]
-    fmt: str = "png"
-
-
-@dataclass(frozen=True)
 class SampleGrid:
     """Where the sample grid goes (None: no grid), images per class row, and its title."""
 
@@ -249,7 +238,7 @@ def write_synthetic(
     written: dict = {}
 
     def fill(tmp: Path) -> None:
-        writer = SetWriter(tmp, layout.fmt, names, layout.total, layout.image_shape, keep=grid.per_row)
+        writer = SetWriter(tmp, layout, keep=grid.per_row)
         for images, labels in batches:
             writer.add(images, labels)
         writer.close()

@@ -13,6 +13,7 @@ import json
 import shutil
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -138,25 +139,34 @@ def _npy_header(fh, dtype, shape: tuple[int, ...]) -> None:
     np.lib.format.write_array_header_1_0(fh, header)
 
 
-class SetWriter:
-    """A synthetic set written into an empty ``folder`` one batch at a time, keeping the first
-    ``keep`` images of each class (in [-1, 1]) for the sample grid. PNGs are numbered per class
-    in the order they arrive."""
+@dataclass(frozen=True)
+class SetLayout:
+    """What a synthetic set will hold: its classes, size, image shape (C, H, W) and format."""
 
-    def __init__(
-        self, folder: Path, fmt: str, names: list[str], total: int, shape: tuple[int, ...], keep: int = 0
-    ):
-        self.folder, self.fmt, self.class_names, self.keep = folder, fmt, names, keep
-        self.shape = tuple(shape)
+    class_names: list[str]
+    total: int
+    image_shape: tuple[int, ...]
+    fmt: str = "png"
+
+
+class SetWriter:
+    """A synthetic set of ``layout`` written into an empty ``folder`` one batch at a time,
+    keeping the first ``keep`` images of each class (in [-1, 1]) for the sample grid. PNGs are
+    numbered per class in the order they arrive."""
+
+    def __init__(self, folder: Path, layout: SetLayout, keep: int = 0):
+        self.folder, self.keep = folder, keep
+        self.class_names, self.shape = layout.class_names, tuple(layout.image_shape)
         self.per_folder: dict[str, int] = {}
-        self.per_class = np.zeros(len(names), dtype=np.int64)
+        self.per_class = np.zeros(len(self.class_names), dtype=np.int64)
         self.unlabeled = 0
         self.kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        self.kept_per_class = np.zeros(max(len(names), 1), dtype=np.int64)
+        self.kept_per_class = np.zeros(max(len(self.class_names), 1), dtype=np.int64)
         self.npz = None
-        if fmt == "npz":
+        if layout.fmt == "npz":
             c, h, w = self.shape
-            self.npz = NpzStream(folder / "synthetic.npz", total, (h, w) if c == 1 else (h, w, c), names)
+            hwc = (h, w) if c == 1 else (h, w, c)
+            self.npz = NpzStream(folder / "synthetic.npz", layout.total, hwc, self.class_names)
 
     def add(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
         """One batch: ``images`` (n, C, H, W) in [-1, 1], ``labels`` class indices or None."""
